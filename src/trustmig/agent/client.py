@@ -1,0 +1,121 @@
+"""Control API client: used by the CLI (as a user) and by agents (as a host) to call an agent.
+
+One TLS 1.3 connection with mutual certificate authentication; requests are multiplexed by id and
+long operations stream ``event`` frames to a callback before their final reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from trustmig.agent.protocol import FrameDecoder, ProtocolError, encode
+from trustmig.config import parse_hostport
+
+EventCallback = Callable[[dict[str, Any]], Awaitable[None] | None]
+
+
+class ControlError(Exception):
+    """The agent answered with an error, or could not be reached; one line."""
+
+
+class ControlClient:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[asyncio.Future[dict[str, Any]], EventCallback | None]] = {}
+        self._task = asyncio.create_task(self._read_loop())
+        self.closed = asyncio.Event()
+        self.close_reason: str | None = None
+
+    @classmethod
+    async def connect(
+        cls, address: str, ctx: ssl.SSLContext, *, timeout: float = 10.0
+    ) -> ControlClient:
+        host, port = parse_hostport(address)
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, ssl=ctx, server_hostname=None), timeout
+            )
+        except (OSError, TimeoutError, ssl.SSLError) as e:
+            raise ControlError(f"cannot reach agent at {address}: {e}") from None
+        return cls(reader, writer)
+
+    @property
+    def ssl_object(self) -> ssl.SSLObject | None:
+        obj = self._writer.get_extra_info("ssl_object")
+        return obj if isinstance(obj, ssl.SSLObject) else None
+
+    async def _read_loop(self) -> None:
+        dec = FrameDecoder()
+        try:
+            while True:
+                data = await self._reader.read(65536)
+                if not data:
+                    self.close_reason = "connection closed by the agent"
+                    break
+                for msg in dec.feed(data):
+                    await self._dispatch(msg)
+        except (OSError, ProtocolError, ssl.SSLError) as e:
+            self.close_reason = f"control connection failed: {e}"
+        except asyncio.CancelledError:
+            self.close_reason = "closed"
+        finally:
+            self.closed.set()
+            for fut, _ in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(ControlError(self.close_reason or "connection closed"))
+            self._pending.clear()
+
+    async def _dispatch(self, msg: dict[str, Any]) -> None:
+        entry = self._pending.get(msg.get("id", -1))
+        if entry is None:
+            return
+        fut, cb = entry
+        if "event" in msg:
+            if cb is not None:
+                r = cb(msg)
+                if asyncio.iscoroutine(r):
+                    await r
+            return
+        self._pending.pop(msg["id"], None)
+        if not fut.done():
+            fut.set_result(msg)
+
+    async def call(
+        self,
+        op: str,
+        params: dict[str, Any] | None = None,
+        *,
+        on_event: EventCallback | None = None,
+        timeout: float | None = 60.0,
+    ) -> dict[str, Any]:
+        if self.closed.is_set():
+            raise ControlError(self.close_reason or "control connection is closed")
+        rid = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = (fut, on_event)
+        self._writer.write(encode({"op": op, "id": rid, "params": params or {}}))
+        await self._writer.drain()
+        try:
+            msg = await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            self._pending.pop(rid, None)
+            raise ControlError(f"{op}: no answer within {timeout:.0f}s") from None
+        if not msg.get("ok"):
+            raise ControlError(str(msg.get("error") or f"{op} failed"))
+        result = msg.get("result") or {}
+        return result if isinstance(result, dict) else {"value": result}
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._writer.wait_closed(), 2)

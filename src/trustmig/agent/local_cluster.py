@@ -1,0 +1,179 @@
+"""A complete trustmig cluster on one machine: CA, hosts, users and real agent processes.
+
+Used by ``trustmig demo``, the benchmarks, the attack lab and the tests. Each host gets its own
+state directory (config, credentials, run sockets, logs, audit database, TPM state) under the
+cluster directory, and its agent is a separate process, so that what crosses between "hosts"
+really crosses a socket. Agents are stopped by their own PIDs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trustmig.agent.client import ControlClient
+from trustmig.pki.authority import ClusterCA, Credentials
+from trustmig.pki.tls import client_context
+from trustmig.pki.trust import TrustBundle
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class HostHandle:
+    name: str
+    dir: Path
+    config_path: Path
+    control: str
+    data_listen: str
+    data_advertise: str
+    proc: subprocess.Popen[bytes] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+
+class LocalCluster:
+    def __init__(self, root: Path, hosts: tuple[str, ...] = ("host-a", "host-b")) -> None:
+        self.root = root.resolve()
+        self.host_names = hosts
+        self.hosts: dict[str, HostHandle] = {}
+        self.ca: ClusterCA | None = None
+        self.users: dict[str, Path] = {}
+
+    # ----------------------------------------------------------------- set-up
+    def setup(
+        self,
+        *,
+        labels: dict[str, dict[str, Any]] | None = None,
+        data_listen: dict[str, str] | None = None,
+        data_advertise: dict[str, str] | None = None,
+        extra_config: dict[str, str] | None = None,
+    ) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        ca_dir = self.root / "ca"
+        self.ca = ClusterCA.load(ca_dir) if (ca_dir / "ca.pem").exists() else ClusterCA.init(ca_dir)
+        ports = {h: free_port() for h in self.host_names}
+        for h in self.host_names:
+            hdir = self.root / h
+            hdir.mkdir(parents=True, exist_ok=True)
+            self.ca.issue_host(h, hdir / "pki")
+            dl = (data_listen or {}).get(h, f"127.0.0.1:{free_port()}")
+            da = (data_advertise or {}).get(h, dl)
+            self.hosts[h] = HostHandle(h, hdir, hdir / "host.toml", f"127.0.0.1:{ports[h]}", dl, da)
+        for h, hh in self.hosts.items():
+            peers = "\n".join(
+                f'[peers.{p}]\ncontrol = "{o.control}"\n' for p, o in self.hosts.items() if p != h
+            )
+            lab = (labels or {}).get(h, {})
+            lab_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in lab.items())
+            hh.config_path.write_text(
+                f'name = "{h}"\nstate_dir = "."\n'
+                f'image_cache = "{self.image_cache}"\n'
+                f"{(extra_config or {}).get(h, '')}\n"
+                f'[control]\nlisten = "{hh.control}"\n\n'
+                f'[data]\nlisten = "{hh.data_listen}"\nadvertise = "{hh.data_advertise}"\n\n'
+                f'[qemu]\naccel = "auto"\n\n'
+                f"[labels]\n{lab_lines}\n\n{peers}"
+            )
+
+    @property
+    def image_cache(self) -> Path:
+        env = os.environ.get("TRUSTMIG_IMAGE_CACHE")
+        if env:
+            return Path(env)
+        from trustmig.hypervisor.image import default_cache_dir
+
+        return default_cache_dir()
+
+    def add_user(self, name: str, roles: list[str], tenant: str | None = None) -> Path:
+        assert self.ca is not None
+        d = self.root / "users" / name
+        self.ca.issue_user(name, d, roles=roles, tenant=tenant)
+        self.users[name] = d
+        return d
+
+    # ----------------------------------------------------------------- agents
+    def start_agents(self, timeout: float = 60.0) -> None:
+        for hh in self.hosts.values():
+            self.start_agent(hh.name, wait=False)
+        for hh in self.hosts.values():
+            self.wait_ready(hh.name, timeout)
+
+    def start_agent(self, name: str, *, wait: bool = True, timeout: float = 60.0) -> None:
+        hh = self.hosts[name]
+        ready = hh.dir / "agent.ready.json"
+        with contextlib.suppress(FileNotFoundError):
+            ready.unlink()
+        log = (hh.dir / "agent.log").open("ab")
+        hh.proc = subprocess.Popen(
+            [sys.executable, "-m", "trustmig.cli.main", "agent", "--config", str(hh.config_path),
+             "--ready-file", str(ready)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=hh.dir,
+        )  # fmt: skip
+        log.close()
+        if wait:
+            self.wait_ready(name, timeout)
+
+    def wait_ready(self, name: str, timeout: float) -> None:
+        hh = self.hosts[name]
+        ready = hh.dir / "agent.ready.json"
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if hh.proc is not None and hh.proc.poll() is not None:
+                raise RuntimeError(f"agent {name} exited at start: {self.log_tail(name)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"agent {name} not ready in {timeout:.0f}s: {self.log_tail(name)}")
+            time.sleep(0.05)
+        hh.info = json.loads(ready.read_text())
+
+    def log_tail(self, name: str, n: int = 5) -> str:
+        try:
+            lines = (self.hosts[name].dir / "agent.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(lines[-n:])
+
+    def kill_agent(self, name: str, sig: int = signal.SIGKILL) -> None:
+        hh = self.hosts[name]
+        if hh.proc and hh.proc.poll() is None:
+            hh.proc.send_signal(sig)
+            try:
+                hh.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                hh.proc.kill()
+                hh.proc.wait()
+
+    def stop(self) -> None:
+        for hh in self.hosts.values():
+            self.kill_agent(hh.name, signal.SIGTERM)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------------- clients
+    def user_credentials(self, user: str) -> Credentials:
+        return Credentials.in_dir(self.users[user], "user")
+
+    async def client(self, host: str, user: str) -> ControlClient:
+        c = self.user_credentials(user)
+        bundle = TrustBundle.load(c.ca_path, c.crl_path if c.crl_path.exists() else None)
+        return await ControlClient.connect(self.hosts[host].control, client_context(c, bundle))

@@ -1,0 +1,180 @@
+"""Migrate-in: the destination side.
+
+The destination starts an *incoming* QEMU from the spec the source sent: paused (``-S``) for
+pre-copy so that it cannot run before the source has seen the migration complete, and tied to the
+agent's life (PDEATHSIG) so a destination agent that dies cannot leave a half-received guest.
+It only resumes the guest when the source commits; any earlier failure (data channel
+authentication failure, source gone, timeout) kills it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trustmig.channel.relay import StreamFailure, StreamPump
+from trustmig.hypervisor.migration import MigrationOptions, configure_destination, query
+from trustmig.hypervisor.qemu import QemuVM
+from trustmig.hypervisor.spec import VMSpec
+
+if TYPE_CHECKING:
+    from trustmig.agent.server import Agent
+
+log = logging.getLogger(__name__)
+
+
+class IncomingError(Exception):
+    pass
+
+
+@dataclass
+class IncomingMigration:
+    migration_id: str
+    source: str
+    spec: VMSpec
+    options: MigrationOptions
+    user: dict[str, Any]
+    qemu: QemuVM
+    socket_path: Path
+    state: str = "prepared"  # prepared | receiving | completed | running | failed | aborted
+    error: str | None = None
+    pumps: dict[int, StreamPump] = field(default_factory=dict)
+    created: float = field(default_factory=time.monotonic)
+    session_summary: dict[str, Any] = field(default_factory=dict)
+    first_byte_at: float | None = None
+    failure_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def connect_qemu(self) -> socket.socket:
+        """Open one migration connection to the incoming QEMU (called from data-path threads)."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(str(self.socket_path))
+        s.settimeout(None)
+        return s
+
+
+async def prepare(agent: Agent, params: dict[str, Any], source_host: str) -> dict[str, Any]:
+    mid = str(params["migration_id"])
+    if mid in agent.incoming:
+        raise IncomingError(f"migration {mid} is already prepared here")
+    spec = VMSpec.model_validate(params["spec"])
+    opts = MigrationOptions.model_validate(params["options"])
+    if spec.name in agent.vms and agent.vms[spec.name].state not in ("migrated", "stopped"):
+        raise IncomingError(f"a VM named {spec.name} already runs on {agent.cfg.name}")
+    image = await agent.get_image()
+    if spec.image_key and spec.image_key != image.key:
+        raise IncomingError(
+            f"guest image {spec.image_key[:12]} differs from this host's {image.key[:12]}: "
+            "both hosts must build the same image (trustmig image build)"
+        )
+    run_dir = agent.run_dir / f"in-{mid[:8]}-{spec.name}"
+    qemu = QemuVM(
+        spec,
+        image,
+        run_dir,
+        agent.accel,
+        binary=agent.cfg.qemu.binary,
+        incoming=True,
+        start_paused=opts.mode == "precopy",
+        die_with_parent=True,
+        prealloc=opts.prealloc_destination,
+    )
+    await qemu.start()
+    sock_path = run_dir / "incoming.sock"
+    try:
+        await configure_destination(qemu, opts)
+        await qemu.cmd("migrate-incoming", {"uri": f"unix:{sock_path}"})
+    except Exception:
+        await qemu.kill()
+        raise
+    inc = IncomingMigration(
+        migration_id=mid,
+        source=source_host,
+        spec=spec,
+        options=opts,
+        user=dict(params.get("user") or {}),
+        qemu=qemu,
+        socket_path=sock_path,
+    )
+    agent.incoming[mid] = inc
+    agent.audit_event("migration.phase", vm=spec.name, migration_id=mid, outcome="prepared",
+                      data={"source": source_host, "mode": opts.mode, "streams": opts.streams})
+    return {
+        "data_address": agent.data_advertise,
+        "streams": opts.streams,
+        "destination_pid": qemu.pid,
+    }
+
+
+def on_stream_failure(agent: Agent, inc: IncomingMigration, failure: StreamFailure) -> None:
+    """Called from a pump thread: the first failure of any stream kills the incoming guest."""
+
+    def _fail() -> None:
+        if inc.state in ("running",):
+            return
+        inc.error = f"data channel {failure.line()}"
+        inc.failure_event.set()
+        asyncio.ensure_future(abort(agent, inc, inc.error))
+
+    agent.loop.call_soon_threadsafe(_fail)
+
+
+async def abort(agent: Agent, inc: IncomingMigration, reason: str) -> None:
+    if inc.state in ("aborted", "running"):
+        return
+    prev = inc.state
+    inc.state = "aborted"
+    inc.error = inc.error or reason
+    for p in inc.pumps.values():
+        p.close()
+    await inc.qemu.kill()
+    agent.audit_event("migration.abort", vm=inc.spec.name, migration_id=inc.migration_id,
+                      outcome="aborted", data={"reason": inc.error, "phase": prev})
+    log.warning("migration %s of %s aborted: %s", inc.migration_id, inc.spec.name, inc.error)
+
+
+async def commit(agent: Agent, inc: IncomingMigration, timeout: float = 60.0) -> dict[str, Any]:
+    """The source saw its migration complete: check ours completed too, then run the guest."""
+    if inc.state == "aborted":
+        raise IncomingError(f"incoming migration was aborted: {inc.error}")
+    deadline = time.monotonic() + timeout
+    status = "unknown"
+    while time.monotonic() < deadline:
+        if inc.error:
+            raise IncomingError(inc.error)
+        if not inc.qemu.alive():
+            raise IncomingError(f"destination QEMU exited: {inc.qemu.stderr_tail()}")
+        prog = await query(inc.qemu)
+        status = prog.status
+        if status == "completed":
+            break
+        if status == "failed":
+            raise IncomingError(f"destination QEMU failed to load the stream: {prog.error}")
+        await asyncio.sleep(0.005)
+    else:
+        raise IncomingError(f"destination did not finish loading within {timeout:.0f}s ({status})")
+    run_state = await inc.qemu.status()
+    if run_state != "running":
+        await inc.qemu.cmd("cont")
+        run_state = await inc.qemu.status()
+    if run_state != "running":
+        raise IncomingError(f"destination guest did not start (state {run_state})")
+    inc.state = "running"
+    agent.adopt_incoming(inc)
+    agent.audit_event("migration.phase", vm=inc.spec.name, migration_id=inc.migration_id,
+                      outcome="running", data={"source": inc.source})
+    return {"state": run_state, "pid": inc.qemu.pid}
+
+
+async def watch_control(agent: Agent, inc: IncomingMigration, closed: asyncio.Event) -> None:
+    """The source's control connection is the lease: losing it before commit aborts."""
+    with contextlib.suppress(asyncio.CancelledError):
+        await closed.wait()
+        if inc.state not in ("running", "aborted"):
+            await abort(agent, inc, "source control connection lost before commit")

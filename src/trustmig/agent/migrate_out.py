@@ -1,0 +1,373 @@
+"""Migrate-out: the source side, and the owner of the VM until the destination runs it.
+
+Order of events (pre-copy):
+ 1. decisions and reservations (policy, admission) — nothing touches QEMU yet;
+ 2. ``incoming.prepare`` on the destination over mutually authenticated TLS;
+ 3. secure data channel: handshake (identities, attestation evidence) on stream 0, joins for the
+    multifd streams — *before* QEMU produces a single byte;
+ 4. ``migrate`` to a unix socket the agent listens on; each QEMU connection is paired with one
+    channel stream and pumped;
+ 5. progress is watched (events + polling); stall, timeout, channel failure or loss of the
+    destination cancel the migration and resume the guest;
+ 6. on ``completed`` the destination is asked to commit (it resumes its paused guest); only its
+    "running" answer lets the source quit its own QEMU.
+If the destination's answer to the commit never arrives, the source keeps its guest paused and
+reports the ambiguity instead of risking two running copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trustmig.agent.client import ControlClient, ControlError
+from trustmig.agent.datapath import OutboundSession, open_outbound_session
+from trustmig.channel.relay import StreamFailure, StreamPump
+from trustmig.hypervisor.migration import (
+    MigrationOptions,
+    MigrationProgress,
+    configure_source,
+    query,
+)
+
+if TYPE_CHECKING:
+    from trustmig.agent.server import Agent
+    from trustmig.agent.vms import ManagedVM
+
+log = logging.getLogger(__name__)
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class MigrationFailed(Exception):
+    pass
+
+
+@dataclass
+class OutgoingMigration:
+    migration_id: str
+    vm: str
+    destination: str
+    options: MigrationOptions
+    user: str
+    started: float = field(default_factory=time.time)
+    phase: str = "requested"
+    failure: StreamFailure | None = None
+    failure_event: asyncio.Event = field(default_factory=asyncio.Event)
+    pumps: list[StreamPump] = field(default_factory=list)
+    postcopy_started: bool = False
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def _accept_qemu_streams(
+    listener: socket.socket,
+    session: OutboundSession,
+    mig: OutgoingMigration,
+    on_failure: Callable[[StreamFailure], None],
+    stop: Callable[[], bool],
+) -> None:
+    """Thread: pair QEMU's connections, in arrival order, with the channel's streams."""
+    listener.settimeout(0.2)
+    idx = 0
+    while idx < session.n_streams and not stop():
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        conn.settimeout(None)
+        pump = session.pump(idx, conn, on_failure)
+        mig.pumps.append(pump)
+        pump.start()
+        idx += 1
+
+
+async def migrate_out(
+    agent: Agent,
+    managed: ManagedVM,
+    destination: str,
+    opts: MigrationOptions,
+    user: dict[str, Any],
+    emit: Emit,
+) -> dict[str, Any]:
+    vm = managed.qemu
+    name = managed.spec.name
+    mid = str(uuid.uuid4())
+    mig = OutgoingMigration(mid, name, destination, opts, user.get("name", "?"))
+    agent.outgoing[mid] = mig
+    t_request = time.monotonic()
+    peer = agent.cfg.peers.get(destination)
+    if peer is None:
+        raise MigrationFailed(
+            f"unknown destination host {destination!r}: add it under [peers] in the host config"
+        )
+    if managed.state != "running":
+        raise MigrationFailed(f"VM {name} is {managed.state}, not running")
+    qstate = await vm.status()
+    if qstate != "running":
+        raise MigrationFailed(f"VM {name}: QEMU state is {qstate}, not running")
+
+    ctl: ControlClient | None = None
+    listener: socket.socket | None = None
+    session: OutboundSession | None = None
+    accept_thread = None
+    stop_accept = False
+    sock_path = vm.run_dir / f"out-{mid[:8]}.sock"
+    committed = False
+    hb_start = time.time()
+    managed.state = "migrating-out"
+    agent.audit_event("migration.phase", vm=name, migration_id=mid, user=mig.user,
+                      outcome="start", data={"destination": destination, "mode": opts.mode})
+
+    def on_failure(f: StreamFailure) -> None:
+        def _set() -> None:
+            if mig.failure is None:
+                mig.failure = f
+            mig.failure_event.set()
+
+        agent.loop.call_soon_threadsafe(_set)
+
+    try:
+        await emit({"event": "phase", "phase": "prepare", "migration_id": mid})
+        ctl = await agent.connect_peer(destination)
+        prep = await ctl.call(
+            "incoming.prepare",
+            {
+                "migration_id": mid,
+                "spec": managed.spec.model_dump(mode="json"),
+                "options": opts.model_dump(mode="json"),
+                "user": user,
+            },
+            timeout=120,
+        )
+        data_addr = str(prep["data_address"])
+        mig.phase = "handshake"
+        await emit({"event": "phase", "phase": "handshake", "data_address": data_addr})
+        t_hs = time.monotonic()
+        session = await asyncio.to_thread(
+            open_outbound_session, agent, data_addr, destination, mid, opts.streams
+        )
+        handshake_ms = (time.monotonic() - t_hs) * 1000
+        agent.audit_event("attest.result", vm=name, migration_id=mid,
+                          outcome=session.peer_evidence_summary,
+                          data={"peer": destination, "handshake_ms": round(handshake_ms, 2)})
+
+        # 4. QEMU -> unix socket -> pumps
+        with contextlib.suppress(FileNotFoundError):
+            sock_path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(sock_path))
+        listener.listen(opts.streams + 1)
+        accept_thread = agent.start_thread(
+            _accept_qemu_streams, listener, session, mig, on_failure, lambda: stop_accept
+        )
+        await configure_source(vm, opts)
+        mig.phase = "transfer"
+        t0 = time.monotonic()
+        cpu0 = vm.cpu_seconds()
+        await vm.cmd("migrate", {"uri": f"unix:{sock_path}"})
+        await emit({"event": "phase", "phase": "transfer"})
+        prog = await _watch(agent, mig, vm, ctl, opts, emit, t0)
+        wall_ms = (time.monotonic() - t0) * 1000
+        cpu_src = vm.cpu_seconds() - cpu0
+        if prog.status != "completed":
+            raise MigrationFailed(prog.error or f"migration ended in state {prog.status}")
+        if not prog.total_ms:
+            await asyncio.sleep(0.2)  # QEMU 7.2: the first 'completed' may carry zeros
+            prog = await query(vm)
+        # 6. commit
+        mig.phase = "commit"
+        await emit({"event": "phase", "phase": "commit"})
+        try:
+            res = await ctl.call("incoming.commit", {"migration_id": mid}, timeout=90)
+        except ControlError as e:
+            if "aborted" in str(e) or "failed" in str(e) or "did not" in str(e):
+                raise MigrationFailed(f"destination refused to commit: {e}") from None
+            managed.state = "in-doubt"
+            raise MigrationFailed(
+                f"destination did not confirm its guest runs ({e}); the source guest stays "
+                "paused to avoid two running copies: check the destination, then "
+                f"'trustmig vm resume {name}' or 'trustmig vm stop {name}'"
+            ) from None
+        committed = True
+        dest_pid = res.get("pid")
+        first_byte = min(
+            (p.stats.first_byte_at for p in mig.pumps if p.stats.first_byte_at), default=None
+        )
+        bytes_on_wire = sum(p.stats.bytes_out for p in mig.pumps)
+        # let the source console drain its last lines before QEMU goes away
+        await asyncio.sleep(0.05)
+        src_hbs = [(h.seq, h.host_ts) for h in vm.console.heartbeats_since(hb_start - 1)]
+        await vm.stop()
+        managed.state = "migrated"
+        agent.forget_vm(name)
+        result = {
+            "status": "completed",
+            "migration_id": mid,
+            "vm": name,
+            "source": agent.cfg.name,
+            "destination": destination,
+            "mode": "postcopy" if mig.postcopy_started else "precopy",
+            "requested_mode": opts.mode,
+            "channel": "secure",
+            "streams": opts.streams,
+            "total_ms": prog.total_ms,
+            "wall_ms": round(wall_ms, 1),
+            "downtime_ms": prog.downtime_ms,
+            "setup_ms": prog.setup_ms,
+            "bytes_transferred": prog.transferred,
+            "bytes_on_channel": bytes_on_wire,
+            "ram_total": prog.total,
+            "rounds": prog.rounds,
+            "postcopy_requests": prog.postcopy_requests,
+            "throughput_mbps": round(prog.transferred / 1e6 / (prog.total_ms / 1000), 1)
+            if prog.total_ms
+            else None,
+            "handshake_ms": round(handshake_ms, 2),
+            "time_to_first_byte_ms": round((first_byte - t_request) * 1000, 2)
+            if first_byte
+            else None,
+            "attestation": session.peer_evidence_summary,
+            "cpu_s_source": round(cpu_src, 3),
+            "destination_pid": dest_pid,
+            "source_heartbeats": src_hbs,
+            "user": mig.user,
+            "error": None,
+        }
+        mig.result = result
+        agent.audit_event("migration.complete", vm=name, migration_id=mid, user=mig.user,
+                          outcome="completed",
+                          data={k: result[k] for k in ("destination", "mode", "total_ms",
+                                                        "downtime_ms", "bytes_transferred")})
+        return result
+    except BaseException as e:
+        reason = _reason(e, mig)
+        if not committed:
+            await _recover_source(agent, managed, mig)
+            if ctl is not None and not ctl.closed.is_set():
+                with contextlib.suppress(Exception):
+                    st = await ctl.call("incoming.abort", {"migration_id": mid, "reason": reason},
+                                        timeout=10)
+                    if st.get("error") and st["error"] not in reason:
+                        reason = f"{reason}; destination: {st['error']}"
+        agent.audit_event("migration.abort", vm=name, migration_id=mid, user=mig.user,
+                          outcome="failed", data={"reason": reason, "phase": mig.phase})
+        if isinstance(e, asyncio.CancelledError):
+            raise
+        raise MigrationFailed(reason) from None
+    finally:
+        stop_accept = True
+        for p in mig.pumps:
+            if not p.done:
+                await asyncio.to_thread(p.join, 5)
+            if not p.done:
+                p.close()
+        if session is not None:
+            session.close()
+        if listener is not None:
+            listener.close()
+        if accept_thread is not None:
+            await asyncio.to_thread(accept_thread.join, 2)
+        with contextlib.suppress(FileNotFoundError):
+            Path(sock_path).unlink()
+        if ctl is not None:
+            await ctl.close()
+
+
+def _reason(e: BaseException, mig: OutgoingMigration) -> str:
+    if mig.failure is not None:
+        return f"data channel {mig.failure.line()}"
+    msg = str(e) or type(e).__name__
+    return msg.splitlines()[0]
+
+
+async def _recover_source(agent: Agent, managed: ManagedVM, mig: OutgoingMigration) -> None:
+    """Cancel QEMU's migration and make sure the guest runs again on the source."""
+    vm = managed.qemu
+    if not vm.alive():
+        managed.state = "failed"
+        return
+    with contextlib.suppress(Exception):
+        await vm.cmd("migrate_cancel", timeout=10)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            prog = await query(vm)
+        except Exception:
+            break
+        if prog.status not in ("active", "cancelling", "setup", "device", "pre-switchover"):
+            break
+        await asyncio.sleep(0.05)
+    if mig.postcopy_started:
+        # After the switch the source no longer holds the whole guest: resuming it would run a
+        # stale copy. The VM is lost on this host; report it loudly.
+        managed.state = "failed"
+        return
+    state = await vm.status()
+    if state in ("paused", "postmigrate", "finish-migrate"):
+        with contextlib.suppress(Exception):
+            await vm.cmd("cont")
+        state = await vm.status()
+    managed.state = "running" if state == "running" else "failed"
+
+
+async def _watch(
+    agent: Agent,
+    mig: OutgoingMigration,
+    vm: Any,
+    ctl: ControlClient,
+    opts: MigrationOptions,
+    emit: Emit,
+    t0: float,
+) -> MigrationProgress:
+    last_bytes, last_change = -1, time.monotonic()
+    last_emit = 0.0
+    prev_remaining: list[int] = []
+    while True:
+        if mig.failure_event.is_set():
+            raise MigrationFailed(_reason(Exception(), mig))
+        if ctl.closed.is_set():
+            raise MigrationFailed(f"destination {mig.destination} control connection lost")
+        if not vm.alive():
+            raise MigrationFailed("source QEMU exited during migration")
+        prog = await query(vm)
+        now = time.monotonic()
+        if prog.status in ("completed", "failed", "cancelled"):
+            if prog.status != "completed" and mig.failure is not None:
+                raise MigrationFailed(_reason(Exception(), mig))
+            return prog
+        if prog.transferred != last_bytes:
+            last_bytes, last_change = prog.transferred, now
+        elif now - last_change > opts.stall_timeout_s:
+            raise MigrationFailed(
+                f"migration stalled: no progress for {opts.stall_timeout_s:.0f}s at "
+                f"{prog.transferred} bytes"
+            )
+        if now - t0 > opts.timeout_s:
+            raise MigrationFailed(f"migration timed out after {opts.timeout_s:.0f}s")
+        if opts.mode == "postcopy" and not mig.postcopy_started and prog.status == "active":
+            prev_remaining.append(prog.remaining)
+            not_converging = (
+                opts.postcopy_if_not_converging
+                and prog.rounds >= 2
+                and len(prev_remaining) > 20
+                and prog.remaining >= min(prev_remaining[-20:])
+            )
+            if prog.rounds >= opts.postcopy_after_rounds or not_converging:
+                await vm.cmd("migrate-start-postcopy")
+                mig.postcopy_started = True
+                await emit({"event": "phase", "phase": "postcopy",
+                            "after_rounds": prog.rounds})
+        if now - last_emit > 0.2:
+            last_emit = now
+            await emit({"event": "progress", **prog.to_json(),
+                        "elapsed_ms": round((now - t0) * 1000)})
+        await asyncio.sleep(0.01 if prog.remaining < 64 * 1024 * 1024 else 0.05)

@@ -1,0 +1,64 @@
+"""The control API's wire format: a sans-IO framer for small versioned JSON messages.
+
+Each frame is a 4-byte big-endian length and a UTF-8 JSON object carrying ``"v"`` (protocol
+version). Requests carry ``"op"`` and ``"id"``; replies carry the same ``"id"`` and either
+``"ok": true, "result": {...}``, ``"ok": false, "error": "one line"``, or, for long operations,
+any number of ``"event": ...`` frames before the final reply. Frames are capped so that a peer
+cannot make the agent buffer without bound.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+VERSION = 1
+MAX_FRAME = 4 * 1024 * 1024
+_LEN = struct.Struct(">I")
+
+
+class ProtocolError(Exception):
+    """A peer sent something that is not a valid control frame."""
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    body = json.dumps({"v": VERSION, **msg}, separators=(",", ":"), default=str).encode()
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"control message of {len(body)} bytes exceeds {MAX_FRAME}")
+    return _LEN.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Feed bytes, get whole messages back; never holds more than one frame plus a header."""
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        self._buf += data
+        out: list[dict[str, Any]] = []
+        while len(self._buf) >= 4:
+            (n,) = _LEN.unpack_from(self._buf)
+            if n > self._max:
+                raise ProtocolError(f"control frame of {n} bytes exceeds the {self._max} limit")
+            if len(self._buf) < 4 + n:
+                break
+            raw = bytes(self._buf[4 : 4 + n])
+            del self._buf[: 4 + n]
+            out.append(decode_body(raw))
+        return out
+
+
+def decode_body(raw: bytes) -> dict[str, Any]:
+    try:
+        msg = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"control frame is not JSON: {e}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("control frame must be a JSON object")
+    v = msg.get("v")
+    if v != VERSION:
+        raise ProtocolError(f"unsupported control protocol version {v!r} (this agent speaks {VERSION})")
+    return msg

@@ -1,0 +1,473 @@
+"""The host agent: one long-running asyncio process per host.
+
+It owns the host's VMs, serves the control API (TLS 1.3, mutual certificates) to users and peer
+agents, runs the data listener of the secure channel, and carries out migrate-out and
+migrate-in. Each request is authorised against the caller's *verified* certificate identity:
+host certificates may only use the agent-to-agent operations, user certificates only the user
+ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from trustmig import __version__
+from trustmig.agent import migrate_in
+from trustmig.agent.client import ControlClient, ControlError
+from trustmig.agent.datapath import DataListener
+from trustmig.agent.migrate_in import IncomingMigration
+from trustmig.agent.migrate_out import MigrationFailed, OutgoingMigration, migrate_out
+from trustmig.agent.protocol import FrameDecoder, ProtocolError, encode
+from trustmig.agent.vms import ManagedVM
+from trustmig.channel.identity import LocalIdentity
+from trustmig.config import HostConfig, parse_hostport
+from trustmig.hypervisor.accel import choose_accel
+from trustmig.hypervisor.image import GuestImage, build_image
+from trustmig.hypervisor.migration import MigrationOptions
+from trustmig.hypervisor.qemu import QemuVM
+from trustmig.hypervisor.spec import VMSpec
+from trustmig.pki.authority import Credentials
+from trustmig.pki.errors import PkiError
+from trustmig.pki.identity import PeerIdentity
+from trustmig.pki.tls import client_context, peer_identity, server_context
+from trustmig.pki.trust import TrustBundle
+
+log = logging.getLogger("trustmig.agent")
+
+Handler = Callable[["Request"], Awaitable[dict[str, Any]]]
+HOST_OPS = {"incoming.prepare", "incoming.commit", "incoming.abort", "incoming.status", "ping"}
+USER_OPS = {
+    "ping", "host.status", "vm.start", "vm.list", "vm.stop", "vm.check", "vm.heartbeats",
+    "vm.resume", "migrate", "migration.list",
+}  # fmt: skip
+
+
+class RequestError(Exception):
+    """A request was refused; the message is the one line the caller sees."""
+
+
+class Request:
+    def __init__(
+        self,
+        agent: Agent,
+        conn: Connection,
+        rid: int,
+        op: str,
+        params: dict[str, Any],
+    ) -> None:
+        self.agent = agent
+        self.conn = conn
+        self.id = rid
+        self.op = op
+        self.params = params
+
+    @property
+    def peer(self) -> PeerIdentity:
+        return self.conn.peer
+
+    async def emit(self, event: dict[str, Any]) -> None:
+        await self.conn.send({"id": self.id, **event})
+
+    def param(self, key: str, kind: type = str) -> Any:
+        if key not in self.params:
+            raise RequestError(f"{self.op}: missing parameter {key!r}")
+        val = self.params[key]
+        if kind is not Any and not isinstance(val, kind):  # type: ignore[comparison-overlap]
+            raise RequestError(f"{self.op}: parameter {key!r} must be {kind.__name__}")
+        return val
+
+
+class Connection:
+    def __init__(self, writer: asyncio.StreamWriter, peer: PeerIdentity) -> None:
+        self.writer = writer
+        self.peer = peer
+        self.closed = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        if self.closed.is_set():
+            return
+        async with self._lock:
+            try:
+                self.writer.write(encode(msg))
+                await self.writer.drain()
+            except (ConnectionError, OSError):
+                self.closed.set()
+
+
+class Agent:
+    def __init__(self, cfg: HostConfig) -> None:
+        self.cfg = cfg
+        self.state_dir = cfg.state_dir
+        self.run_dir = self.state_dir / "run"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.creds = Credentials(
+            cert_path=cfg.pki.cert, key_path=cfg.pki.key, ca_path=cfg.pki.ca, crl_path=cfg.pki.crl
+        )
+        self.bundle = TrustBundle.load(cfg.pki.ca, cfg.pki.crl if cfg.pki.crl.exists() else None)
+        if self.creds.name() != cfg.name:
+            raise RuntimeError(
+                f"host certificate names {self.creds.name()!r} but the config says {cfg.name!r}: "
+                f"enroll this host with 'trustmig host enroll {cfg.name}'"
+            )
+        self.channel_identity = LocalIdentity(
+            name=cfg.name, cert_der=self.creds.cert_der(), private_key=self.creds.load_key()
+        )
+        self.accel = choose_accel(cfg.qemu.accel)
+        if self.accel.warning:
+            log.warning("%s", self.accel.warning)
+        self.vms: dict[str, ManagedVM] = {}
+        self.incoming: dict[str, IncomingMigration] = {}
+        self.outgoing: dict[str, OutgoingMigration] = {}
+        self.refused_data: list[dict[str, Any]] = []
+        self._image: GuestImage | None = None
+        self._image_lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self.data: DataListener | None = None
+        self.control_address = ""
+        self.data_advertise = ""
+        self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
+        self.handlers: dict[str, Handler] = {
+            "ping": self.op_ping,
+            "host.status": self.op_host_status,
+            "vm.start": self.op_vm_start,
+            "vm.list": self.op_vm_list,
+            "vm.stop": self.op_vm_stop,
+            "vm.resume": self.op_vm_resume,
+            "vm.check": self.op_vm_check,
+            "vm.heartbeats": self.op_vm_heartbeats,
+            "migrate": self.op_migrate,
+            "migration.list": self.op_migration_list,
+            "incoming.prepare": self.op_incoming_prepare,
+            "incoming.commit": self.op_incoming_commit,
+            "incoming.abort": self.op_incoming_abort,
+            "incoming.status": self.op_incoming_status,
+        }
+
+    # ------------------------------------------------------------------ hooks for other parts
+    def audit_event(self, kind: str, **fields: Any) -> None:
+        """Record an audit event (the audit trail attaches here)."""
+        log.info("audit %s %s", kind, json.dumps(fields, default=str))
+
+    def guard_connect(self, listener: str, ip: str, port: int) -> int | None:
+        """Admission of a raw connection before any crypto; returns a tracking id or None."""
+        return 0
+
+    def guard_progress(self, conn_id: int, step: str) -> None:
+        pass
+
+    def guard_authenticated(self, conn_id: int, identity: str) -> None:
+        pass
+
+    def guard_close(self, conn_id: int) -> None:
+        pass
+
+    def note_refused_data_connection(self, peer: tuple[str, int], reason: str) -> None:
+        self.refused_data.append({"peer": f"{peer[0]}:{peer[1]}", "reason": reason,
+                                  "ts": time.time()})
+        del self.refused_data[:-100]
+        self.audit_event("channel.refused", data={"peer": f"{peer[0]}:{peer[1]}",
+                                                   "reason": reason})
+
+    def verify_host_cert(self, cert_der: bytes, expected_name: str) -> object:
+        self.bundle.refresh()
+        return self.bundle.verify_host(cert_der, expected_name)
+
+    make_evidence: Callable[[bytes], bytes] | None = None
+    verify_evidence: Callable[[str, bytes, bytes], str] | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def start_thread(self, fn: Callable[..., Any], *args: Any) -> threading.Thread:
+        t = threading.Thread(target=fn, args=args, daemon=True)
+        t.start()
+        return t
+
+    async def get_image(self) -> GuestImage:
+        async with self._image_lock:
+            if self._image is None:
+                self._image = await asyncio.to_thread(build_image, self.cfg.image_cache)
+            return self._image
+
+    def find_incoming(self, migration_id: bytes) -> IncomingMigration | None:
+        for inc in self.incoming.values():
+            if inc.migration_id.replace("-", "") == migration_id.hex():
+                return inc
+        return None
+
+    def adopt_incoming(self, inc: IncomingMigration) -> None:
+        self.vms[inc.spec.name] = ManagedVM(
+            spec=inc.spec, qemu=inc.qemu, state="running", arrived_by=inc.migration_id
+        )
+
+    def forget_vm(self, name: str) -> None:
+        self.vms.pop(name, None)
+
+    async def connect_peer(self, host: str) -> ControlClient:
+        peer = self.cfg.peers.get(host)
+        if peer is None:
+            raise RequestError(f"unknown host {host!r}: add it under [peers] in the host config")
+        ctx = client_context(self.creds, self.bundle)
+        client = await ControlClient.connect(peer.control, ctx)
+        sslobj = client.ssl_object
+        try:
+            if sslobj is None:
+                raise PkiError("no TLS session")
+            self.bundle.refresh()
+            peer_identity(sslobj, self.bundle, kind="host", expect_name=host)
+        except PkiError as e:
+            await client.close()
+            raise RequestError(f"peer {host} refused: {e}") from None
+        return client
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self, ready_file: Path | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        host, port = parse_hostport(self.cfg.control.listen)
+        ctx = server_context(self.creds, self.bundle)
+        self._server = await asyncio.start_server(self._serve, host, port, ssl=ctx, backlog=128)
+        sock = self._server.sockets[0].getsockname()
+        self.control_address = f"{sock[0]}:{sock[1]}"
+        dhost, dport = parse_hostport(self.cfg.data.listen)
+        self.data = DataListener(self, dhost, dport)
+        self.data.start()
+        self.data_advertise = self.cfg.data.advertise or f"{self.data.address[0]}:{self.data.address[1]}"
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self._stop.set)
+        info = {
+            "host": self.cfg.name,
+            "pid": os.getpid(),
+            "control": self.control_address,
+            "data": f"{self.data.address[0]}:{self.data.address[1]}",
+            "data_advertise": self.data_advertise,
+            "accel": self.accel.accel,
+            "accel_warning": self.accel.warning,
+        }
+        self.audit_event("agent.start", data=info)
+        if ready_file:
+            tmp = ready_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(info))
+            tmp.replace(ready_file)
+        log.info("agent %s ready: control %s, data %s", self.cfg.name, self.control_address,
+                 info["data"])
+        await self._stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        log.info("agent %s stopping", self.cfg.name)
+        if self._server:
+            self._server.close()
+        if self.data:
+            self.data.close()
+        for inc in list(self.incoming.values()):
+            if inc.state not in ("running",):
+                await migrate_in.abort(self, inc, "agent shutting down")
+        for m in list(self.vms.values()):
+            await m.qemu.stop()
+        self.audit_event("agent.stop")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # ------------------------------------------------------------------ control API
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sslobj = writer.get_extra_info("ssl_object")
+        try:
+            self.bundle.refresh()
+            peer = peer_identity(sslobj, self.bundle)
+        except PkiError as e:
+            log.warning("control connection refused: %s", e)
+            self.audit_event("control.refused", data={"reason": str(e)})
+            writer.close()
+            return
+        conn = Connection(writer, peer)
+        dec = FrameDecoder()
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                for msg in dec.feed(data):
+                    t = asyncio.create_task(self._dispatch(conn, msg))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+        except (ProtocolError, ConnectionError, OSError) as e:
+            log.info("control connection from %s closed: %s", peer.name, e)
+        finally:
+            conn.closed.set()
+            writer.close()
+
+    async def _dispatch(self, conn: Connection, msg: dict[str, Any]) -> None:
+        rid = msg.get("id")
+        op = str(msg.get("op", ""))
+        params = msg.get("params") or {}
+        try:
+            if not isinstance(rid, int) or not isinstance(params, dict):
+                raise RequestError("malformed request: 'id' must be an integer, 'params' an object")
+            allowed = HOST_OPS if conn.peer.kind == "host" else USER_OPS
+            if op not in self.handlers:
+                raise RequestError(f"unknown operation {op!r}")
+            if op not in allowed:
+                raise RequestError(f"{op} is not allowed for a {conn.peer.kind} certificate")
+            result = await self.handlers[op](Request(self, conn, rid, op, params))
+            await conn.send({"id": rid, "ok": True, "result": result})
+        except (RequestError, MigrationFailed, ControlError, ValueError, PkiError) as e:
+            await conn.send({"id": rid, "ok": False, "error": str(e).splitlines()[0]})
+        except Exception as e:  # noqa: BLE001 - report, never crash the agent
+            log.exception("%s failed", op)
+            await conn.send({"id": rid, "ok": False, "error": f"{op} failed: {type(e).__name__}: {e}"})
+
+    # ------------------------------------------------------------------ user operations
+    async def op_ping(self, req: Request) -> dict[str, Any]:
+        return {"host": self.cfg.name, "version": __version__, "peer": req.peer.name,
+                "peer_kind": req.peer.kind, "roles": list(req.peer.roles)}
+
+    async def op_host_status(self, req: Request) -> dict[str, Any]:
+        return {
+            "host": self.cfg.name,
+            "version": __version__,
+            "accel": self.accel.accel,
+            "accel_warning": self.accel.warning,
+            "control": self.control_address,
+            "data_advertise": self.data_advertise,
+            "vms": [await m.describe() for m in self.vms.values()],
+            "labels": self.cfg.labels,
+            "refused_data_connections": self.refused_data[-10:],
+        }
+
+    def _vm(self, name: str) -> ManagedVM:
+        m = self.vms.get(name)
+        if m is None:
+            raise RequestError(f"no VM named {name!r} on {self.cfg.name} (see 'trustmig vm list')")
+        return m
+
+    async def op_vm_start(self, req: Request) -> dict[str, Any]:
+        spec = VMSpec.model_validate(req.param("spec", dict))
+        spec.check_fits()
+        if spec.name in self.vms:
+            raise RequestError(f"a VM named {spec.name} already exists on {self.cfg.name}")
+        if spec.owner is None:
+            spec = spec.model_copy(update={"owner": req.peer.name})
+        image = await self.get_image()
+        spec = spec.model_copy(update={"image_key": image.key})
+        qemu = QemuVM(spec, image, self.run_dir / f"vm-{spec.name}", self.accel,
+                      binary=self.cfg.qemu.binary)
+        managed = ManagedVM(spec=spec, qemu=qemu)
+        self.vms[spec.name] = managed
+        try:
+            await qemu.start()
+            await req.emit({"event": "phase", "phase": "booting", "pid": qemu.pid})
+            timeout = float(req.params.get("boot_timeout", 180))
+            await qemu.console.wait_for("READY", timeout)
+        except BaseException as e:
+            self.vms.pop(spec.name, None)
+            await qemu.kill()
+            if isinstance(e, TimeoutError):
+                raise RequestError(f"VM {spec.name} did not become ready in time") from None
+            raise
+        managed.state = "running"
+        self.audit_event("vm.start", vm=spec.name, user=req.peer.name, outcome="running")
+        return await managed.describe()
+
+    async def op_vm_list(self, req: Request) -> dict[str, Any]:
+        return {"host": self.cfg.name, "vms": [await m.describe() for m in self.vms.values()]}
+
+    async def op_vm_stop(self, req: Request) -> dict[str, Any]:
+        m = self._vm(req.param("name"))
+        await m.qemu.stop()
+        m.state = "stopped"
+        self.vms.pop(m.spec.name, None)
+        self.audit_event("vm.stop", vm=m.spec.name, user=req.peer.name, outcome="stopped")
+        return {"name": m.spec.name, "state": "stopped"}
+
+    async def op_vm_resume(self, req: Request) -> dict[str, Any]:
+        m = self._vm(req.param("name"))
+        await m.qemu.cmd("cont")
+        m.state = "running"
+        self.audit_event("vm.resume", vm=m.spec.name, user=req.peer.name, outcome="running")
+        return await m.describe()
+
+    async def op_vm_check(self, req: Request) -> dict[str, Any]:
+        m = self._vm(req.param("name"))
+        res = await m.qemu.console.check()
+        return {"name": m.spec.name, **res.__dict__}
+
+    async def op_vm_heartbeats(self, req: Request) -> dict[str, Any]:
+        m = self._vm(req.param("name"))
+        since = float(req.params.get("since", 0))
+        hbs = m.qemu.console.heartbeats_since(since)
+        return {"name": m.spec.name, "heartbeats": [(h.seq, h.host_ts) for h in hbs]}
+
+    async def op_migrate(self, req: Request) -> dict[str, Any]:
+        name = req.param("vm")
+        dest = req.param("to")
+        if dest == self.cfg.name:
+            raise RequestError(f"{name} already runs on {dest}")
+        opts = MigrationOptions.model_validate(req.params.get("options") or {})
+        m = self._vm(name)
+        user = {"name": req.peer.name, "roles": list(req.peer.roles), "tenant": req.peer.tenant,
+                "fingerprint": req.peer.fingerprint}
+        self.audit_event("migrate.request", vm=name, user=req.peer.name,
+                         data={"destination": dest, "options": opts.model_dump(mode="json")})
+        return await migrate_out(self, m, dest, opts, user, req.emit)
+
+    async def op_migration_list(self, req: Request) -> dict[str, Any]:
+        return {"outgoing": [
+            {"migration_id": m.migration_id, "vm": m.vm, "destination": m.destination,
+             "phase": m.phase, "user": m.user,
+             "error": m.failure.line() if m.failure else None}
+            for m in self.outgoing.values()]}
+
+    # ------------------------------------------------------------------ host operations
+    async def op_incoming_prepare(self, req: Request) -> dict[str, Any]:
+        try:
+            res = await migrate_in.prepare(self, req.params, req.peer.name)
+        except migrate_in.IncomingError as e:
+            raise RequestError(str(e)) from None
+        inc = self.incoming[str(req.params["migration_id"])]
+        asyncio.create_task(migrate_in.watch_control(self, inc, req.conn.closed))
+        return res
+
+    def _incoming(self, req: Request) -> IncomingMigration:
+        mid = req.param("migration_id")
+        inc = self.incoming.get(mid)
+        if inc is None or inc.source != req.peer.name:
+            raise RequestError(f"no incoming migration {mid} from {req.peer.name}")
+        return inc
+
+    async def op_incoming_commit(self, req: Request) -> dict[str, Any]:
+        inc = self._incoming(req)
+        try:
+            return await migrate_in.commit(self, inc)
+        except migrate_in.IncomingError as e:
+            await migrate_in.abort(self, inc, str(e))
+            raise RequestError(f"commit failed: {e}") from None
+
+    async def op_incoming_abort(self, req: Request) -> dict[str, Any]:
+        inc = self._incoming(req)
+        await migrate_in.abort(self, inc, str(req.params.get("reason") or "source aborted"))
+        return {"state": inc.state, "error": inc.error}
+
+    async def op_incoming_status(self, req: Request) -> dict[str, Any]:
+        inc = self._incoming(req)
+        return {"state": inc.state, "error": inc.error, "session": inc.session_summary}
+
+
+def run_agent(cfg: HostConfig, ready_file: Path | None = None) -> None:
+    async def _main() -> None:
+        agent = Agent(cfg)
+        await agent.run(ready_file)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_main())

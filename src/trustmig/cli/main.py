@@ -1,0 +1,358 @@
+"""`trustmig` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from trustmig.cli.common import (
+    CliError,
+    MigrationProgressView,
+    connect,
+    console,
+    fail,
+    out,
+    print_json,
+    run,
+)
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Secure live migration of QEMU/KVM virtual machines.")
+image_app = typer.Typer(no_args_is_help=True, help="Guest images.")
+ca_app = typer.Typer(no_args_is_help=True, help="The cluster certificate authority.")
+host_app = typer.Typer(no_args_is_help=True, help="Host identities.")
+user_app = typer.Typer(no_args_is_help=True, help="User credentials.")
+vm_app = typer.Typer(no_args_is_help=True, help="VMs on a host.")
+app.add_typer(image_app, name="image")
+app.add_typer(ca_app, name="ca")
+app.add_typer(host_app, name="host")
+app.add_typer(user_app, name="user")
+app.add_typer(vm_app, name="vm")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+AgentOpt = Annotated[str | None, typer.Option("--agent", help="Agent control address HOST:PORT "
+                                                "(default: $TRUSTMIG_AGENT).")]
+CredOpt = Annotated[Path | None, typer.Option("--credentials", help="User credentials dir "
+                                                "(default: $TRUSTMIG_CREDENTIALS).")]
+CaDirOpt = Annotated[Path, typer.Option("--ca-dir", help="Cluster CA directory.")]
+
+
+def _errors(as_json: bool):  # type: ignore[no-untyped-def]
+    """Map every known failure to a one-line error and a non-zero exit."""
+    from trustmig.agent.client import ControlError
+    from trustmig.config import ConfigError
+    from trustmig.hypervisor.image import ImageBuildError
+    from trustmig.pki.errors import PkiError
+
+    class _Ctx:
+        def __enter__(self) -> None:
+            return None
+
+        def __exit__(self, et: Any, e: Any, tb: Any) -> bool:
+            if e is None or isinstance(e, SystemExit | typer.Exit | KeyboardInterrupt):
+                return False
+            if isinstance(e, CliError | ControlError | ConfigError | ImageBuildError | PkiError
+                          | ValueError | OSError):
+                fail(str(e).splitlines()[0] if str(e) else type(e).__name__, as_json=as_json)
+            return False
+
+    return _Ctx()
+
+
+# ---------------------------------------------------------------------------------- agent
+@app.command()
+def agent(
+    config: Annotated[Path, typer.Option("--config", help="host.toml")],
+    ready_file: Annotated[Path | None, typer.Option(help="Write JSON here once serving.")] = None,
+    log_level: Annotated[str, typer.Option(help="debug|info|warning")] = "info",
+) -> None:
+    """Run the host agent (long-running)."""
+    from trustmig.agent.server import run_agent
+    from trustmig.config import load_config
+
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    with _errors(False):
+        cfg = load_config(config)
+        run_agent(cfg, ready_file)
+
+
+# ---------------------------------------------------------------------------------- image
+@image_app.command("build")
+def image_build(
+    force: Annotated[bool, typer.Option(help="Rebuild even if cached.")] = False,
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache directory.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build (or reuse) the tiny guest image: Debian kernel, busybox initramfs, workload."""
+    from trustmig.hypervisor.image import build_image
+
+    with _errors(as_json):
+        img = build_image(cache_dir, force=force,
+                          progress=None if as_json else lambda s: console.print(f"  {s}"))
+        data = {"kernel": str(img.kernel), "initrd": str(img.initrd), "key": img.key}
+        print_json(data) if as_json else out.print(f"image {img.key[:16]}: {img.kernel}, {img.initrd}")
+
+
+# ---------------------------------------------------------------------------------- PKI
+@ca_app.command("init")
+def ca_init(ca_dir: CaDirOpt, force: bool = False, as_json: JsonOpt = False) -> None:
+    """Create the cluster CA."""
+    from trustmig.pki.authority import ClusterCA
+
+    with _errors(as_json):
+        ca = ClusterCA.init(ca_dir, force=force)
+        data = {"ca_dir": str(ca_dir), "ca_cert": str(ca.ca_path)}
+        print_json(data) if as_json else out.print(f"cluster CA created in {ca_dir}")
+
+
+@host_app.command("enroll")
+def host_enroll(
+    name: str,
+    ca_dir: CaDirOpt,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write host.key/host.pem.")],
+    ip: Annotated[list[str] | None, typer.Option(help="IP SAN (repeatable).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Issue a host identity (key + certificate naming the host)."""
+    from trustmig.pki.authority import ClusterCA
+
+    with _errors(as_json):
+        creds = ClusterCA.load(ca_dir).issue_host(name, out_dir, ips=ip or ())
+        data = {"host": name, "cert": str(creds.cert_path), "key": str(creds.key_path)}
+        print_json(data) if as_json else out.print(f"host {name} enrolled: {creds.cert_path}")
+
+
+@host_app.command("revoke")
+def host_revoke(name: str, ca_dir: CaDirOpt, as_json: JsonOpt = False) -> None:
+    """Revoke every certificate of a host; agents refuse it once they see the new CRL."""
+    from trustmig.pki.authority import ClusterCA
+
+    with _errors(as_json):
+        serials = ClusterCA.load(ca_dir).revoke(name, "host")
+        data = {"host": name, "revoked_serials": [hex(s) for s in serials]}
+        print_json(data) if as_json else out.print(f"revoked {len(serials)} certificate(s) of {name}")
+
+
+@user_app.command("add")
+def user_add(
+    name: str,
+    ca_dir: CaDirOpt,
+    role: Annotated[list[str], typer.Option("--role", help="owner|operator|security-admin|auditor")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write user.key/user.pem.")],
+    tenant: Annotated[str | None, typer.Option(help="Tenant the user belongs to.")] = None,
+    days: int = 30,
+    as_json: JsonOpt = False,
+) -> None:
+    """Issue user credentials carrying roles (and a tenant)."""
+    from trustmig.pki.authority import ClusterCA
+
+    with _errors(as_json):
+        creds = ClusterCA.load(ca_dir).issue_user(name, out_dir, roles=role, tenant=tenant,
+                                                  days=days)
+        data = {"user": name, "roles": role, "tenant": tenant, "credentials": str(out_dir),
+                "cert": str(creds.cert_path)}
+        print_json(data) if as_json else out.print(f"user {name} ({', '.join(role)}) -> {out_dir}")
+
+
+@user_app.command("revoke")
+def user_revoke(name: str, ca_dir: CaDirOpt, as_json: JsonOpt = False) -> None:
+    """Revoke every certificate of a user."""
+    from trustmig.pki.authority import ClusterCA
+
+    with _errors(as_json):
+        serials = ClusterCA.load(ca_dir).revoke(name, "user")
+        data = {"user": name, "revoked_serials": [hex(s) for s in serials]}
+        print_json(data) if as_json else out.print(f"revoked {len(serials)} certificate(s) of {name}")
+
+
+# ---------------------------------------------------------------------------------- VMs
+@vm_app.command("start")
+def vm_start(
+    name: str,
+    agent: AgentOpt = None,
+    credentials: CredOpt = None,
+    memory: Annotated[int, typer.Option(help="Guest RAM in MiB.")] = 512,
+    vcpus: int = 1,
+    workload_mib: Annotated[int, typer.Option(help="MiB of patterned memory.")] = 128,
+    dirty_rate: Annotated[float, typer.Option(help="MiB/s the workload rewrites.")] = 0.0,
+    tenant: str = "default",
+    secret: Annotated[str | None, typer.Option(help="Secret marker kept in guest memory.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Boot a guest on the agent's host and wait until its workload is ready."""
+    with _errors(as_json):
+        workload: dict[str, Any] = {"mem_mib": workload_mib, "dirty_rate": dirty_rate}
+        if secret:
+            workload["secret"] = secret
+        spec = {"name": name, "memory_mib": memory, "vcpus": vcpus, "tenant": tenant,
+                "workload": workload}
+
+        async def go() -> dict[str, Any]:
+            c = await connect(agent, credentials)
+            try:
+                return await c.call("vm.start", {"spec": spec}, timeout=600)
+            finally:
+                await c.close()
+
+        res = run(go())
+        print_json(res) if as_json else out.print(f"{name}: {res['qemu_state']} (pid {res['pid']})")
+
+
+@vm_app.command("list")
+def vm_list(agent: AgentOpt = None, credentials: CredOpt = None, as_json: JsonOpt = False) -> None:
+    """List the VMs of the agent's host."""
+    with _errors(as_json):
+        async def go() -> dict[str, Any]:
+            c = await connect(agent, credentials)
+            try:
+                return await c.call("vm.list")
+            finally:
+                await c.close()
+
+        res = run(go())
+        if as_json:
+            print_json(res)
+            return
+        t = Table("name", "state", "qemu", "pid", "MiB", "tenant", "last HB", title=res["host"])
+        for v in res["vms"]:
+            t.add_row(v["name"], v["state"], v["qemu_state"], str(v["pid"]), str(v["memory_mib"]),
+                      str(v["tenant"]), str(v["last_heartbeat"]))
+        out.print(t)
+
+
+@vm_app.command("stop")
+def vm_stop(name: str, agent: AgentOpt = None, credentials: CredOpt = None,
+            as_json: JsonOpt = False) -> None:
+    """Stop a VM."""
+    _simple_call("vm.stop", {"name": name}, agent, credentials, as_json,
+                 lambda r: f"{name}: {r['state']}")
+
+
+@vm_app.command("resume")
+def vm_resume(name: str, agent: AgentOpt = None, credentials: CredOpt = None,
+              as_json: JsonOpt = False) -> None:
+    """Resume a paused VM (after an in-doubt migration was checked by hand)."""
+    _simple_call("vm.resume", {"name": name}, agent, credentials, as_json,
+                 lambda r: f"{name}: {r['qemu_state']}")
+
+
+@vm_app.command("check")
+def vm_check(name: str, agent: AgentOpt = None, credentials: CredOpt = None,
+             as_json: JsonOpt = False) -> None:
+    """Ask the guest to verify its own memory (every page and the secret marker)."""
+    _simple_call("vm.check", {"name": name}, agent, credentials, as_json,
+                 lambda r: f"{name}: {r['pages']} pages, {r['bad_pages']} bad, marker "
+                           f"{r['marker_ok']}/{r['marker_total']}, digest {r['digest']}")
+
+
+def _simple_call(op: str, params: dict[str, Any], agent: str | None, credentials: Path | None,
+                 as_json: bool, line: Any) -> None:
+    with _errors(as_json):
+        async def go() -> dict[str, Any]:
+            c = await connect(agent, credentials)
+            try:
+                return await c.call(op, params, timeout=300)
+            finally:
+                await c.close()
+
+        res = run(go())
+        print_json(res) if as_json else out.print(line(res))
+
+
+# ---------------------------------------------------------------------------------- migrate
+@app.command()
+def migrate(
+    vm: str,
+    to: Annotated[str, typer.Option("--to", help="Destination host name.")],
+    agent: AgentOpt = None,
+    credentials: CredOpt = None,
+    postcopy: Annotated[bool, typer.Option(help="Switch to post-copy after a few rounds.")] = False,
+    postcopy_after: Annotated[int, typer.Option(help="Rounds before the post-copy switch.")] = 2,
+    multifd: Annotated[int, typer.Option(help="Parallel multifd streams (0 = off).")] = 0,
+    downtime_ms: Annotated[int, typer.Option(help="Maximum downtime QEMU aims for.")] = 300,
+    bandwidth_mibps: Annotated[int | None, typer.Option(help="Bandwidth cap, MiB/s.")] = None,
+    no_auto_converge: bool = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Live-migrate a running VM to another host over the secure channel."""
+    with _errors(as_json):
+        opts = {"mode": "postcopy" if postcopy else "precopy", "multifd": multifd,
+                "downtime_ms": downtime_ms, "max_bandwidth_mibps": bandwidth_mibps,
+                "postcopy_after_rounds": postcopy_after, "auto_converge": not no_auto_converge}
+
+        async def go() -> dict[str, Any]:
+            c = await connect(agent, credentials)
+            try:
+                with MigrationProgressView(not as_json) as view:
+                    return await c.call("migrate", {"vm": vm, "to": to, "options": opts},
+                                        on_event=view.event, timeout=None)
+            finally:
+                await c.close()
+
+        res = run(go())
+        res.pop("source_heartbeats", None)
+        if as_json:
+            print_json(res)
+            return
+        out.print(
+            f"[green]{vm} migrated[/] {res['source']} -> {res['destination']} ({res['mode']}, "
+            f"secure channel): {res['total_ms']} ms total, {res['downtime_ms']} ms downtime, "
+            f"{res['throughput_mbps']} MB/s, attestation {res['attestation']}"
+        )
+
+
+# ---------------------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    as_json: JsonOpt = False,
+    state_dir: Annotated[Path | None, typer.Option(help="Keep both hosts' state here.")] = None,
+    memory: Annotated[int, typer.Option(help="Guest RAM, MiB.")] = 512,
+    dirty_rate: Annotated[float, typer.Option(help="Workload dirtying rate, MiB/s.")] = 16.0,
+    postcopy: bool = False,
+    multifd: int = 0,
+    dest_data_listen: Annotated[str | None, typer.Option(help="HOST:PORT the destination's "
+                                                          "data listener binds.")] = None,
+    dest_data_advertise: Annotated[str | None, typer.Option(help="HOST:PORT the destination "
+                                                             "advertises to the source.")] = None,
+) -> None:
+    """Two agents on loopback; boot a guest on one, live-migrate it to the other, measure."""
+    from trustmig.cli.demo import run_demo
+
+    with _errors(as_json):
+        say = (lambda s: None) if as_json else (lambda s: console.print(f"[cyan]»[/] {s}"))
+        with MigrationProgressView(not as_json) as view:
+            res = run_demo(
+                state_dir=state_dir.resolve() if state_dir else None, memory=memory,
+                dirty_rate=dirty_rate, postcopy=postcopy, multifd=multifd,
+                dest_data_listen=dest_data_listen, dest_data_advertise=dest_data_advertise,
+                say=say, on_event=view.event,
+            )
+        if as_json:
+            print(json.dumps(res, default=str))
+        else:
+            t = Table("field", "value", title="trustmig demo")
+            for k in ("status", "mode", "channel", "attestation", "user", "total_ms",
+                      "downtime_ms", "heartbeat_gap_ms", "heartbeat_seq_continuous",
+                      "memory_checksum_match", "bytes_transferred", "throughput_mbps",
+                      "handshake_ms", "source_state", "destination_state", "error"):
+                t.add_row(k, str(res.get(k)))
+            out.print(t)
+        if res["status"] != "completed":
+            raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(app())

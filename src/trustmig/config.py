@@ -1,0 +1,140 @@
+"""Host configuration (`host.toml`), validated by pydantic.
+
+A host listens on one address and may advertise another (NAT, a dedicated migration network):
+peers are told the *advertised* addresses, the sockets bind to the *listen* ones.
+Relative paths are resolved against the directory holding the config file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(Exception):
+    """The configuration file is missing or invalid; the message names the key."""
+
+
+def parse_hostport(value: str, what: str = "address") -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{what} must be HOST:PORT, not {value!r}")
+    return host.strip("[]"), int(port)
+
+
+class Endpoint(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    listen: str = "127.0.0.1:0"
+    advertise: str | None = None
+
+    @field_validator("listen", "advertise")
+    @classmethod
+    def _hp(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_hostport(v)
+        return v
+
+
+class PkiPaths(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cert: Path = Path("pki/host.pem")
+    key: Path = Path("pki/host.key")
+    ca: Path = Path("pki/ca.pem")
+    crl: Path = Path("pki/crl.pem")
+
+
+class QemuSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    binary: str = "qemu-system-x86_64"
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+
+
+class Peer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    control: str
+
+    @field_validator("control")
+    @classmethod
+    def _hp(cls, v: str) -> str:
+        parse_hostport(v, "peer control address")
+        return v
+
+
+class AttestationSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    tpm: Literal["auto", "device", "swtpm"] = "auto"
+    refvalues: Path = Path("refvalues.json")
+    registry: Path = Path("ak-registry.json")
+
+
+class HostConfig(BaseModel):
+    """Everything one agent needs to run a host."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    state_dir: Path = Path(".")
+    control: Endpoint = Field(default_factory=Endpoint)
+    data: Endpoint = Field(default_factory=Endpoint)
+    pki: PkiPaths = Field(default_factory=PkiPaths)
+    qemu: QemuSettings = Field(default_factory=QemuSettings)
+    image_cache: Path | None = None
+    peers: dict[str, Peer] = Field(default_factory=dict)
+    labels: dict[str, str | int] = Field(default_factory=dict)
+    attestation: AttestationSettings = Field(default_factory=AttestationSettings)
+    policy_dir: Path = Path("policies")
+    host_policy: Path | None = None
+
+    def resolve(self, base: Path) -> HostConfig:
+        """Make every relative path absolute against ``base`` (the config file's directory)."""
+        sd = self.state_dir if self.state_dir.is_absolute() else (base / self.state_dir)
+        sd = sd.resolve()
+
+        def r(p: Path) -> Path:
+            return p if p.is_absolute() else sd / p
+
+        return self.model_copy(
+            update={
+                "state_dir": sd,
+                "pki": PkiPaths(
+                    cert=r(self.pki.cert), key=r(self.pki.key), ca=r(self.pki.ca), crl=r(self.pki.crl)
+                ),
+                "image_cache": r(self.image_cache) if self.image_cache else None,
+                "attestation": self.attestation.model_copy(
+                    update={
+                        "refvalues": r(self.attestation.refvalues),
+                        "registry": r(self.attestation.registry),
+                    }
+                ),
+                "policy_dir": r(self.policy_dir),
+                "host_policy": r(self.host_policy) if self.host_policy else None,
+            }
+        )
+
+    @property
+    def control_advertise(self) -> str:
+        return self.control.advertise or self.control.listen
+
+    @property
+    def data_advertise(self) -> str:
+        return self.data.advertise or self.data.listen
+
+
+def load_config(path: Path) -> HostConfig:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file (create one with 'trustmig host init')") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    try:
+        cfg = HostConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        raise ConfigError(f"{path}: {loc}: {err['msg']}") from None
+    return cfg.resolve(path.parent.resolve())

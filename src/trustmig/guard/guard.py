@@ -1,0 +1,287 @@
+"""The stateful guard in front of every trustmig listener (the paper's NSE-H).
+
+It combines a connection tracking module (:mod:`trustmig.guard.conntrack`) with a policy
+matching module (:mod:`trustmig.guard.rules`). The cheap checks in :meth:`Guard.on_connect`
+run before any TLS or key exchange so that a flood costs the host a dictionary lookup, not an
+ECDHE handshake. Time comes from an injected clock so the logic is testable without sleeping.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from trustmig.guard.conntrack import (
+    HALF_OPEN_STATES,
+    ConnState,
+    ConnTable,
+    PeerBuckets,
+    TrackedConn,
+)
+from trustmig.guard.errors import GuardError, UnknownConnectionError
+from trustmig.guard.rules import GuardRules, Verdict
+
+#: Rule names used in verdicts and counters.
+RULE_ACCEPT = "accept"
+RULE_NETWORK = "network"
+RULE_RATE = "rate"
+RULE_HALF_OPEN = "half_open"
+RULE_HALF_OPEN_PEER = "half_open_per_peer"
+RULE_SESSIONS = "sessions"
+RULE_SESSIONS_PEER = "sessions_per_peer"
+RULE_IDENTITY = "identity"
+RULE_CLOSED = "closed"
+RULE_HANDSHAKE_DEADLINE = "handshake_deadline"
+RULE_IDLE = "idle"
+RULE_STALL = "stall"
+
+
+class Guard:
+    """Connection tracking + rule matching for one host's listeners.
+
+    Not thread-safe: the agent calls it from its event loop only.
+    """
+
+    def __init__(
+        self,
+        rules: GuardRules,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        peer_capacity: int = 4096,
+        history: int = 256,
+    ) -> None:
+        if not isinstance(rules, GuardRules):
+            raise GuardError(f"rules must be a GuardRules, got {type(rules).__name__}")
+        self.rules = rules
+        self._clock = clock
+        self._table = ConnTable(history=history)
+        self._buckets = PeerBuckets(
+            rate=rules.max_conn_rate_per_peer,
+            burst=2.0 * rules.max_conn_rate_per_peer,
+            capacity=peer_capacity,
+        )
+        self._counters: Counter[str] = Counter()
+        self._next_id = 1
+
+    # ------------------------------------------------------------------ helpers
+    def _hit(self, rule: str, reason: str, accept: bool = False) -> Verdict:
+        self._counters[rule] += 1
+        return Verdict(accept=accept, rule=rule, reason=reason)
+
+    def _live(self, conn_id: int) -> TrackedConn | None:
+        """Live record, or None for a recently ended one; unknown ids are an error."""
+        conn = self._table.get_live(conn_id)
+        if conn is not None:
+            return conn
+        if self._table.get_ended(conn_id) is not None or 0 < conn_id < self._next_id:
+            return None
+        raise UnknownConnectionError(
+            f"connection id {conn_id} was never issued by this guard; "
+            "use the id returned by on_connect"
+        )
+
+    # ------------------------------------------------------------------ events
+    def on_connect(self, listener: str, peer_ip: str, peer_port: int) -> tuple[Verdict, int | None]:
+        """Decide on a fresh TCP connection before any bytes are read from it.
+
+        Checks in order of cost: network allow-list, per-peer rate, half-open caps, session
+        caps. Refusals are counted per rule; accepted connections enter the table as NEW.
+        """
+        r = self.rules
+        now = self._clock()
+        if not r.network_allows(peer_ip):
+            return self._hit(
+                RULE_NETWORK,
+                f"peer {peer_ip} is outside the allowed networks ({', '.join(r.allowed_networks)})",
+            ), None
+        if not self._buckets.take(peer_ip, now):
+            return self._hit(
+                RULE_RATE,
+                f"peer {peer_ip} exceeded {r.max_conn_rate_per_peer:g} connections/s "
+                f"(burst {2 * r.max_conn_rate_per_peer:g})",
+            ), None
+        if self._table.half_open >= r.max_half_open:
+            return self._hit(
+                RULE_HALF_OPEN,
+                f"{self._table.half_open} handshakes already in progress (limit {r.max_half_open})",
+            ), None
+        if self._table.peer_half_open(peer_ip) >= r.max_half_open_per_peer:
+            return self._hit(
+                RULE_HALF_OPEN_PEER,
+                f"peer {peer_ip} already has {self._table.peer_half_open(peer_ip)} handshakes "
+                f"in progress (limit {r.max_half_open_per_peer})",
+            ), None
+        if self._table.established >= r.max_sessions:
+            return self._hit(
+                RULE_SESSIONS,
+                f"{self._table.established} sessions are open (limit {r.max_sessions})",
+            ), None
+        if self._table.peer_live(peer_ip) >= r.max_sessions_per_peer:
+            return self._hit(
+                RULE_SESSIONS_PEER,
+                f"peer {peer_ip} already holds {self._table.peer_live(peer_ip)} connections "
+                f"(limit {r.max_sessions_per_peer})",
+            ), None
+        conn_id = self._next_id
+        self._next_id += 1
+        self._table.add(
+            TrackedConn(
+                id=conn_id,
+                listener=listener,
+                peer_ip=peer_ip,
+                peer_port=peer_port,
+                state=ConnState.NEW,
+                started=now,
+                last_activity=now,
+                last_bytes=now,
+            )
+        )
+        return self._hit(RULE_ACCEPT, f"peer {peer_ip} admitted to {listener}", True), conn_id
+
+    def on_handshake_progress(self, conn_id: int, step: str) -> None:
+        """Record a handshake step (e.g. ``tls-started``); NEW becomes HANDSHAKE.
+
+        Progress does not extend the handshake deadline, which runs from ``on_connect``:
+        a slow-loris peer cannot keep a half-open slot by trickling steps.
+        """
+        conn = self._live(conn_id)
+        if conn is None:
+            return
+        conn.handshake_progress = step
+        conn.last_activity = self._clock()
+        if conn.state is ConnState.NEW:
+            conn.state = ConnState.HANDSHAKE
+
+    def on_authenticated(self, conn_id: int, identity: str) -> Verdict:
+        """Apply the identity allow-list and session cap; accepted moves to ESTABLISHED."""
+        conn = self._live(conn_id)
+        if conn is None:
+            return self._hit(RULE_CLOSED, f"connection {conn_id} is already closed or dropped")
+        if conn.state not in HALF_OPEN_STATES:
+            raise GuardError(
+                f"connection {conn_id} is already {conn.state.value}; "
+                "call on_authenticated once per connection"
+            )
+        if not identity or not self.rules.identity_allows(identity):
+            verdict = self._hit(
+                RULE_IDENTITY, f"identity {identity!r} is not in the allowed identities"
+            )
+            self._table.end(conn, ConnState.DROPPED, verdict.reason)
+            return verdict
+        if self._table.established >= self.rules.max_sessions:
+            verdict = self._hit(
+                RULE_SESSIONS,
+                f"{self._table.established} sessions are open (limit {self.rules.max_sessions})",
+            )
+            self._table.end(conn, ConnState.DROPPED, verdict.reason)
+            return verdict
+        conn.identity = identity
+        conn.handshake_progress = "authenticated"
+        conn.last_activity = self._clock()
+        self._table.establish(conn)
+        return self._hit(RULE_ACCEPT, f"identity {identity!r} authenticated", True)
+
+    def on_data_phase(self, conn_id: int) -> None:
+        """Declare that bulk data now flows, so the (shorter) stall timeout applies."""
+        conn = self._live(conn_id)
+        if conn is None:
+            return
+        now = self._clock()
+        conn.data_phase = True
+        conn.last_bytes = now
+        conn.last_activity = now
+
+    def on_bytes(self, conn_id: int, n_in: int = 0, n_out: int = 0) -> None:
+        """Account traffic; any non-zero count refreshes both idle and stall timers."""
+        if n_in < 0 or n_out < 0:
+            raise GuardError(f"byte counts must be >= 0, got n_in={n_in}, n_out={n_out}")
+        conn = self._live(conn_id)
+        if conn is None or (n_in == 0 and n_out == 0):
+            return
+        now = self._clock()
+        conn.bytes_in += n_in
+        conn.bytes_out += n_out
+        conn.last_activity = now
+        conn.last_bytes = now
+
+    def on_close(self, conn_id: int) -> None:
+        """The connection ended normally (idempotent; a dropped record stays DROPPED)."""
+        conn = self._live(conn_id)
+        if conn is None:
+            return
+        self._table.end(conn, ConnState.CLOSED, "closed")
+
+    def sweep(self) -> list[tuple[int, str]]:
+        """Drop connections whose deadline passed; return ``(conn_id, reason)`` to close."""
+        r = self.rules
+        now = self._clock()
+        dropped: list[tuple[int, str]] = []
+        for conn in self._table.live():
+            rule: str | None = None
+            reason = ""
+            if conn.state in HALF_OPEN_STATES:
+                if now - conn.started > r.handshake_deadline_s:
+                    rule = RULE_HANDSHAKE_DEADLINE
+                    reason = (
+                        f"handshake not finished within {r.handshake_deadline_s:g} s "
+                        f"(last step {conn.handshake_progress})"
+                    )
+            elif conn.data_phase:
+                if now - conn.last_bytes > r.stall_timeout_s:
+                    rule = RULE_STALL
+                    reason = f"no bytes for {r.stall_timeout_s:g} s during data transfer"
+            elif now - conn.last_activity > r.idle_timeout_s:
+                rule = RULE_IDLE
+                reason = f"idle for {r.idle_timeout_s:g} s"
+            if rule is not None:
+                self._counters[rule] += 1
+                self._table.end(conn, ConnState.DROPPED, reason)
+                dropped.append((conn.id, reason))
+        return dropped
+
+    # ------------------------------------------------------------------ views
+    def get(self, conn_id: int) -> TrackedConn:
+        """The record of a live or recently ended connection."""
+        conn = self._table.get_live(conn_id) or self._table.get_ended(conn_id)
+        if conn is None:
+            raise UnknownConnectionError(
+                f"connection id {conn_id} is not tracked (never issued or aged out of history)"
+            )
+        return conn
+
+    @property
+    def table_size(self) -> int:
+        """Live entries in the connection table."""
+        return len(self._table)
+
+    @property
+    def history_size(self) -> int:
+        """Entries in the recently-ended ring."""
+        return self._table.ended_count
+
+    @property
+    def tracked_peers(self) -> int:
+        """Peers that currently have a rate bucket."""
+        return len(self._buckets)
+
+    def counters(self) -> dict[str, int]:
+        """Rule hits so far (copy)."""
+        return dict(self._counters)
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-able state for ``trustmig guard show --json``."""
+        return {
+            "connections": [c.to_dict() for c in self._table.live()]
+            + [c.to_dict() for c in self._table.ended()],
+            "counters": dict(self._counters),
+            "rules": self.rules.to_dict(),
+            "summary": {
+                "half_open": self._table.half_open,
+                "established": self._table.established,
+                "live": len(self._table),
+                "recent_ended": self._table.ended_count,
+                "tracked_peers": len(self._buckets),
+            },
+        }

@@ -1,0 +1,116 @@
+"""Guard rules: what the guard in front of a listener allows, and the verdicts it returns.
+
+The rules are deliberately small and numeric so that they can be checked *before* any TLS or
+key exchange: an attacker who floods a listener must not be able to make the host spend CPU on
+cryptography (the paper's availability threat against migration hosts).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from trustmig.guard.errors import InvalidRulesError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of one rule check: ``rule`` names the rule that decided, ``reason`` says why."""
+
+    accept: bool
+    rule: str
+    reason: str
+
+
+def parse_network(cidr: str) -> IPNetwork:
+    """Parse one allow-list entry, refusing host bits so a typo cannot widen the allow-list."""
+    try:
+        return ipaddress.ip_network(cidr, strict=True)
+    except ValueError:
+        try:
+            loose = ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise InvalidRulesError(
+                f"allowed_networks entry {cidr!r} is not a CIDR network; "
+                "write it like 10.0.0.0/8 or fd00::/8"
+            ) from None
+        raise InvalidRulesError(
+            f"allowed_networks entry {cidr!r} has host bits set; did you mean {loose}?"
+        ) from None
+
+
+@dataclass
+class GuardRules:
+    """Limits enforced by :class:`trustmig.guard.guard.Guard` and rendered by ``render_nft``."""
+
+    allowed_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8"])
+    allowed_identities: list[str] | None = None
+    max_conn_rate_per_peer: float = 20.0
+    max_half_open: int = 32
+    max_half_open_per_peer: int = 8
+    handshake_deadline_s: float = 5.0
+    idle_timeout_s: float = 60.0
+    stall_timeout_s: float = 30.0
+    max_sessions: int = 64
+    max_sessions_per_peer: int = 16
+
+    def __post_init__(self) -> None:
+        self._networks: tuple[IPNetwork, ...] = tuple(
+            parse_network(c) for c in self.allowed_networks
+        )
+        if self.allowed_identities is not None:
+            for ident in self.allowed_identities:
+                if not isinstance(ident, str) or not ident.strip():
+                    raise InvalidRulesError(
+                        f"allowed_identities entry {ident!r} is empty; list host or user names, "
+                        "or set allowed_identities to None to allow any authenticated peer"
+                    )
+        for name in (
+            "max_conn_rate_per_peer",
+            "handshake_deadline_s",
+            "idle_timeout_s",
+            "stall_timeout_s",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise InvalidRulesError(f"{name} is {value!r}; it must be a positive finite number")
+        for name in (
+            "max_half_open",
+            "max_half_open_per_peer",
+            "max_sessions",
+            "max_sessions_per_peer",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidRulesError(f"{name} is {value!r}; it must be an integer >= 1")
+
+    @property
+    def networks(self) -> tuple[IPNetwork, ...]:
+        """The parsed allow-list (validated once, at construction)."""
+        return self._networks
+
+    def network_allows(self, peer_ip: str) -> bool:
+        """True when ``peer_ip`` lies in one of the allowed networks.
+
+        IPv4-mapped IPv6 peers (``::ffff:a.b.c.d``, seen on dual-stack sockets) are matched as
+        IPv4 so that a v4 allow-list also covers them.
+        """
+        try:
+            addr = ipaddress.ip_address(peer_ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr.version == net.version and addr in net for net in self._networks)
+
+    def identity_allows(self, identity: str) -> bool:
+        """True when ``identity`` may hold a session (None list = any authenticated identity)."""
+        return self.allowed_identities is None or identity in self.allowed_identities
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able copy of the rules (for ``trustmig guard show --json``)."""
+        return asdict(self)
