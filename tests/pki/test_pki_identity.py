@@ -26,7 +26,8 @@ def test_roles_extension_round_trip(roles: list[str], tenant: str | None) -> Non
 
 def test_roles_extension_is_canonical_json_in_a_utf8string() -> None:
     value = encode_roles_extension(("owner", "auditor"), "t")
-    assert value == b'\x0c+{"roles":["owner","auditor"],"tenant":"t"}'
+    body = b'{"roles":["owner","auditor"],"tenant":"t"}'
+    assert value == b"\x0c" + bytes([len(body)]) + body
 
 
 @pytest.mark.parametrize(

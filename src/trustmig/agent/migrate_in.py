@@ -23,6 +23,7 @@ from trustmig.hypervisor.migration import MigrationOptions, configure_destinatio
 from trustmig.hypervisor.qemu import QemuVM
 from trustmig.hypervisor.spec import VMSpec
 
+
 if TYPE_CHECKING:
     from trustmig.agent.server import Agent
 
@@ -73,6 +74,8 @@ async def prepare(agent: Agent, params: dict[str, Any], source_host: str) -> dic
             f"guest image {spec.image_key[:12]} differs from this host's {image.key[:12]}: "
             "both hosts must build the same image (trustmig image build)"
         )
+    from trustmig.agent.server import sock_dir_for
+
     run_dir = agent.run_dir / f"in-{mid[:8]}-{spec.name}"
     qemu = QemuVM(
         spec,
@@ -84,9 +87,10 @@ async def prepare(agent: Agent, params: dict[str, Any], source_host: str) -> dic
         start_paused=opts.mode == "precopy",
         die_with_parent=True,
         prealloc=opts.prealloc_destination,
+        sock_dir=sock_dir_for(agent, "in"),
     )
     await qemu.start()
-    sock_path = run_dir / "incoming.sock"
+    sock_path = qemu.sock_dir / "incoming.sock"
     try:
         await configure_destination(qemu, opts)
         await qemu.cmd("migrate-incoming", {"uri": f"unix:{sock_path}"})

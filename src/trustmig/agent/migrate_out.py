@@ -120,7 +120,7 @@ async def migrate_out(
     session: OutboundSession | None = None
     accept_thread = None
     stop_accept = False
-    sock_path = vm.run_dir / f"out-{mid[:8]}.sock"
+    sock_path = vm.sock_dir / f"out-{mid[:8]}.sock"
     committed = False
     hb_start = time.time()
     managed.state = "migrating-out"

@@ -111,6 +111,7 @@ class Agent:
         self.state_dir = cfg.state_dir
         self.run_dir = self.state_dir / "run"
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.sock_root = short_socket_root(self.state_dir)
         self.creds = Credentials(
             cert_path=cfg.pki.cert, key_path=cfg.pki.key, ca_path=cfg.pki.ca, crl_path=cfg.pki.crl
         )
@@ -344,6 +345,11 @@ class Agent:
             "vms": [await m.describe() for m in self.vms.values()],
             "labels": self.cfg.labels,
             "refused_data_connections": self.refused_data[-10:],
+            "incoming": [
+                {"migration_id": i.migration_id, "vm": i.spec.name, "source": i.source,
+                 "state": i.state, "error": i.error, "pid": i.qemu.pid if i.qemu.alive() else None}
+                for i in self.incoming.values()
+            ],
         }
 
     def _vm(self, name: str) -> ManagedVM:
@@ -362,7 +368,7 @@ class Agent:
         image = await self.get_image()
         spec = spec.model_copy(update={"image_key": image.key})
         qemu = QemuVM(spec, image, self.run_dir / f"vm-{spec.name}", self.accel,
-                      binary=self.cfg.qemu.binary)
+                      binary=self.cfg.qemu.binary, sock_dir=sock_dir_for(self, "vm"))
         managed = ManagedVM(spec=spec, qemu=qemu)
         self.vms[spec.name] = managed
         try:
@@ -462,6 +468,24 @@ class Agent:
     async def op_incoming_status(self, req: Request) -> dict[str, Any]:
         inc = self._incoming(req)
         return {"state": inc.state, "error": inc.error, "session": inc.session_summary}
+
+
+def short_socket_root(state_dir: Path) -> Path:
+    """A short private directory for unix sockets (paths must stay under 108 bytes)."""
+    import hashlib
+    import tempfile
+
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+    tag = hashlib.sha256(str(state_dir).encode()).hexdigest()[:10]
+    root = base / f"trustmig-{tag}"
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return root
+
+
+def sock_dir_for(agent: Agent, label: str) -> Path:
+    import uuid as _uuid
+
+    return agent.sock_root / f"{label[:2]}-{_uuid.uuid4().hex[:8]}"
 
 
 def run_agent(cfg: HostConfig, ready_file: Path | None = None) -> None:

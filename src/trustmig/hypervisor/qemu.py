@@ -75,6 +75,7 @@ class QemuVM:
         die_with_parent: bool = False,
         prealloc: bool = False,
         extra_args: tuple[str, ...] = (),
+        sock_dir: Path | None = None,
     ) -> None:
         self.spec = spec
         self.image = image
@@ -86,8 +87,10 @@ class QemuVM:
         self.die_with_parent = die_with_parent
         self.prealloc = prealloc
         self.extra_args = extra_args
-        self.qmp_path = run_dir / "qmp.sock"
-        self.serial_path = run_dir / "serial.sock"
+        # unix socket paths are limited to 107 bytes: sockets may live in a short runtime dir
+        self.sock_dir = sock_dir or run_dir
+        self.qmp_path = self.sock_dir / "qmp.sock"
+        self.serial_path = self.sock_dir / "serial.sock"
         self.proc: subprocess.Popen[bytes] | None = None
         self.qmp = QMPClient(spec.name)
         self.console = Console(self.serial_path, run_dir / "console.log")
@@ -127,6 +130,7 @@ class QemuVM:
 
     async def start(self, timeout: float = 20.0) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for p in (self.qmp_path, self.serial_path):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
@@ -209,3 +213,7 @@ class QemuVM:
         with contextlib.suppress(BaseException):
             await asyncio.wait_for(self.qmp.disconnect(), 2)
         await self.console.close()
+        if self.sock_dir != self.run_dir:
+            import shutil as _sh
+
+            _sh.rmtree(self.sock_dir, ignore_errors=True)
