@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -55,6 +55,7 @@ class QemuSettings(BaseModel):
 class Peer(BaseModel):
     model_config = ConfigDict(extra="forbid")
     control: str
+    labels: dict[str, str | int] = Field(default_factory=dict)
 
     @field_validator("control")
     @classmethod
@@ -69,6 +70,10 @@ class AttestationSettings(BaseModel):
     tpm: Literal["auto", "device", "swtpm"] = "auto"
     refvalues: Path = Path("refvalues.json")
     registry: Path = Path("ak-registry.json")
+    #: Enroll this host's own TPM into the registry at agent start when it is missing. Labs and
+    #: demos only: in production the security admin enrolls each host, so a host cannot vouch for
+    #: its own TPM.
+    auto_enroll: bool = False
 
 
 class HostConfig(BaseModel):
@@ -87,6 +92,10 @@ class HostConfig(BaseModel):
     labels: dict[str, str | int] = Field(default_factory=dict)
     attestation: AttestationSettings = Field(default_factory=AttestationSettings)
     policy_dir: Path = Path("policies")
+    guard: dict[str, Any] = Field(default_factory=dict, description="trustmig.guard.GuardRules")
+    admission: dict[str, Any] = Field(
+        default_factory=dict, description="trustmig.guard.AdmissionLimits"
+    )
     host_policy: Path | None = None
 
     def resolve(self, base: Path) -> HostConfig:

@@ -17,8 +17,14 @@ def spec(name: str = "vm1", memory: int = 256, workload: int = 64, rate: float =
             "workload": {"mem_mib": workload, "dirty_rate": rate}}
 
 
-async def start_vm(c: ControlClient, s: dict[str, Any]) -> dict[str, Any]:
-    return await c.call("vm.start", {"spec": s}, timeout=300)
+async def start_vm(
+    c: ControlClient, s: dict[str, Any], cluster: LocalCluster | None = None, **policy: Any
+) -> dict[str, Any]:
+    """Boot a VM; with ``cluster``, provision the owner's signed policy with it."""
+    params: dict[str, Any] = {"spec": s}
+    if cluster is not None:
+        params["policy"] = cluster.signed_policy("alice", s["name"], **policy)
+    return await c.call("vm.start", params, timeout=300)
 
 
 async def heartbeat_count(c: ControlClient, vm: str) -> int:

@@ -30,7 +30,7 @@ def _migrate_ok(make_cluster, s, options):  # type: ignore[no-untyped-def]
         src = await cluster.client("host-a", "alice")
         dst = await cluster.client("host-b", "alice")
         try:
-            await start_vm(src, s)
+            await start_vm(src, s, cluster)
             await asyncio.sleep(0.5)
             before = await src.call("vm.check", {"name": s["name"]})
             res = await src.call("migrate", {"vm": s["name"], "to": "host-b", "options": options},
@@ -90,7 +90,7 @@ def _inject(make_cluster, hook_factory, *, when=20 * 1024 * 1024, setup=None):  
         src = await cluster.client("host-a", "alice")
         dst = await cluster.client("host-b", "alice")
         try:
-            await start_vm(src, spec(memory=320, workload=160, rate=4))
+            await start_vm(src, spec(memory=320, workload=160, rate=4), cluster)
             seen_pids: list[int] = []
 
             async def hook() -> None:

@@ -238,6 +238,8 @@ class DataListener:
         inc = self.agent.find_incoming(result.migration_id)
         assert inc is not None
         self.agent.guard_authenticated(conn_id, result.peer_name)
+        # handed over to the migration, whose own stall detection supervises it from here
+        self.agent.guard_close(conn_id)
         inc.session_summary = {
             "peer": result.peer_name,
             "evidence": result.peer_evidence_summary,
@@ -258,6 +260,7 @@ class DataListener:
         with sess.lock:
             index = sess.verifier.verify(frame)
         self.agent.guard_authenticated(conn_id, sess.incoming.source)
+        self.agent.guard_close(conn_id)
         self._start_stream(sess, index, conn)
 
     def _start_stream(self, sess: _InboundSession, index: int, conn: socket.socket) -> None:

@@ -26,6 +26,10 @@ from trustmig.pki.tls import client_context
 from trustmig.pki.trust import TrustBundle
 
 
+def _inline(d: dict[str, Any]) -> str:
+    return "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in d.items()) + "}"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -61,6 +65,8 @@ class LocalCluster:
         self,
         *,
         labels: dict[str, dict[str, Any]] | None = None,
+        accept_tenants: dict[str, list[str]] | None = None,
+        accept_sources: dict[str, list[str]] | None = None,
         data_listen: dict[str, str] | None = None,
         data_advertise: dict[str, str] | None = None,
         extra_config: dict[str, str] | None = None,
@@ -76,12 +82,23 @@ class LocalCluster:
             dl = (data_listen or {}).get(h, f"127.0.0.1:{free_port()}")
             da = (data_advertise or {}).get(h, dl)
             self.hosts[h] = HostHandle(h, hdir, hdir / "host.toml", f"127.0.0.1:{ports[h]}", dl, da)
+        all_labels = {h: {"country": "DE", "security_level": 1, **(labels or {}).get(h, {})}
+                      for h in self.hosts}
         for h, hh in self.hosts.items():
             peers = "\n".join(
-                f'[peers.{p}]\ncontrol = "{o.control}"\n' for p, o in self.hosts.items() if p != h
+                f'[peers.{p}]\ncontrol = "{o.control}"\nlabels = {_inline(all_labels[p])}\n'
+                for p, o in self.hosts.items() if p != h
             )
-            lab = (labels or {}).get(h, {})
+            lab = all_labels[h]
             lab_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in lab.items())
+            (hh.dir / "policies").mkdir(exist_ok=True)
+            tenants = (accept_tenants or {}).get(h, ["acme"])
+            sources = (accept_sources or {}).get(h, ["*"])
+            (hh.dir / "policies" / "host.toml").write_text(
+                f'host = "{h}"\n[labels]\n{lab_lines}\n[accept]\n'
+                f"sources = {json.dumps(sources)}\ntenants = {json.dumps(tenants)}\n"
+                "require_signed_vm_policy = true\n"
+            )
             hh.config_path.write_text(
                 f'name = "{h}"\nstate_dir = "."\n'
                 f'image_cache = "{self.image_cache}"\n'
@@ -107,6 +124,25 @@ class LocalCluster:
         self.ca.issue_user(name, d, roles=roles, tenant=tenant)
         self.users[name] = d
         return d
+
+    def signed_policy(self, user: str, vm: str, **over: Any) -> str:
+        """A VM policy signed with ``user``'s key (the VM's owner), as JSON."""
+        from trustmig.policy import sign_policy
+
+        p = {"tenant": "acme", "owner": user, "allowed_users": [user],
+             "allowed_roles": ["operator"], "postcopy": True, "max_per_hour": 20,
+             "countries": ["DE", "FR"], "min_security_level": 1, "profile": "strict", **over}
+        text = (
+            f'vm = "{vm}"\ntenant = "{p["tenant"]}"\nowner = "{p["owner"]}"\n[migrate]\n'
+            f"allowed_users = {json.dumps(p['allowed_users'])}\n"
+            f"allowed_roles = {json.dumps(p['allowed_roles'])}\n"
+            f"postcopy = {str(p['postcopy']).lower()}\nmax_per_hour = {p['max_per_hour']}\n"
+            f"[destinations]\ncountries = {json.dumps(p['countries'])}\n"
+            f"min_security_level = {p['min_security_level']}\n"
+            f'[attestation]\nprofile = "{p["profile"]}"\n'
+        )
+        c = self.user_credentials(user)
+        return sign_policy(text, "toml", user, c.cert_der(), c.load_key()).to_json()
 
     # ----------------------------------------------------------------- agents
     def start_agents(self, timeout: float = 60.0) -> None:

@@ -49,6 +49,9 @@ class IncomingMigration:
     created: float = field(default_factory=time.monotonic)
     session_summary: dict[str, Any] = field(default_factory=dict)
     first_byte_at: float | None = None
+    peer_audit_pub: str = ""
+    policy_json: str | None = None
+    decision: str = ""
     failure_event: asyncio.Event = field(default_factory=asyncio.Event)
 
     def connect_qemu(self) -> socket.socket:
@@ -66,6 +69,17 @@ async def prepare(agent: Agent, params: dict[str, Any], source_host: str) -> dic
         raise IncomingError(f"migration {mid} is already prepared here")
     spec = VMSpec.model_validate(params["spec"])
     opts = MigrationOptions.model_validate(params["options"])
+    user = dict(params.get("user") or {})
+    policy_json = params.get("policy")
+    decision = agent.gov.decide_in(user, policy_json, spec.name, source_host,
+                                   opts.mode == "postcopy")
+    agent.audit_event("policy.decision", vm=spec.name, migration_id=mid, user=user.get("name"),
+                      outcome="allow" if decision.allow else "deny",
+                      data={"direction": "migrate-in", "rule": decision.rule,
+                            "line": decision.line(), "source": source_host})
+    if not decision.allow:
+        raise IncomingError(decision.line())
+    grant = await agent.admit("in", tenant=spec.tenant, vm=spec.name, migration_id=mid)
     if spec.name in agent.vms and agent.vms[spec.name].state not in ("migrated", "stopped"):
         raise IncomingError(f"a VM named {spec.name} already runs on {agent.cfg.name}")
     image = await agent.get_image()
@@ -89,23 +103,32 @@ async def prepare(agent: Agent, params: dict[str, Any], source_host: str) -> dic
         prealloc=opts.prealloc_destination,
         sock_dir=sock_dir_for(agent, "in"),
     )
-    await qemu.start()
+    try:
+        await qemu.start()
+    except Exception:
+        agent.release(mid)
+        raise
     sock_path = qemu.sock_dir / "incoming.sock"
     try:
         await configure_destination(qemu, opts)
         await qemu.cmd("migrate-incoming", {"uri": f"unix:{sock_path}"})
     except Exception:
         await qemu.kill()
+        agent.release(mid)
         raise
     inc = IncomingMigration(
         migration_id=mid,
         source=source_host,
         spec=spec,
         options=opts,
-        user=dict(params.get("user") or {}),
+        user=user,
         qemu=qemu,
         socket_path=sock_path,
+        peer_audit_pub=str(params.get("audit_pub") or ""),
+        policy_json=policy_json,
+        decision=decision.line(),
     )
+    _ = grant
     agent.incoming[mid] = inc
     agent.audit_event("migration.phase", vm=spec.name, migration_id=mid, outcome="prepared",
                       data={"source": source_host, "mode": opts.mode, "streams": opts.streams})
@@ -113,6 +136,8 @@ async def prepare(agent: Agent, params: dict[str, Any], source_host: str) -> dic
         "data_address": agent.data_advertise,
         "streams": opts.streams,
         "destination_pid": qemu.pid,
+        "decision": decision.line(),
+        "audit_pub": agent.gov.audit_public_pem,
     }
 
 
@@ -138,6 +163,7 @@ async def abort(agent: Agent, inc: IncomingMigration, reason: str) -> None:
     for p in inc.pumps.values():
         p.close()
     await inc.qemu.kill()
+    agent.release(inc.migration_id)
     agent.audit_event("migration.abort", vm=inc.spec.name, migration_id=inc.migration_id,
                       outcome="aborted", data={"reason": inc.error, "phase": prev})
     log.warning("migration %s of %s aborted: %s", inc.migration_id, inc.spec.name, inc.error)
@@ -171,6 +197,10 @@ async def commit(agent: Agent, inc: IncomingMigration, timeout: float = 60.0) ->
         raise IncomingError(f"destination guest did not start (state {run_state})")
     inc.state = "running"
     agent.adopt_incoming(inc)
+    agent.release(inc.migration_id)
+    agent.gov.record_migration(inc.spec.name)
+    if inc.policy_json:
+        agent.gov.set_vm_policy(inc.spec.name, inc.policy_json)
     agent.audit_event("migration.phase", vm=inc.spec.name, migration_id=inc.migration_id,
                       outcome="running", data={"source": inc.source})
     return {"state": run_state, "pid": inc.qemu.pid}

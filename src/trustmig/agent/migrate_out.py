@@ -23,6 +23,7 @@ import logging
 import socket
 import time
 import uuid
+from datetime import UTC, datetime
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from trustmig.agent.client import ControlClient, ControlError
 from trustmig.agent.datapath import OutboundSession, open_outbound_session
+from trustmig.agent.governance import stream_digest
 from trustmig.channel.relay import StreamFailure, StreamPump
 from trustmig.hypervisor.migration import (
     MigrationOptions,
@@ -97,6 +99,8 @@ async def migrate_out(
     opts: MigrationOptions,
     user: dict[str, Any],
     emit: Emit,
+    *,
+    principal: Any,
 ) -> dict[str, Any]:
     vm = managed.qemu
     name = managed.spec.name
@@ -115,6 +119,15 @@ async def migrate_out(
     if qstate != "running":
         raise MigrationFailed(f"VM {name}: QEMU state is {qstate}, not running")
 
+    # 1. migrate-out decision, before any connection to the destination
+    decision = agent.gov.decide_out(principal, name, destination, opts.mode == "postcopy")
+    agent.audit_event("policy.decision", vm=name, migration_id=mid, user=mig.user,
+                      outcome="allow" if decision.allow else "deny",
+                      data={"direction": "migrate-out", "rule": decision.rule,
+                            "line": decision.line(), "destination": destination})
+    if not decision.allow:
+        raise MigrationFailed(decision.line())
+    await agent.admit("out", tenant=managed.spec.tenant, vm=name, migration_id=mid)
     ctl: ControlClient | None = None
     listener: socket.socket | None = None
     session: OutboundSession | None = None
@@ -145,9 +158,13 @@ async def migrate_out(
                 "spec": managed.spec.model_dump(mode="json"),
                 "options": opts.model_dump(mode="json"),
                 "user": user,
+                "policy": agent.gov.vm_policy_json(name),
+                "audit_pub": agent.gov.audit_public_pem,
             },
             timeout=120,
         )
+        in_decision = str(prep.get("decision", ""))
+        peer_audit_pub = str(prep.get("audit_pub", ""))
         data_addr = str(prep["data_address"])
         mig.phase = "handshake"
         await emit({"event": "phase", "phase": "handshake", "data_address": data_addr})
@@ -209,6 +226,10 @@ async def migrate_out(
         await vm.stop()
         managed.state = "migrated"
         agent.forget_vm(name)
+        agent.gov.record_migration(name)
+        receipt = await _exchange_receipt(agent, ctl, mig, stream_digest(mig.pumps),
+                                          peer_audit_pub)
+        agent.gov.drop_vm_policy(name)
         result = {
             "status": "completed",
             "migration_id": mid,
@@ -240,6 +261,9 @@ async def migrate_out(
             "destination_pid": dest_pid,
             "source_heartbeats": src_hbs,
             "user": mig.user,
+            "decisions": {"migrate_out": decision.line(), "migrate_in": in_decision},
+            "receipt_id": receipt.get("migration_id"),
+            "receipt": receipt,
             "error": None,
         }
         mig.result = result
@@ -264,6 +288,7 @@ async def migrate_out(
             raise
         raise MigrationFailed(reason) from None
     finally:
+        agent.release(mid)
         stop_accept = True
         for p in mig.pumps:
             if not p.done:
@@ -280,6 +305,28 @@ async def migrate_out(
             Path(sock_path).unlink()
         if ctl is not None:
             await ctl.close()
+
+
+async def _exchange_receipt(
+    agent: Agent, ctl: ControlClient, mig: OutgoingMigration, digest: str, peer_pub: str
+) -> dict[str, Any]:
+    """Both hosts sign the same receipt; each keeps both signatures."""
+    fields = {
+        "migration_id": mig.migration_id, "vm": mig.vm, "user": mig.user,
+        "source": agent.cfg.name, "destination": mig.destination,
+        "stream_digest": digest, "outcome": "completed",
+        "ts": datetime.now(UTC).isoformat(timespec="seconds"),
+    }  # fmt: skip
+    own = agent.gov.sign_receipt(fields)
+    try:
+        res = await ctl.call("incoming.receipt", {"migration_id": mig.migration_id,
+                                                  "fields": fields, "signature": own})
+        agent.gov.check_and_store_receipt(fields, own, mig.destination, res["signature"], peer_pub)
+    except Exception as e:  # noqa: BLE001 - the VM moved; a missing receipt is reported, not fatal
+        agent.audit_event("receipt", vm=mig.vm, migration_id=mig.migration_id, outcome="missing",
+                          data={"error": str(e)})
+        return {"migration_id": mig.migration_id, "error": f"receipt not countersigned: {e}"}
+    return {**fields, "source_signature": own, "destination_signature": res["signature"]}
 
 
 def _reason(e: BaseException, mig: OutgoingMigration) -> str:

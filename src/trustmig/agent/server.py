@@ -25,6 +25,7 @@ from trustmig import __version__
 from trustmig.agent import migrate_in
 from trustmig.agent.client import ControlClient, ControlError
 from trustmig.agent.datapath import DataListener
+from trustmig.agent.governance import Governance, load_or_create_ed25519
 from trustmig.agent.migrate_in import IncomingMigration
 from trustmig.agent.migrate_out import MigrationFailed, OutgoingMigration, migrate_out
 from trustmig.agent.protocol import FrameDecoder, ProtocolError, encode
@@ -41,15 +42,29 @@ from trustmig.pki.errors import PkiError
 from trustmig.pki.identity import PeerIdentity
 from trustmig.pki.tls import client_context, peer_identity, server_context
 from trustmig.pki.trust import TrustBundle
+from trustmig.policy import PolicyError
+from trustmig.guard import Admission, AdmissionLimits, Guard, GuardError, GuardRules
+from trustmig.guard.aio import guarded_serve, stop_guarded
 
 log = logging.getLogger("trustmig.agent")
 
 Handler = Callable[["Request"], Awaitable[dict[str, Any]]]
-HOST_OPS = {"incoming.prepare", "incoming.commit", "incoming.abort", "incoming.status", "ping"}
+HOST_OPS = {"incoming.prepare", "incoming.commit", "incoming.abort", "incoming.status",
+            "incoming.receipt", "ping"}
 USER_OPS = {
     "ping", "host.status", "vm.start", "vm.list", "vm.stop", "vm.check", "vm.heartbeats",
-    "vm.resume", "migrate", "migration.list",
+    "vm.resume", "migrate", "migration.list", "policy.set", "policy.show", "audit.show",
+    "audit.export", "audit.verify", "guard.show",
 }  # fmt: skip
+ROLE_GATES = {
+    "audit.show": ("auditor", "security-admin"),
+    "audit.export": ("auditor", "security-admin"),
+    "audit.verify": ("auditor", "security-admin"),
+    "vm.start": ("owner", "operator", "security-admin"),
+    "vm.stop": ("owner", "operator", "security-admin"),
+    "vm.resume": ("owner", "operator", "security-admin"),
+    "policy.set": ("owner", "security-admin"),
+}
 
 
 class RequestError(Exception):
@@ -105,6 +120,42 @@ class Connection:
                 self.closed.set()
 
 
+class LockedGuard(Guard):
+    """The guard is shared by the event loop (control) and the data listener's threads."""
+
+    def __init__(self, rules: GuardRules) -> None:
+        super().__init__(rules)
+        self._lock = threading.RLock()
+
+    def on_connect(self, *a: Any, **k: Any) -> Any:
+        with self._lock:
+            return super().on_connect(*a, **k)
+
+    def on_handshake_progress(self, *a: Any, **k: Any) -> Any:
+        with self._lock:
+            return super().on_handshake_progress(*a, **k)
+
+    def on_authenticated(self, *a: Any, **k: Any) -> Any:
+        with self._lock:
+            return super().on_authenticated(*a, **k)
+
+    def on_bytes(self, *a: Any, **k: Any) -> Any:
+        with self._lock:
+            return super().on_bytes(*a, **k)
+
+    def on_close(self, *a: Any, **k: Any) -> Any:
+        with self._lock:
+            return super().on_close(*a, **k)
+
+    def sweep(self) -> Any:
+        with self._lock:
+            return super().sweep()
+
+    def snapshot(self) -> Any:
+        with self._lock:
+            return super().snapshot()
+
+
 class Agent:
     def __init__(self, cfg: HostConfig) -> None:
         self.cfg = cfg
@@ -124,6 +175,13 @@ class Agent:
         self.channel_identity = LocalIdentity(
             name=cfg.name, cert_der=self.creds.cert_der(), private_key=self.creds.load_key()
         )
+        self.gov = Governance(
+            cfg, self.bundle, load_or_create_ed25519(self.state_dir / "keys" / "audit.key")
+        )
+        guard_cfg = {"idle_timeout_s": 3600.0, "stall_timeout_s": 3600.0, **cfg.guard}
+        self.guard = LockedGuard(GuardRules(**guard_cfg))
+        self.admission = Admission(AdmissionLimits(**cfg.admission))
+        self.admission_wait_s = float(cfg.admission.get("queue_timeout_s", 300))
         self.accel = choose_accel(cfg.qemu.accel)
         if self.accel.warning:
             log.warning("%s", self.accel.warning)
@@ -154,25 +212,61 @@ class Agent:
             "incoming.commit": self.op_incoming_commit,
             "incoming.abort": self.op_incoming_abort,
             "incoming.status": self.op_incoming_status,
+            "incoming.receipt": self.op_incoming_receipt,
+            "policy.set": self.op_policy_set,
+            "policy.show": self.op_policy_show,
+            "audit.show": self.op_audit_show,
+            "audit.export": self.op_audit_export,
+            "audit.verify": self.op_audit_verify,
+            "guard.show": self.op_guard_show,
         }
 
     # ------------------------------------------------------------------ hooks for other parts
     def audit_event(self, kind: str, **fields: Any) -> None:
-        """Record an audit event (the audit trail attaches here)."""
+        """Record an audit event in the host's signed, hash-chained trail."""
         log.info("audit %s %s", kind, json.dumps(fields, default=str))
+        self.gov.event(kind, **fields)
 
     def guard_connect(self, listener: str, ip: str, port: int) -> int | None:
-        """Admission of a raw connection before any crypto; returns a tracking id or None."""
-        return 0
+        """Screen a raw connection before any crypto; returns a tracking id or None."""
+        verdict, cid = self.guard.on_connect(listener, ip, port)
+        if not verdict.accept:
+            log.info("guard refused %s:%s on %s: %s", ip, port, listener, verdict.reason)
+        return cid if verdict.accept else None
 
     def guard_progress(self, conn_id: int, step: str) -> None:
-        pass
+        with contextlib.suppress(GuardError):
+            self.guard.on_handshake_progress(conn_id, step)
 
     def guard_authenticated(self, conn_id: int, identity: str) -> None:
-        pass
+        with contextlib.suppress(GuardError):
+            v = self.guard.on_authenticated(conn_id, identity)
+            if not v.accept:
+                raise RequestError(v.reason)
 
     def guard_close(self, conn_id: int) -> None:
-        pass
+        with contextlib.suppress(GuardError):
+            self.guard.on_close(conn_id)
+
+    async def admit(self, direction: str, *, tenant: str, vm: str, migration_id: str) -> None:
+        """Admission control: caps per host, per tenant, per VM and hour; fair queue."""
+        res = self.admission.request(direction, tenant=tenant, vm=vm,  # type: ignore[arg-type]
+                                     migration_id=migration_id)
+        if res.status == "refused":
+            self.audit_event("admission", vm=vm, migration_id=migration_id, outcome="refused",
+                             data={"direction": direction, "reason": res.reason})
+            raise RequestError(f"migration refused because {res.reason}")
+        if res.status == "queued":
+            self.audit_event("admission", vm=vm, migration_id=migration_id, outcome="queued",
+                             data={"direction": direction, "reason": res.reason})
+            assert res.ticket is not None
+            res = await self.admission.wait(res.ticket, self.admission_wait_s)
+            if res.status != "admitted":
+                raise RequestError(f"migration refused because {res.reason}")
+
+    def release(self, migration_id: str) -> None:
+        with contextlib.suppress(Exception):
+            self.admission.release(migration_id)
 
     def note_refused_data_connection(self, peer: tuple[str, int], reason: str) -> None:
         self.refused_data.append({"peer": f"{peer[0]}:{peer[1]}", "reason": reason,
@@ -236,7 +330,10 @@ class Agent:
         self.loop = asyncio.get_running_loop()
         host, port = parse_hostport(self.cfg.control.listen)
         ctx = server_context(self.creds, self.bundle)
-        self._server = await asyncio.start_server(self._serve, host, port, ssl=ctx, backlog=128)
+        self._server = await guarded_serve(
+            self.guard, "control", host, port, self._serve_guarded, ssl_ctx=ctx,
+            handshake_timeout=self.guard.rules.handshake_deadline_s,
+        )
         sock = self._server.sockets[0].getsockname()
         self.control_address = f"{sock[0]}:{sock[1]}"
         dhost, dport = parse_hostport(self.cfg.data.listen)
@@ -267,7 +364,7 @@ class Agent:
     async def shutdown(self) -> None:
         log.info("agent %s stopping", self.cfg.name)
         if self._server:
-            self._server.close()
+            await stop_guarded(self._server)
         if self.data:
             self.data.close()
         for inc in list(self.incoming.values()):
@@ -276,12 +373,23 @@ class Agent:
         for m in list(self.vms.values()):
             await m.qemu.stop()
         self.audit_event("agent.stop")
+        self.gov.close()
 
     def request_stop(self) -> None:
         self._stop.set()
 
     # ------------------------------------------------------------------ control API
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_guarded(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn_id: int
+    ) -> None:
+        try:
+            await self._serve(reader, writer, conn_id)
+        finally:
+            self.guard_close(conn_id)
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn_id: int = -1
+    ) -> None:
         sslobj = writer.get_extra_info("ssl_object")
         try:
             self.bundle.refresh()
@@ -291,6 +399,8 @@ class Agent:
             self.audit_event("control.refused", data={"reason": str(e)})
             writer.close()
             return
+        if conn_id >= 0:
+            self.guard_authenticated(conn_id, peer.name)
         conn = Connection(writer, peer)
         dec = FrameDecoder()
         tasks: set[asyncio.Task[None]] = set()
@@ -321,9 +431,18 @@ class Agent:
                 raise RequestError(f"unknown operation {op!r}")
             if op not in allowed:
                 raise RequestError(f"{op} is not allowed for a {conn.peer.kind} certificate")
+            gate = ROLE_GATES.get(op)
+            if gate and conn.peer.kind == "user" and not set(gate) & set(conn.peer.roles):
+                self.audit_event("access.denied", user=conn.peer.name, outcome="denied",
+                                 data={"op": op, "roles": list(conn.peer.roles)})
+                raise RequestError(
+                    f"{op} denied: {conn.peer.name} has roles [{', '.join(conn.peer.roles)}], "
+                    f"needs one of [{', '.join(gate)}]"
+                )
             result = await self.handlers[op](Request(self, conn, rid, op, params))
             await conn.send({"id": rid, "ok": True, "result": result})
-        except (RequestError, MigrationFailed, ControlError, ValueError, PkiError) as e:
+        except (RequestError, MigrationFailed, ControlError, ValueError, PkiError,
+                PolicyError) as e:
             await conn.send({"id": rid, "ok": False, "error": str(e).splitlines()[0]})
         except Exception as e:  # noqa: BLE001 - report, never crash the agent
             log.exception("%s failed", op)
@@ -365,6 +484,9 @@ class Agent:
             raise RequestError(f"a VM named {spec.name} already exists on {self.cfg.name}")
         if spec.owner is None:
             spec = spec.model_copy(update={"owner": req.peer.name})
+        if req.params.get("policy"):
+            pol = self.gov.set_vm_policy(spec.name, str(req.params["policy"]))
+            spec = spec.model_copy(update={"tenant": pol.tenant, "owner": pol.owner})
         image = await self.get_image()
         spec = spec.model_copy(update={"image_key": image.key})
         qemu = QemuVM(spec, image, self.run_dir / f"vm-{spec.name}", self.accel,
@@ -426,7 +548,7 @@ class Agent:
                 "fingerprint": req.peer.fingerprint}
         self.audit_event("migrate.request", vm=name, user=req.peer.name,
                          data={"destination": dest, "options": opts.model_dump(mode="json")})
-        return await migrate_out(self, m, dest, opts, user, req.emit)
+        return await migrate_out(self, m, dest, opts, user, req.emit, principal=req.peer)
 
     async def op_migration_list(self, req: Request) -> dict[str, Any]:
         return {"outgoing": [
@@ -434,6 +556,40 @@ class Agent:
              "phase": m.phase, "user": m.user,
              "error": m.failure.line() if m.failure else None}
             for m in self.outgoing.values()]}
+
+    async def op_policy_set(self, req: Request) -> dict[str, Any]:
+        vm = req.param("vm")
+        pol = self.gov.set_vm_policy(vm, req.param("policy"))
+        self.audit_event("policy.set", vm=vm, user=req.peer.name, outcome="set",
+                         data={"signed_by": pol.signed_by})
+        return {"vm": vm, "signed_by": pol.signed_by, "policy": pol.model_dump(mode="json")}
+
+    async def op_policy_show(self, req: Request) -> dict[str, Any]:
+        vm = req.param("vm")
+        sj = self.gov.vm_policy_json(vm)
+        if sj is None:
+            return {"vm": vm, "policy": None, "note": "no policy: every migration is denied"}
+        _, pol = self.gov.verify_policy(sj)
+        return {"vm": vm, "signed_by": pol.signed_by, "policy": pol.model_dump(mode="json")}
+
+    async def op_guard_show(self, req: Request) -> dict[str, Any]:
+        return {"host": self.cfg.name, "guard": self.guard.snapshot(),
+                "admission": self.admission.snapshot()}
+
+    async def op_audit_show(self, req: Request) -> dict[str, Any]:
+        evs = self.gov.audit.events(vm=req.params.get("vm"),
+                                    migration_id=req.params.get("migration_id"),
+                                    limit=int(req.params.get("limit", 200)))
+        return {"host": self.cfg.name, "events": [e.to_json() for e in evs]}
+
+    async def op_audit_export(self, req: Request) -> dict[str, Any]:
+        evs = self.gov.audit.events()
+        return {"host": self.cfg.name, "events": [e.to_json() for e in evs]}
+
+    async def op_audit_verify(self, req: Request) -> dict[str, Any]:
+        self.gov.audit.flush()
+        rep = self.gov.audit.verify(self.gov.audit_key.public_key())
+        return {"host": self.cfg.name, **rep.__dict__}
 
     # ------------------------------------------------------------------ host operations
     async def op_incoming_prepare(self, req: Request) -> dict[str, Any]:
@@ -464,6 +620,16 @@ class Agent:
         inc = self._incoming(req)
         await migrate_in.abort(self, inc, str(req.params.get("reason") or "source aborted"))
         return {"state": inc.state, "error": inc.error}
+
+    async def op_incoming_receipt(self, req: Request) -> dict[str, Any]:
+        inc = self._incoming(req)
+        fields = dict(req.param("fields", dict))
+        if fields.get("migration_id") != inc.migration_id or fields.get("destination") != self.cfg.name:
+            raise RequestError("receipt does not describe this migration")
+        own = self.gov.sign_receipt(fields)
+        self.gov.check_and_store_receipt(fields, own, inc.source, req.param("signature"),
+                                         inc.peer_audit_pub)
+        return {"signature": own}
 
     async def op_incoming_status(self, req: Request) -> dict[str, Any]:
         inc = self._incoming(req)

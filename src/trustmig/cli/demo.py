@@ -55,7 +55,8 @@ async def _migrate_and_measure(
         }
         say(f"booting demo-vm on {SOURCE} ({memory} MiB, workload {workload_mib} MiB "
             f"dirtied at {dirty_rate:g} MiB/s)")
-        await src.call("vm.start", {"spec": spec}, timeout=300)
+        policy = cluster.signed_policy(USER, "demo-vm")
+        await src.call("vm.start", {"spec": spec, "policy": policy}, timeout=300)
         await asyncio.sleep(1.0)
         before = await src.call("vm.check", {"name": "demo-vm"}, timeout=120)
         t_mig = time.time()
@@ -71,7 +72,7 @@ async def _migrate_and_measure(
         if res is not None:
             for k in ("mode", "total_ms", "downtime_ms", "bytes_transferred", "throughput_mbps",
                       "migration_id", "attestation", "handshake_ms", "time_to_first_byte_ms",
-                      "streams", "channel", "cpu_s_source"):
+                      "streams", "channel", "cpu_s_source", "decisions", "receipt_id"):
                 result[k] = res.get(k)
             result["status"] = "completed"
             await asyncio.sleep(1.0)  # let the destination guest run and print heartbeats
@@ -137,6 +138,7 @@ def run_demo(
         cluster.setup(
             labels={SOURCE: {"country": "DE", "zone": "eu-1", "security_level": 3},
                     DEST: {"country": "FR", "zone": "eu-2", "security_level": 3}},
+            accept_tenants={SOURCE: ["acme"], DEST: ["acme"]},
             data_listen=dl, data_advertise=da,
         )
         cluster.add_user(USER, ["owner", "operator"], tenant="acme")

@@ -34,6 +34,11 @@ app.add_typer(ca_app, name="ca")
 app.add_typer(host_app, name="host")
 app.add_typer(user_app, name="user")
 app.add_typer(vm_app, name="vm")
+from trustmig.cli.governance_cmds import audit_app, guard_app, policy_app  # noqa: E402
+
+app.add_typer(policy_app, name="policy")
+app.add_typer(audit_app, name="audit")
+app.add_typer(guard_app, name="guard")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 AgentOpt = Annotated[str | None, typer.Option("--agent", help="Agent control address HOST:PORT "

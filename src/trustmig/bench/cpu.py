@@ -1,0 +1,46 @@
+"""CPU seconds consumed by one side of a migration (every process on that side).
+
+A channel that encrypts in a separate process (the agent) would look free if only QEMU were
+counted, so each side sums all its processes: QEMU alone for QEMU's own channels, QEMU plus the
+agent for trustmig's secure channel. Counters come from /proc and include every thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trustmig.hypervisor.qemu import process_cpu_seconds
+
+
+@dataclass
+class CpuMeter:
+    """Difference of user+system CPU seconds between ``start`` and ``stop`` for a set of PIDs.
+
+    A process may join late (``add``): its baseline is taken when it joins, which is how the
+    destination QEMU of the secure path is counted, since the agent starts it mid-request.
+    """
+
+    baseline: dict[int, float] = field(default_factory=dict)
+    final: dict[int, float] = field(default_factory=dict)
+    #: CPU seconds known from elsewhere (e.g. reported by an agent for a process now gone).
+    extra: float = 0.0
+
+    def add(self, pid: int | None) -> None:
+        if pid and pid not in self.baseline:
+            self.baseline[pid] = process_cpu_seconds(pid)
+
+    def start(self, *pids: int | None) -> CpuMeter:
+        for p in pids:
+            self.add(p)
+        return self
+
+    def stop(self) -> float:
+        """Freeze the readings; returns the CPU seconds consumed since each PID's baseline."""
+        for pid in self.baseline:
+            self.final[pid] = process_cpu_seconds(pid)
+        return self.seconds
+
+    @property
+    def seconds(self) -> float:
+        used = sum(max(0.0, self.final.get(p, b) - b) for p, b in self.baseline.items())
+        return round(used + self.extra, 3)

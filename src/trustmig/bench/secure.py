@@ -1,0 +1,149 @@
+"""trustmig's own path: the guest migrates between two real agent processes.
+
+The migration is requested exactly as an operator would (``migrate`` on the source agent, as a
+user with the owner and operator roles), so the figures include everything the product does:
+policy, preparing the destination, the attested handshake, the encrypted relay and the commit.
+CPU is counted for QEMU *and* the agent on each side, because the agent is where encryption runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from trustmig.agent.client import ControlClient, ControlError
+from trustmig.agent.local_cluster import LocalCluster
+from trustmig.bench.cpu import CpuMeter
+from trustmig.bench.errors import BenchError
+from trustmig.bench.record import finish_record, integrity_record, new_record
+from trustmig.hypervisor.migration import MigrationOptions, MigrationProgress
+from trustmig.hypervisor.spec import VMSpec
+
+SOURCE, DEST = "host-a", "host-b"
+USER = "bench"
+USER_ROLES = ["owner", "operator"]
+TENANT = "bench"
+BOOT_TIMEOUT_S = 300.0
+CHECK_TIMEOUT_S = 180.0
+
+
+def _progress_of(res: dict[str, Any]) -> MigrationProgress:
+    """The agent's result, seen as QEMU's final ``query-migrate`` (which it was built from)."""
+    return MigrationProgress(
+        status=str(res.get("status", "completed")),
+        transferred=int(res.get("bytes_transferred") or 0),
+        remaining=0,
+        total=int(res.get("ram_total") or 0),
+        dirty_rate_pps=0,
+        rounds=int(res.get("rounds") or 0),
+        expected_downtime_ms=None,
+        mbps=0.0,
+        total_ms=res.get("total_ms"),
+        downtime_ms=res.get("downtime_ms"),
+        setup_ms=res.get("setup_ms"),
+        postcopy_requests=int(res.get("postcopy_requests") or 0),
+        error=None,
+    )
+
+
+async def _incoming_qemu_pid(dst: ControlClient) -> int | None:
+    st = await dst.call("host.status", timeout=10)
+    pids = [i["pid"] for i in st.get("incoming", []) if i.get("pid")]
+    return int(pids[-1]) if pids else None
+
+
+async def _stop_everywhere(clients: tuple[ControlClient, ...], name: str) -> None:
+    for c in clients:
+        with contextlib.suppress(ControlError, OSError, TimeoutError):
+            await c.call("vm.stop", {"name": name}, timeout=30)
+
+
+async def run_secure(cluster: LocalCluster, spec: VMSpec, opts: MigrationOptions) -> dict[str, Any]:
+    """One migration through the agents of ``cluster``; returns the run's record.
+
+    The guest is stopped on both hosts afterwards whatever happened.
+    """
+    rec = new_record("secure", spec, opts.mode)
+    src_agent, dst_agent = cluster.hosts[SOURCE].pid, cluster.hosts[DEST].pid
+    src = await cluster.client(SOURCE, USER)
+    dst = await cluster.client(DEST, USER)
+    name = spec.name
+    try:
+        info = await src.call(
+            "vm.start",
+            {"spec": spec.model_dump(mode="json", exclude={"image_key", "owner"}),
+             "boot_timeout": BOOT_TIMEOUT_S},
+            timeout=BOOT_TIMEOUT_S + 60,
+        )  # fmt: skip
+        before = await src.call("vm.check", {"name": name}, timeout=CHECK_TIMEOUT_S)
+        cpu_src = CpuMeter().start(info.get("pid"), src_agent)
+        cpu_dst = CpuMeter().start(dst_agent)
+        dst_pid_task: asyncio.Task[int | None] | None = None
+
+        frozen = False
+
+        def on_event(ev: dict[str, Any]) -> None:
+            # The destination QEMU exists once the handshake starts (prepare has returned):
+            # take its CPU baseline then, before it receives a byte. At "commit" QEMU has
+            # completed on both sides: read the counters then, before the source QEMU exits
+            # (a reaped process has no counters left to read).
+            nonlocal dst_pid_task, frozen
+            if ev.get("phase") == "handshake" and dst_pid_task is None:
+                dst_pid_task = asyncio.ensure_future(_incoming_qemu_pid(dst))
+                dst_pid_task.add_done_callback(
+                    lambda t: (
+                        cpu_dst.add(t.result())
+                        if not t.cancelled() and t.exception() is None
+                        else None
+                    )
+                )
+            elif ev.get("phase") == "commit" and not frozen:
+                frozen = True
+                cpu_src.stop()
+                cpu_dst.stop()
+
+        t0 = time.monotonic()
+        try:
+            res = await src.call(
+                "migrate",
+                {"vm": name, "to": DEST, "options": opts.model_dump(mode="json")},
+                on_event=on_event,
+                timeout=opts.timeout_s + 120,
+            )
+        except ControlError as e:
+            raise BenchError(f"secure migration failed: {e}") from None
+        wall_ms = (time.monotonic() - t0) * 1000
+        if dst_pid_task is not None:
+            with contextlib.suppress(Exception):
+                await dst_pid_task
+        if not frozen:
+            # no commit event seen: the source QEMU is gone, use the agent's own reading of it
+            if res.get("destination_pid") and res["destination_pid"] not in cpu_dst.baseline:
+                cpu_dst.baseline[int(res["destination_pid"])] = 0.0
+            cpu_src.stop()
+            cpu_dst.stop()
+            cpu_src.extra += float(res.get("cpu_s_source") or 0.0)
+            rec["cpu_note"] = "source QEMU CPU as reported by the agent"
+        after = await dst.call("vm.check", {"name": name}, timeout=CHECK_TIMEOUT_S)
+        rec.update(integrity_record(before, after, spec.workload.dirty_rate))
+        finish_record(
+            rec,
+            _progress_of(res),
+            wall_ms=wall_ms,
+            cpu_s_source=cpu_src.seconds,
+            cpu_s_destination=cpu_dst.seconds,
+            mode_used=str(res.get("mode") or opts.mode),
+        )
+        rec["handshake_ms"] = res.get("handshake_ms")
+        rec["time_to_first_byte_ms"] = res.get("time_to_first_byte_ms")
+        rec["attestation"] = res.get("attestation")
+    except Exception as e:  # a failed run is a result, reported per run
+        rec["status"] = "failed"
+        rec["error"] = (str(e).splitlines() or [type(e).__name__])[0]
+    finally:
+        await _stop_everywhere((dst, src), name)
+        await src.close()
+        await dst.close()
+    return rec

@@ -1,0 +1,110 @@
+"""Reduce individual runs to medians per channel and throughput ratios between channels.
+
+Medians rather than means: on a shared two-core host a single run can be slowed by a neighbour
+several-fold, and the median of a few interleaved runs is the figure that survives such noise.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from trustmig.bench.config import rate_key
+
+#: Figures summarised per channel; a run that lacks one (e.g. handshake_ms outside ``secure``)
+#: simply does not contribute to it.
+METRICS: tuple[str, ...] = (
+    "throughput_mbps",
+    "total_ms",
+    "downtime_ms",
+    "wall_ms",
+    "bytes_transferred",
+    "cpu_s_source",
+    "cpu_s_destination",
+    "cpu_s_per_gib_source",
+    "cpu_s_per_gib_destination",
+    "handshake_ms",
+    "time_to_first_byte_ms",
+    "rounds",
+)
+GIB = 1024**3
+
+
+def per_gib(cpu_s: float, transferred_bytes: int) -> float | None:
+    """CPU seconds per GiB moved; ``None`` when nothing was moved (no meaningful rate)."""
+    if transferred_bytes <= 0:
+        return None
+    return round(cpu_s / (transferred_bytes / GIB), 3)
+
+
+def throughput_mbps(transferred_bytes: int, total_ms: float | None) -> float | None:
+    """MB/s (10^6 bytes) of guest RAM moved over QEMU's total migration time."""
+    if not total_ms or total_ms <= 0:
+        return None
+    return round(transferred_bytes / 1e6 / (total_ms / 1000), 1)
+
+
+def _median(values: Iterable[Any]) -> float | None:
+    vals = [float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    if not vals:
+        return None
+    return round(statistics.median(vals), 3)
+
+
+def summarize_channel(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of the completed runs of one channel, plus how many runs there were."""
+    ok = [r for r in runs if r.get("status") == "completed"]
+    out: dict[str, Any] = {
+        "runs": len(runs),
+        "completed": len(ok),
+        "integrity_ok": all(r.get("integrity_ok") is True for r in runs) and bool(runs),
+    }
+    for m in METRICS:
+        med = _median(r.get(m) for r in ok)
+        if med is not None:
+            out[m] = med
+    return out
+
+
+def summarize(
+    runs: Sequence[dict[str, Any]],
+    channels: Sequence[str],
+    dirty_rates: Sequence[float],
+    modes: Sequence[str] = ("precopy",),
+) -> dict[str, Any]:
+    """The report's ``results``, ``by_dirty_rate``, ``ratios`` and ``ratios_by_dirty_rate``.
+
+    ``results`` is the first dirty rate. Pre-copy figures sit at the channel level; post-copy
+    ones, when measured, under the channel's ``"postcopy"`` key.
+    """
+    by_rate: dict[str, dict[str, Any]] = {}
+    for rate in dirty_rates:
+        key = rate_key(rate)
+        chans: dict[str, Any] = {}
+        for ch in channels:
+            mine = [r for r in runs if r["channel"] == ch and rate_key(r["dirty_rate"]) == key]
+            entry = summarize_channel([r for r in mine if r["mode"] == "precopy"])
+            for mode in modes:
+                if mode != "precopy":
+                    entry[mode] = summarize_channel([r for r in mine if r["mode"] == mode])
+            chans[ch] = entry
+        by_rate[key] = chans
+    first = by_rate[rate_key(dirty_rates[0])] if dirty_rates else {}
+    return {
+        "results": first,
+        "by_dirty_rate": by_rate,
+        "ratios": ratios(first),
+        "ratios_by_dirty_rate": {k: ratios(v) for k, v in by_rate.items()},
+    }
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float]:
+    """Throughput ratios secure/plain and secure/qemu-tls, for the channels that were measured."""
+    out: dict[str, float] = {}
+    sec = (results.get("secure") or {}).get("throughput_mbps")
+    for other in ("plain", "qemu-tls"):
+        base = (results.get(other) or {}).get("throughput_mbps")
+        if sec and base:
+            out[f"secure/{other}"] = round(float(sec) / float(base), 3)
+    return out
