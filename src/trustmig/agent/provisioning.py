@@ -91,7 +91,9 @@ def host_launch_items(cfg: HostConfig, config_path: Path) -> list[tuple[str, byt
     """Exactly what the agent of ``cfg`` extends into its PCRs at start, in order."""
     config_path = Path(config_path).resolve()
     if not config_path.is_file():
-        raise ProvisioningError(f"agent config {config_path} does not exist; pass the host.toml path")
+        raise ProvisioningError(
+            f"agent config {config_path} does not exist; pass the host.toml path"
+        )
     items = launch_items(
         resolve_qemu_binary(cfg.qemu.binary), config_path, None, trustmig_package_dir()
     )

@@ -98,7 +98,7 @@ def migration_options(cfg: BenchConfig, mode: str) -> MigrationOptions:
 
 def _prepare_cluster(root: Path, with_agents: bool) -> LocalCluster:
     cluster = LocalCluster(root / "cluster", (SOURCE, DEST))
-    cluster.setup()
+    cluster.setup(accept_tenants={SOURCE: [TENANT], DEST: [TENANT]})
     cluster.add_user(USER, USER_ROLES, tenant=TENANT)
     if with_agents:
         cluster.start_agents()

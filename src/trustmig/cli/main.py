@@ -355,6 +355,56 @@ def demo(
             raise typer.Exit(1)
 
 
+# ---------------------------------------------------------------------------------- bench
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of live migration.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("migrate")
+def bench_migrate(
+    channel: Annotated[str, typer.Option(help="Comma-separated channels: plain, secure, "
+                                         "qemu-tls.")] = "plain,secure,qemu-tls",
+    memory: Annotated[int, typer.Option(help="Guest RAM, MiB.")] = 1024,
+    fill: Annotated[int | None, typer.Option(help="MiB the workload fills (default: memory "
+                                             "- 160).")] = None,
+    dirty_rate: Annotated[str, typer.Option(help="Comma-separated workload dirtying rates, "
+                                            "MiB/s.")] = "0",
+    repeat: Annotated[int, typer.Option(help="Runs per channel and dirty rate.")] = 3,
+    postcopy: Annotated[bool, typer.Option(help="Also measure post-copy migrations.")] = False,
+    prealloc: Annotated[bool, typer.Option(help="-mem-prealloc on every destination.")] = True,
+    output: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Migrate the same guest over each channel, interleaved; report medians and ratios."""
+    from trustmig.bench import BenchConfig, BenchError, parse_channels, parse_dirty_rates
+    from trustmig.bench.display import BenchProgress, results_table
+
+    with _errors(as_json):
+        try:
+            cfg = BenchConfig(
+                channels=parse_channels(channel), memory_mib=memory, fill_mib=fill,
+                dirty_rates=parse_dirty_rates(dirty_rate), repeat=repeat, postcopy=postcopy,
+                prealloc_destination=prealloc,
+            )
+            from trustmig.bench import run_migrate_bench
+
+            say = (lambda s: None) if as_json else (lambda s: console.print(f"[cyan]»[/] {s}"))
+            with BenchProgress(not as_json, console) as bar:
+                report = run_migrate_bench(cfg, on_progress=bar.update, on_run=bar.run_done,
+                                           say=say)
+        except BenchError as e:
+            raise CliError(str(e)) from None
+        if output is not None:
+            output.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        if as_json:
+            print(json.dumps(report, default=str))
+        else:
+            out.print(results_table(report))
+            if output is not None:
+                console.print(f"report written to {output}")
+        if any(r["status"] != "completed" for r in report["runs"]):
+            raise typer.Exit(1)
+
 def main() -> None:  # pragma: no cover
     app()
 

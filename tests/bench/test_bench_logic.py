@@ -1,0 +1,128 @@
+"""Pure logic of the migration benchmark: option parsing, run order, medians and ratios."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from trustmig.bench import (
+    BenchConfig,
+    BenchConfigError,
+    parse_channels,
+    parse_dirty_rates,
+    plan_runs,
+)
+from trustmig.bench.cpu import CpuMeter
+from trustmig.bench.record import integrity_record
+from trustmig.bench.stats import per_gib, summarize, throughput_mbps
+
+
+def test_parse_channels_keeps_order_and_refuses_unknown() -> None:
+    assert parse_channels("secure, plain") == ("secure", "plain")
+    with pytest.raises(BenchConfigError, match="unknown channel 'ssh'"):
+        parse_channels("plain,ssh")
+    with pytest.raises(BenchConfigError, match="given twice"):
+        parse_channels("plain,plain")
+    with pytest.raises(BenchConfigError, match="empty"):
+        parse_channels(" , ")
+
+
+def test_parse_dirty_rates() -> None:
+    assert parse_dirty_rates("0,64") == (0.0, 64.0)
+    with pytest.raises(BenchConfigError, match="'fast' is not a number"):
+        parse_dirty_rates("0,fast")
+    with pytest.raises(BenchConfigError, match="out of range"):
+        parse_dirty_rates("-1")
+
+
+def test_config_defaults_and_limits() -> None:
+    cfg = BenchConfig()
+    assert cfg.memory_mib == 1024 and cfg.fill == 1024 - 160 and cfg.repeat == 3
+    assert cfg.prealloc_destination is True
+    assert cfg.to_json()["fill_mib"] == 864
+    with pytest.raises(BenchConfigError, match="does not fit a 256 MiB guest"):
+        BenchConfig(memory_mib=256, fill_mib=250)
+    with pytest.raises(BenchConfigError, match="--repeat 0"):
+        BenchConfig(repeat=0)
+
+
+def test_runs_interleave_channels_within_each_repetition() -> None:
+    cfg = BenchConfig(dirty_rates=(0.0, 64.0), repeat=2, postcopy=True)
+    plans = plan_runs(cfg)
+    assert len(plans) == 3 * 2 * 2 * 2
+    assert [p.channel for p in plans[:6]] == ["plain", "secure", "qemu-tls"] * 2
+    assert [p.mode for p in plans[:6]] == ["precopy"] * 3 + ["postcopy"] * 3
+    assert {p.rep for p in plans[:12]} == {0} and {p.rep for p in plans[12:]} == {1}
+    assert [p.index for p in plans] == list(range(len(plans)))
+
+
+def _run(
+    ch: str, rate: float, mbps: float, mode: str = "precopy", ok: bool = True
+) -> dict[str, Any]:
+    return {
+        "channel": ch,
+        "dirty_rate": rate,
+        "mode": mode,
+        "status": "completed" if ok else "failed",
+        "throughput_mbps": mbps if ok else None,
+        "cpu_s_per_gib_source": 1.0,
+        "integrity_ok": ok,
+    }
+
+
+def test_summary_medians_ratios_and_failed_runs() -> None:
+    runs = [
+        _run("plain", 0, 1000), _run("plain", 0, 3000), _run("plain", 0, 2000),
+        _run("secure", 0, 500), _run("secure", 0, 700), _run("secure", 0, 100, ok=False),
+        _run("qemu-tls", 0, 250),
+        _run("plain", 64, 800), _run("secure", 64, 400), _run("qemu-tls", 64, 200),
+    ]  # fmt: skip
+    s = summarize(runs, ("plain", "secure", "qemu-tls"), (0.0, 64.0))
+    assert s["results"] is s["by_dirty_rate"]["0"]
+    assert s["results"]["plain"]["throughput_mbps"] == 2000
+    assert s["results"]["secure"]["throughput_mbps"] == 600  # the failed run does not count
+    assert s["results"]["secure"]["completed"] == 2 and s["results"]["secure"]["runs"] == 3
+    assert s["results"]["secure"]["integrity_ok"] is False
+    assert s["ratios"] == {"secure/plain": 0.3, "secure/qemu-tls": 2.4}
+    assert s["ratios_by_dirty_rate"]["64"] == {"secure/plain": 0.5, "secure/qemu-tls": 2.0}
+
+
+def test_summary_postcopy_nested_under_channel() -> None:
+    runs = [_run("plain", 0, 1000), _run("plain", 0, 300, mode="postcopy")]
+    s = summarize(runs, ("plain",), (0.0,), ("precopy", "postcopy"))
+    assert s["results"]["plain"]["throughput_mbps"] == 1000
+    assert s["results"]["plain"]["postcopy"]["throughput_mbps"] == 300
+    assert s["ratios"] == {}
+
+
+def test_derived_figures() -> None:
+    assert throughput_mbps(2_000_000_000, 1000) == 2000.0
+    assert throughput_mbps(10, 0) is None
+    assert per_gib(3.0, 2 * 1024**3) == 1.5
+    assert per_gib(1.0, 0) is None
+
+
+def test_integrity_requires_clean_pages_and_same_digest_when_idle() -> None:
+    good = {"pages": 10, "bad_pages": 0, "first_bad": -1, "marker_ok": 4, "marker_total": 4,
+            "digest": "aa"}  # fmt: skip
+    moved = {**good, "digest": "bb"}
+    assert integrity_record(good, good, 0)["integrity_ok"] is True
+    assert integrity_record(good, moved, 0)["integrity_ok"] is False
+    assert integrity_record(good, moved, 64)["integrity_ok"] is True
+    assert integrity_record(good, {**good, "bad_pages": 1}, 64)["integrity_ok"] is False
+
+
+def test_cpu_meter_counts_this_process() -> None:
+    import os
+
+    m = CpuMeter().start(os.getpid())
+    x = 0
+    for i in range(2_000_000):
+        x += i
+    assert x > 0
+    used = m.stop()
+    assert used >= 0.0
+    assert m.final[os.getpid()] >= m.baseline[os.getpid()]
+    gone = CpuMeter(baseline={999_999_999: 0.0})
+    assert gone.stop() == 0.0

@@ -1,0 +1,72 @@
+"""The migration benchmark end to end on a tiny guest: every channel migrates real QEMUs.
+
+Asserts outcomes only (every run completed, the destination guest's memory verified, ratios
+exist), never how fast anything was.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from trustmig.bench import BenchConfig, run_migrate_bench
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU not installed"),
+]
+
+
+def _qemu_children() -> set[int]:
+    import os
+
+    me = str(os.getpid())
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        comm = (stat.parent / "comm").read_text().strip() if (stat.parent / "comm").exists() else ""
+        if fields[1] == me and comm.startswith("qemu"):
+            pids.add(int(stat.parent.name))
+    return pids
+
+
+def test_tiny_benchmark_all_channels(tmp_path: Path, guest_image: object) -> None:
+    cfg = BenchConfig(
+        channels=("plain", "secure", "qemu-tls"),
+        memory_mib=256,
+        fill_mib=64,
+        dirty_rates=(0.0,),
+        repeat=1,
+    )
+    seen: list[tuple[int, int, str]] = []
+    report = run_migrate_bench(
+        cfg, workdir=tmp_path / "bench", on_progress=lambda d, t, lab: seen.append((d, t, lab))
+    )
+    json.dumps(report)  # the report is plain JSON
+
+    assert set(report) >= {"config", "results", "by_dirty_rate", "ratios", "runs"}
+    assert report["config"]["memory_mib"] == 256 and report["config"]["fill_mib"] == 64
+    assert [r["channel"] for r in report["runs"]] == ["plain", "secure", "qemu-tls"]
+    for run in report["runs"]:
+        assert run["status"] == "completed", run
+        assert run["integrity"]["after"]["bad_pages"] == 0, run
+        assert run["integrity_ok"] is True
+        assert run["bytes_transferred"] > 64 * 1024 * 1024
+        assert run["throughput_mbps"] > 0
+        assert run["cpu_s_per_gib_source"] is not None
+    secure = report["runs"][1]
+    assert secure["handshake_ms"] is not None and secure["time_to_first_byte_ms"] is not None
+    for ch in ("plain", "secure", "qemu-tls"):
+        assert report["results"][ch]["completed"] == 1
+        assert report["results"][ch]["throughput_mbps"] > 0
+    assert report["by_dirty_rate"]["0"] == report["results"]
+    assert set(report["ratios"]) == {"secure/plain", "secure/qemu-tls"}
+    assert all(v > 0 for v in report["ratios"].values())
+    assert seen[-1] == (3, 3, "done")
+    assert not _qemu_children(), "a QEMU of the benchmark outlived it"
