@@ -23,12 +23,15 @@ def make_cluster(tmp_path: Path, guest_image: Any) -> Iterator[Callable[..., Loc
     """Build and start a local cluster; agents (and their QEMUs) are stopped by PID afterwards."""
     made: list[LocalCluster] = []
 
-    def _make(hosts: tuple[str, ...] = ("host-a", "host-b"), **setup: Any) -> LocalCluster:
+    def _make(
+        hosts: tuple[str, ...] = ("host-a", "host-b"), defer_start: bool = False, **setup: Any
+    ) -> LocalCluster:
         c = LocalCluster(tmp_path / f"cluster{len(made)}", hosts)
         made.append(c)
         c.setup(**setup)
         c.add_user("alice", ["owner", "operator"], tenant="acme")
-        c.start_agents()
+        if not defer_start:
+            c.start_agents()
         return c
 
     yield _make

@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from tpm2_pytss import TPM2_SU
 
 from trustmig.agent.provisioning import file_lock, host_launch_items, load_refvalues
 from trustmig.attest.enroll import AkRegistry, enroll_host
@@ -154,6 +155,22 @@ def _open_host_tpm(cfg: HostConfig) -> HostTpm:
             "use tpm = 'auto' or 'swtpm' on hosts without a TPM"
         )
     return open_tpm(cfg.state_dir / "tpm", prefer_device=setting != "swtpm")
+
+
+def close_tpm(tpm: HostTpm) -> None:
+    """Close the TPM, first telling a supervised swtpm about the shutdown (TPM2_Shutdown CLEAR).
+
+    Why: stopping swtpm without an orderly shutdown is a power loss to the TPM, and the TPM's
+    dictionary-attack logic counts every such restart as a failed authorization; after three
+    agent restarts the TPM locks out sealing and unsealing. A hardware TPM is shut down by the
+    OS at reboot, so the agent never sends it this command.
+    """
+    if tpm.kind == "swtpm":
+        lock, ectx = getattr(tpm, "_lock", None), getattr(tpm, "_ectx", None)
+        if lock is not None and ectx is not None and not getattr(tpm, "_closed", True):
+            with lock, contextlib.suppress(Exception):  # best effort: the process stops anyway
+                ectx.shutdown(TPM2_SU.CLEAR)
+    tpm.close()
 
 
 def _check_ca_key(ca_public_key: object) -> ec.EllipticCurvePublicKey:
@@ -431,7 +448,7 @@ class AgentAttestation:
             )
         except BaseException:
             if tpm is not None:
-                tpm.close()
+                close_tpm(tpm)
             state_lock.release()
             raise
         log.info(
@@ -473,7 +490,7 @@ class AgentAttestation:
             return
         self._closed = True
         try:
-            self.tpm.close()
+            close_tpm(self.tpm)
         finally:
             self._state_lock.release()
 
@@ -642,7 +659,7 @@ class AgentAttestation:
                         _write_atomic(path.with_name(f"{key_name}.sealed"), blob)
                         resealed.append(key_name)
                 finally:
-                    tpm.close()
+                    close_tpm(tpm)
         finally:
             state_lock.release()
         log.info(

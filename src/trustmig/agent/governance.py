@@ -58,6 +58,12 @@ def load_or_create_ed25519(path: Path) -> Ed25519PrivateKey:
     return key
 
 
+def new_ed25519_pem() -> bytes:
+    return Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+
+
 def public_pem(key: Ed25519PublicKey) -> str:
     return key.public_bytes(serialization.Encoding.PEM,
                             serialization.PublicFormat.SubjectPublicKeyInfo).decode()

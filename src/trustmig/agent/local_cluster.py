@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from trustmig.agent.client import ControlClient
+from trustmig.agent.provisioning import cluster_attestation_toml, provision_cluster
 from trustmig.pki.authority import ClusterCA, Credentials
 from trustmig.pki.tls import client_context
 from trustmig.pki.trust import TrustBundle
@@ -67,6 +68,7 @@ class LocalCluster:
         labels: dict[str, dict[str, Any]] | None = None,
         accept_tenants: dict[str, list[str]] | None = None,
         accept_sources: dict[str, list[str]] | None = None,
+        qemu_binary: dict[str, str] | None = None,
         data_listen: dict[str, str] | None = None,
         data_advertise: dict[str, str] | None = None,
         extra_config: dict[str, str] | None = None,
@@ -103,11 +105,15 @@ class LocalCluster:
                 f'name = "{h}"\nstate_dir = "."\n'
                 f'image_cache = "{self.image_cache}"\n'
                 f"{(extra_config or {}).get(h, '')}\n"
+                f"{cluster_attestation_toml(self.root)}\n"
                 f'[control]\nlisten = "{hh.control}"\n\n'
                 f'[data]\nlisten = "{hh.data_listen}"\nadvertise = "{hh.data_advertise}"\n\n'
-                f'[qemu]\naccel = "auto"\n\n'
+                f'[qemu]\naccel = "auto"\n'
+                f'binary = "{(qemu_binary or {}).get(h, "qemu-system-x86_64")}"\n\n'
                 f"[labels]\n{lab_lines}\n\n{peers}"
             )
+
+        provision_cluster(self.ca, self.root, [hh.config_path for hh in self.hosts.values()])
 
     @property
     def image_cache(self) -> Path:

@@ -256,7 +256,9 @@ async def migrate_out(
             "time_to_first_byte_ms": round((first_byte - t_request) * 1000, 2)
             if first_byte
             else None,
-            "attestation": session.peer_evidence_summary,
+            "attestation": session.peer_evidence_summary.split(" ")[0],
+            "attestation_detail": session.peer_evidence_summary,
+            "attestation_pcr_digest": _pcr_digest(session.peer_evidence_summary),
             "cpu_s_source": round(cpu_src, 3),
             "destination_pid": dest_pid,
             "source_heartbeats": src_hbs,
@@ -327,6 +329,13 @@ async def _exchange_receipt(
                           data={"error": str(e)})
         return {"migration_id": mig.migration_id, "error": f"receipt not countersigned: {e}"}
     return {**fields, "source_signature": own, "destination_signature": res["signature"]}
+
+
+def _pcr_digest(summary: str) -> str | None:
+    for part in summary.split():
+        if part.startswith("pcr_digest="):
+            return part.split("=", 1)[1]
+    return None
 
 
 def _reason(e: BaseException, mig: OutgoingMigration) -> str:

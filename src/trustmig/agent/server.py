@@ -25,7 +25,12 @@ from trustmig import __version__
 from trustmig.agent import migrate_in
 from trustmig.agent.client import ControlClient, ControlError
 from trustmig.agent.datapath import DataListener
-from trustmig.agent.governance import Governance, load_or_create_ed25519
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from trustmig.agent.attestation import AgentAttestation
+from trustmig.agent.governance import Governance, load_or_create_ed25519, new_ed25519_pem
 from trustmig.agent.migrate_in import IncomingMigration
 from trustmig.agent.migrate_out import MigrationFailed, OutgoingMigration, migrate_out
 from trustmig.agent.protocol import FrameDecoder, ProtocolError, encode
@@ -157,7 +162,7 @@ class LockedGuard(Guard):
 
 
 class Agent:
-    def __init__(self, cfg: HostConfig) -> None:
+    def __init__(self, cfg: HostConfig, config_path: Path | None = None) -> None:
         self.cfg = cfg
         self.state_dir = cfg.state_dir
         self.run_dir = self.state_dir / "run"
@@ -175,9 +180,24 @@ class Agent:
         self.channel_identity = LocalIdentity(
             name=cfg.name, cert_der=self.creds.cert_der(), private_key=self.creds.load_key()
         )
-        self.gov = Governance(
-            cfg, self.bundle, load_or_create_ed25519(self.state_dir / "keys" / "audit.key")
-        )
+        self.attestation: AgentAttestation | None = None
+        if cfg.attestation.enabled:
+            ca_pub = x509.load_pem_x509_certificate(cfg.pki.ca.read_bytes()).public_key()
+            self.attestation = AgentAttestation.start(
+                cfg, ca_public_key=ca_pub,  # type: ignore[arg-type]
+                config_path=config_path or (cfg.state_dir / "host.toml"),
+            )
+            self.make_evidence = self.attestation.make_evidence
+            self.verify_evidence = self.attestation.verify_evidence
+            # the audit signing key is only usable in the measured software state
+            audit_key = serialization.load_pem_private_key(
+                self.attestation.unseal_or_create("audit-signing", new_ed25519_pem), None
+            )
+            assert isinstance(audit_key, Ed25519PrivateKey)
+        else:
+            log.warning("attestation disabled in the host config: peers cannot verify this host")
+            audit_key = load_or_create_ed25519(self.state_dir / "keys" / "audit.key")
+        self.gov = Governance(cfg, self.bundle, audit_key)
         guard_cfg = {"idle_timeout_s": 3600.0, "stall_timeout_s": 3600.0, **cfg.guard}
         self.guard = LockedGuard(GuardRules(**guard_cfg))
         self.admission = Admission(AdmissionLimits(**cfg.admission))
@@ -374,6 +394,8 @@ class Agent:
             await m.qemu.stop()
         self.audit_event("agent.stop")
         self.gov.close()
+        if self.attestation:
+            self.attestation.close()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -463,6 +485,9 @@ class Agent:
             "data_advertise": self.data_advertise,
             "vms": [await m.describe() for m in self.vms.values()],
             "labels": self.cfg.labels,
+            "attestation": await asyncio.to_thread(self.attestation.status)
+            if self.attestation
+            else None,
             "refused_data_connections": self.refused_data[-10:],
             "incoming": [
                 {"migration_id": i.migration_id, "vm": i.spec.name, "source": i.source,
@@ -654,9 +679,10 @@ def sock_dir_for(agent: Agent, label: str) -> Path:
     return agent.sock_root / f"{label[:2]}-{_uuid.uuid4().hex[:8]}"
 
 
-def run_agent(cfg: HostConfig, ready_file: Path | None = None) -> None:
+def run_agent(cfg: HostConfig, ready_file: Path | None = None,
+              config_path: Path | None = None) -> None:
     async def _main() -> None:
-        agent = Agent(cfg)
+        agent = Agent(cfg, config_path)
         await agent.run(ready_file)
 
     with contextlib.suppress(KeyboardInterrupt):

@@ -45,7 +45,7 @@ def _fail(msg: str, as_json: bool) -> NoReturn:
     if as_json:
         print(json.dumps({"status": "error", "error": msg}))
     else:
-        _err.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False)
+        _err.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -67,7 +67,7 @@ def _emit(data: dict[str, Any], as_json: bool, text: str) -> None:
     if as_json:
         print(json.dumps({"status": "ok", **data}, indent=2, default=str))
     else:
-        _out.print(text, highlight=False)
+        _out.print(text, highlight=False, soft_wrap=True)
 
 
 def _ca_private_key(ca_dir: Path) -> ec.EllipticCurvePrivateKey:
@@ -240,7 +240,7 @@ def host_status(config: ConfigOpt, as_json: JsonOpt = False) -> None:
             f"peer {p}: {'ok' if r['ok'] else 'REFUSED'} {r['summary']}"
             for p, r in st["last_results"].items()
         ]
-        _out.print("\n".join(lines), highlight=False, markup=False)
+        _out.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
 
 
 def register(app: typer.Typer, host_app: typer.Typer) -> None:

@@ -71,7 +71,7 @@ async def _migrate_and_measure(
             res = None
         if res is not None:
             for k in ("mode", "total_ms", "downtime_ms", "bytes_transferred", "throughput_mbps",
-                      "migration_id", "attestation", "handshake_ms", "time_to_first_byte_ms",
+                      "migration_id", "attestation", "attestation_pcr_digest", "handshake_ms", "time_to_first_byte_ms",
                       "streams", "channel", "cpu_s_source", "decisions", "receipt_id"):
                 result[k] = res.get(k)
             result["status"] = "completed"

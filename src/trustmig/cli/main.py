@@ -39,6 +39,9 @@ from trustmig.cli.governance_cmds import audit_app, guard_app, policy_app  # noq
 app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
 app.add_typer(guard_app, name="guard")
+from trustmig.cli.attest_cmds import register as _register_attest  # noqa: E402
+
+_register_attest(app, host_app)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 AgentOpt = Annotated[str | None, typer.Option("--agent", help="Agent control address HOST:PORT "
@@ -87,7 +90,7 @@ def agent(
     )
     with _errors(False):
         cfg = load_config(config)
-        run_agent(cfg, ready_file)
+        run_agent(cfg, ready_file, config.resolve())
 
 
 # ---------------------------------------------------------------------------------- image
@@ -399,7 +402,7 @@ def bench_migrate(
         if as_json:
             print(json.dumps(report, default=str))
         else:
-            out.print(results_table(report))
+            out.print(results_table(report), width=None if out.is_terminal else 140)
             if output is not None:
                 console.print(f"report written to {output}")
         if any(r["status"] != "completed" for r in report["runs"]):
