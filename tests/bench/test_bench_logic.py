@@ -126,3 +126,19 @@ def test_cpu_meter_counts_this_process() -> None:
     assert m.final[os.getpid()] >= m.baseline[os.getpid()]
     gone = CpuMeter(baseline={999_999_999: 0.0})
     assert gone.stop() == 0.0
+
+
+def test_impossible_downtime_is_set_aside() -> None:
+    from trustmig.bench.record import finish_record
+    from trustmig.hypervisor.migration import MigrationProgress
+
+    prog = MigrationProgress.from_qmp(
+        {"status": "completed", "total-time": 300, "downtime": 1_157_626,
+         "ram": {"transferred": 2 * 1024**3, "total": 2 * 1024**3, "dirty-sync-count": 2}}
+    )  # fmt: skip
+    rec: dict[str, Any] = {"integrity_ok": True}
+    finish_record(rec, prog, wall_ms=310.0, cpu_s_source=1.0, cpu_s_destination=2.0,
+                  mode_used="postcopy")  # fmt: skip
+    assert rec["status"] == "completed"
+    assert rec["downtime_ms"] is None and rec["downtime_ms_reported"] == 1_157_626
+    assert rec["cpu_s_per_gib_source"] == 0.5 and rec["cpu_s_per_gib_destination"] == 1.0

@@ -402,7 +402,10 @@ def bench_migrate(
         if as_json:
             print(json.dumps(report, default=str))
         else:
-            out.print(results_table(report), width=None if out.is_terminal else 140)
+            from rich.console import Console
+
+            # piped output keeps every column readable instead of folding to 80 columns
+            (out if out.is_terminal else Console(width=150)).print(results_table(report))
             if output is not None:
                 console.print(f"report written to {output}")
         if any(r["status"] != "completed" for r in report["runs"]):
