@@ -56,6 +56,13 @@ def _free_port_pair() -> tuple[int, int]:
     raise TpmUnavailable("no two consecutive free loopback ports for swtpm; free some ports")
 
 
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    import ctypes
+    import signal as _signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, _signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class SwtpmProcess:
     """One supervised swtpm instance for one simulated host.
 
@@ -179,6 +186,8 @@ class SwtpmProcess:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 cwd=self.state_dir,
+                # a host's TPM lives and dies with its agent, even when the agent is killed
+                preexec_fn=_die_with_parent,
             )
             if self._wait_ready(proc, port):
                 self._proc, self.port, self.ctrl_port = proc, port, ctrl
