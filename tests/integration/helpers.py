@@ -82,9 +82,6 @@ async def migrate_with_hook(
         return res, None
     except ControlError as e:
         return None, str(e)
-    finally:
-        assert hook is None or fired or True
-        _ = time
 
 
 def wait_until(pred: Any, timeout: float = 10.0) -> bool:

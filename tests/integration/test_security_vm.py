@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -228,4 +226,3 @@ def test_receipt_signed_by_both_and_audit_tamper_detected(make_cluster) -> None:
     r = subprocess.run(cli, capture_output=True, text=True)
     assert r.returncode != 0
     assert "seq 3" in r.stdout, r.stdout
-    _ = time, asyncio

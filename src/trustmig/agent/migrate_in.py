@@ -79,7 +79,7 @@ async def prepare(agent: Agent, params: dict[str, Any], source_host: str) -> dic
                             "line": decision.line(), "source": source_host})
     if not decision.allow:
         raise IncomingError(decision.line())
-    grant = await agent.admit("in", tenant=spec.tenant, vm=spec.name, migration_id=mid)
+    await agent.admit("in", tenant=spec.tenant, vm=spec.name, migration_id=mid)
     if spec.name in agent.vms and agent.vms[spec.name].state not in ("migrated", "stopped"):
         raise IncomingError(f"a VM named {spec.name} already runs on {agent.cfg.name}")
     image = await agent.get_image()
@@ -128,7 +128,6 @@ async def prepare(agent: Agent, params: dict[str, Any], source_host: str) -> dic
         policy_json=policy_json,
         decision=decision.line(),
     )
-    _ = grant
     agent.incoming[mid] = inc
     agent.audit_event("migration.phase", vm=spec.name, migration_id=mid, outcome="prepared",
                       data={"source": source_host, "mode": opts.mode, "streams": opts.streams})
