@@ -125,42 +125,6 @@ class Connection:
                 self.closed.set()
 
 
-class LockedGuard(Guard):
-    """The guard is shared by the event loop (control) and the data listener's threads."""
-
-    def __init__(self, rules: GuardRules) -> None:
-        super().__init__(rules)
-        self._lock = threading.RLock()
-
-    def on_connect(self, *a: Any, **k: Any) -> Any:
-        with self._lock:
-            return super().on_connect(*a, **k)
-
-    def on_handshake_progress(self, *a: Any, **k: Any) -> Any:
-        with self._lock:
-            return super().on_handshake_progress(*a, **k)
-
-    def on_authenticated(self, *a: Any, **k: Any) -> Any:
-        with self._lock:
-            return super().on_authenticated(*a, **k)
-
-    def on_bytes(self, *a: Any, **k: Any) -> Any:
-        with self._lock:
-            return super().on_bytes(*a, **k)
-
-    def on_close(self, *a: Any, **k: Any) -> Any:
-        with self._lock:
-            return super().on_close(*a, **k)
-
-    def sweep(self) -> Any:
-        with self._lock:
-            return super().sweep()
-
-    def snapshot(self) -> Any:
-        with self._lock:
-            return super().snapshot()
-
-
 class Agent:
     def __init__(self, cfg: HostConfig, config_path: Path | None = None) -> None:
         self.cfg = cfg
@@ -199,7 +163,7 @@ class Agent:
             audit_key = load_or_create_ed25519(self.state_dir / "keys" / "audit.key")
         self.gov = Governance(cfg, self.bundle, audit_key)
         guard_cfg = {"idle_timeout_s": 3600.0, "stall_timeout_s": 3600.0, **cfg.guard}
-        self.guard = LockedGuard(GuardRules(**guard_cfg))
+        self.guard = Guard(GuardRules(**guard_cfg))
         self.admission = Admission(AdmissionLimits(**cfg.admission))
         self.admission_wait_s = float(cfg.admission.get("queue_timeout_s", 300))
         self.accel = choose_accel(cfg.qemu.accel)

@@ -8,10 +8,12 @@ ECDHE handshake. Time comes from an injected clock so the logic is testable with
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from trustmig.guard.conntrack import (
     HALF_OPEN_STATES,
@@ -38,10 +40,24 @@ RULE_IDLE = "idle"
 RULE_STALL = "stall"
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _locked(method: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with args[0]._lock:  # type: ignore[attr-defined]
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
 class Guard:
     """Connection tracking + rule matching for one host's listeners.
 
-    Not thread-safe: the agent calls it from its event loop only.
+    Thread-safe: the agent calls it from its event loop (control listener) and from the data
+    listener's threads; every public method holds one re-entrant lock.
     """
 
     def __init__(
@@ -64,6 +80,7 @@ class Guard:
         )
         self._counters: Counter[str] = Counter()
         self._next_id = 1
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ helpers
     def _hit(self, rule: str, reason: str, accept: bool = False) -> Verdict:
@@ -83,6 +100,7 @@ class Guard:
         )
 
     # ------------------------------------------------------------------ events
+    @_locked
     def on_connect(self, listener: str, peer_ip: str, peer_port: int) -> tuple[Verdict, int | None]:
         """Decide on a fresh TCP connection before any bytes are read from it.
 
@@ -140,6 +158,7 @@ class Guard:
         )
         return self._hit(RULE_ACCEPT, f"peer {peer_ip} admitted to {listener}", True), conn_id
 
+    @_locked
     def on_handshake_progress(self, conn_id: int, step: str) -> None:
         """Record a handshake step (e.g. ``tls-started``); NEW becomes HANDSHAKE.
 
@@ -154,6 +173,7 @@ class Guard:
         if conn.state is ConnState.NEW:
             conn.state = ConnState.HANDSHAKE
 
+    @_locked
     def on_authenticated(self, conn_id: int, identity: str) -> Verdict:
         """Apply the identity allow-list and session cap; accepted moves to ESTABLISHED."""
         conn = self._live(conn_id)
@@ -183,6 +203,7 @@ class Guard:
         self._table.establish(conn)
         return self._hit(RULE_ACCEPT, f"identity {identity!r} authenticated", True)
 
+    @_locked
     def on_data_phase(self, conn_id: int) -> None:
         """Declare that bulk data now flows, so the (shorter) stall timeout applies."""
         conn = self._live(conn_id)
@@ -193,6 +214,7 @@ class Guard:
         conn.last_bytes = now
         conn.last_activity = now
 
+    @_locked
     def on_bytes(self, conn_id: int, n_in: int = 0, n_out: int = 0) -> None:
         """Account traffic; any non-zero count refreshes both idle and stall timers."""
         if n_in < 0 or n_out < 0:
@@ -206,6 +228,7 @@ class Guard:
         conn.last_activity = now
         conn.last_bytes = now
 
+    @_locked
     def on_close(self, conn_id: int) -> None:
         """The connection ended normally (idempotent; a dropped record stays DROPPED)."""
         conn = self._live(conn_id)
@@ -213,6 +236,7 @@ class Guard:
             return
         self._table.end(conn, ConnState.CLOSED, "closed")
 
+    @_locked
     def sweep(self) -> list[tuple[int, str]]:
         """Drop connections whose deadline passed; return ``(conn_id, reason)`` to close."""
         r = self.rules
@@ -242,6 +266,7 @@ class Guard:
         return dropped
 
     # ------------------------------------------------------------------ views
+    @_locked
     def get(self, conn_id: int) -> TrackedConn:
         """The record of a live or recently ended connection."""
         conn = self._table.get_live(conn_id) or self._table.get_ended(conn_id)
@@ -266,10 +291,12 @@ class Guard:
         """Peers that currently have a rate bucket."""
         return len(self._buckets)
 
+    @_locked
     def counters(self) -> dict[str, int]:
         """Rule hits so far (copy)."""
         return dict(self._counters)
 
+    @_locked
     def snapshot(self) -> dict[str, Any]:
         """JSON-able state for ``trustmig guard show --json``."""
         return {
