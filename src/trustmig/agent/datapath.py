@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -26,9 +25,9 @@ from typing import TYPE_CHECKING
 from trustmig.channel.errors import ChannelError
 from trustmig.channel.handshake import ClientHandshake, HandshakeResult, ServerHandshake
 from trustmig.channel.join import JoinVerifier, make_join, parse_join
-from trustmig.channel.relay import StreamFailure, StreamPump, tune_tcp
+from trustmig.channel.relay import StreamFailure, StreamPump, recv_exact, tune_tcp
 from trustmig.channel.session import SessionKeys
-from trustmig.channel.wire import MAX_FRAME_BODY, MsgType
+from trustmig.channel.wire import FRAME_HEADER, MAX_FRAME_BODY, MsgType
 from trustmig.config import parse_hostport
 
 if TYPE_CHECKING:
@@ -37,24 +36,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 10.0
-_FRAME = struct.Struct(">IB")
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            raise ChannelError(f"connection closed during the handshake ({got}/{n} bytes)")
-        got += k
+    if n and not recv_exact(sock, memoryview(buf)):
+        raise ChannelError("connection closed during the handshake")
     return bytes(buf)
 
 
 def _read_frame(sock: socket.socket) -> tuple[int, bytes]:
-    hdr = _recv_exact(sock, _FRAME.size)
-    length, mtype = _FRAME.unpack(hdr)
+    hdr = _recv_exact(sock, FRAME_HEADER.size)
+    length, mtype = FRAME_HEADER.unpack(hdr)
     if length > MAX_FRAME_BODY:
         raise ChannelError(f"handshake frame of {length} bytes exceeds {MAX_FRAME_BODY}")
     return mtype, hdr + _recv_exact(sock, length)

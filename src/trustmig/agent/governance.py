@@ -209,6 +209,6 @@ def stream_digest(pumps: list[Any]) -> str:
     h = hashlib.sha256()
     for p in sorted(pumps, key=lambda p: p.index):
         h.update(p.index.to_bytes(2, "big"))
-        h.update(getattr(p.sealer, "_digest", b""))
+        h.update(p.sealer.digest)
         h.update(p.stats.bytes_out.to_bytes(8, "big"))
     return h.hexdigest()

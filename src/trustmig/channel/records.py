@@ -84,6 +84,11 @@ class _Direction:
         """Current key epoch (0 after the handshake)."""
         return self._keys.epoch
 
+    @property
+    def digest(self) -> bytes:
+        """Running SHA-256 chain over the tags of every record so far (sent in end-of-stream)."""
+        return self._digest
+
     def _chain(self, tag: bytes | memoryview) -> None:
         self._digest = hashlib.sha256(self._digest + bytes(tag)).digest()
 

@@ -55,7 +55,7 @@ class StreamStats:
     errors: list[StreamFailure] = field(default_factory=list)
 
 
-def _recv_exact(sock: socket.socket, view: memoryview) -> bool:
+def recv_exact(sock: socket.socket, view: memoryview) -> bool:
     """Fill ``view`` completely; False on a clean EOF before the first byte."""
     got = 0
     while got < len(view):
@@ -177,13 +177,13 @@ class StreamPump:
         record = 0
         try:
             while True:
-                if not _recv_exact(self.cipher, hview):
+                if not recv_exact(self.cipher, hview):
                     self.opener.close()  # raises unless a verified end-of-stream was seen
                     break
                 need = self.opener.parse_header(hview)
                 if need > len(body):
                     raise ChannelError(f"record body of {need} bytes exceeds the buffer")
-                if need and not _recv_exact(self.cipher, bview[:need]):
+                if need and not recv_exact(self.cipher, bview[:need]):
                     raise ChannelError("connection closed before the record body")
                 ev = self.opener.open_into(hview, bview[:need], pview)
                 record += 1
