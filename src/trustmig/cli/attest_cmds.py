@@ -10,10 +10,8 @@ Plugged into the main CLI with ``register(app, host_app)``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from cryptography import x509
@@ -21,11 +19,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from rich.console import Console
 from rich.table import Table
 
+from trustmig.cli.common import CliError, one_line_errors
+
 refvalues_app = typer.Typer(
     no_args_is_help=True, help="Reference values: measurements approved by the security admin."
 )
 
-_err = Console(stderr=True)
 _out = Console()
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
@@ -37,30 +36,8 @@ FileOpt = Annotated[
 ConfigOpt = Annotated[Path, typer.Option("--config", help="The host's host.toml.")]
 
 
-class _Fail(Exception):
-    """A one-line user-facing error."""
-
-
-def _fail(msg: str, as_json: bool) -> NoReturn:
-    if as_json:
-        print(json.dumps({"status": "error", "error": msg}))
-    else:
-        _err.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
-
-
-@contextmanager
-def _errors(as_json: bool) -> Iterator[None]:
-    """Turn every known failure into `error: <one line>` and exit status 1."""
-    from trustmig.attest.errors import AttestError
-    from trustmig.config import ConfigError
-    from trustmig.pki.errors import PkiError
-
-    try:
-        yield
-    except (_Fail, AttestError, ConfigError, PkiError, OSError, ValueError) as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        _fail(text, as_json)
+_Fail = CliError
+_errors = one_line_errors
 
 
 def _emit(data: dict[str, Any], as_json: bool, text: str) -> None:

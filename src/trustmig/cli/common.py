@@ -6,7 +6,8 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -33,6 +34,24 @@ def fail(msg: str, *, as_json: bool = False, code: int = 1) -> NoReturn:
     else:
         console.print(f"[bold red]error:[/] {msg}")
     raise SystemExit(code)
+
+
+@contextmanager
+def one_line_errors(as_json: bool) -> Iterator[None]:
+    """Turn every known failure into one line (``error: ...`` or JSON) and exit status 1."""
+    from trustmig.agent.client import ControlError
+    from trustmig.attest.errors import AttestError
+    from trustmig.audit import AuditError
+    from trustmig.config import ConfigError
+    from trustmig.hypervisor.image import ImageBuildError
+    from trustmig.pki.errors import PkiError
+    from trustmig.policy import PolicyError
+
+    try:
+        yield
+    except (CliError, ControlError, ConfigError, ImageBuildError, PkiError, PolicyError,
+            AuditError, AttestError, OSError, ValueError) as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__, as_json=as_json)
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

@@ -77,7 +77,7 @@ async def _migrate_and_measure(
             result["status"] = "completed"
             await asyncio.sleep(1.0)  # let the destination guest run and print heartbeats
             hbs = await dst.call("vm.heartbeats", {"name": "demo-vm", "since": t_mig - 5})
-            cont = analyse([tuple(h) for h in res.get("source_heartbeats", [])],  # type: ignore[misc]
+            cont = analyse([tuple(h) for h in res.get("source_heartbeats", [])],
                            [tuple(h) for h in hbs["heartbeats"]])
             result["heartbeat_gap_ms"] = cont.gap_ms
             result["heartbeat_seq_continuous"] = cont.continuous

@@ -6,12 +6,12 @@ import json
 import sys
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.table import Table
 
-from trustmig.cli.common import CliError, connect, fail, out, print_json, run
+from trustmig.cli.common import CliError, connect, one_line_errors, out, print_json, run
 
 policy_app = typer.Typer(no_args_is_help=True, help="VM and host migration policies.")
 audit_app = typer.Typer(no_args_is_help=True, help="The signed, hash-chained audit trail.")
@@ -34,15 +34,8 @@ def _call(op: str, params: dict[str, Any], agent: str | None, creds: Path | None
 
 
 def _guarded(as_json: bool, fn: Any) -> None:
-    from trustmig.agent.client import ControlError
-    from trustmig.audit import AuditError
-    from trustmig.pki.errors import PkiError
-    from trustmig.policy import PolicyError
-
-    try:
+    with one_line_errors(as_json):
         fn()
-    except (CliError, ControlError, PolicyError, AuditError, PkiError, OSError, ValueError) as e:
-        fail(str(e).splitlines()[0], as_json=as_json)
 
 
 # ------------------------------------------------------------------------------ policy
@@ -71,7 +64,7 @@ def policy_sign(
 
     def go() -> None:
         text = path.read_text()
-        fmt = "yaml" if path.suffix in (".yaml", ".yml") else "toml"
+        fmt: Literal["toml", "yaml"] = "yaml" if path.suffix in (".yaml", ".yml") else "toml"
         parse_vm_policy(text, source=str(path), fmt=fmt)
         c = Credentials.in_dir(credentials, "user")
         sp = sign_policy(text, fmt, c.name(), c.cert_der(), c.load_key())

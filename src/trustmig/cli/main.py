@@ -16,7 +16,7 @@ from trustmig.cli.common import (
     MigrationProgressView,
     connect,
     console,
-    fail,
+    one_line_errors,
     out,
     print_json,
     run,
@@ -51,26 +51,7 @@ CredOpt = Annotated[Path | None, typer.Option("--credentials", help="User creden
 CaDirOpt = Annotated[Path, typer.Option("--ca-dir", help="Cluster CA directory.")]
 
 
-def _errors(as_json: bool):  # type: ignore[no-untyped-def]
-    """Map every known failure to a one-line error and a non-zero exit."""
-    from trustmig.agent.client import ControlError
-    from trustmig.config import ConfigError
-    from trustmig.hypervisor.image import ImageBuildError
-    from trustmig.pki.errors import PkiError
-
-    class _Ctx:
-        def __enter__(self) -> None:
-            return None
-
-        def __exit__(self, et: Any, e: Any, tb: Any) -> bool:
-            if e is None or isinstance(e, SystemExit | typer.Exit | KeyboardInterrupt):
-                return False
-            if isinstance(e, CliError | ControlError | ConfigError | ImageBuildError | PkiError
-                          | ValueError | OSError):
-                fail(str(e).splitlines()[0] if str(e) else type(e).__name__, as_json=as_json)
-            return False
-
-    return _Ctx()
+_errors = one_line_errors
 
 
 # ---------------------------------------------------------------------------------- agent
