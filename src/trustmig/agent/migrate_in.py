@@ -23,7 +23,6 @@ from trustmig.hypervisor.migration import MigrationOptions, configure_destinatio
 from trustmig.hypervisor.qemu import QemuVM
 from trustmig.hypervisor.spec import VMSpec
 
-
 if TYPE_CHECKING:
     from trustmig.agent.server import Agent
 
@@ -148,7 +147,7 @@ def on_stream_failure(agent: Agent, inc: IncomingMigration, failure: StreamFailu
             return
         inc.error = f"data channel {failure.line()}"
         inc.failure_event.set()
-        asyncio.ensure_future(abort(agent, inc, inc.error))
+        agent.spawn(abort(agent, inc, inc.error))
 
     agent.loop.call_soon_threadsafe(_fail)
 

@@ -17,19 +17,19 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from trustmig import __version__
-from trustmig.agent import migrate_in
-from trustmig.agent.client import ControlClient, ControlError
-from trustmig.agent.datapath import DataListener
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from trustmig import __version__
+from trustmig.agent import migrate_in
 from trustmig.agent.attestation import AgentAttestation
+from trustmig.agent.client import ControlClient, ControlError
+from trustmig.agent.datapath import DataListener
 from trustmig.agent.governance import Governance, load_or_create_ed25519, new_ed25519_pem
 from trustmig.agent.migrate_in import IncomingMigration
 from trustmig.agent.migrate_out import MigrationFailed, OutgoingMigration, migrate_out
@@ -37,6 +37,8 @@ from trustmig.agent.protocol import FrameDecoder, ProtocolError, encode
 from trustmig.agent.vms import ManagedVM
 from trustmig.channel.identity import LocalIdentity
 from trustmig.config import HostConfig, parse_hostport
+from trustmig.guard import Admission, AdmissionLimits, Guard, GuardError, GuardRules
+from trustmig.guard.aio import guarded_serve, stop_guarded
 from trustmig.hypervisor.accel import choose_accel
 from trustmig.hypervisor.image import GuestImage, build_image
 from trustmig.hypervisor.migration import MigrationOptions
@@ -48,8 +50,6 @@ from trustmig.pki.identity import PeerIdentity
 from trustmig.pki.tls import client_context, peer_identity, server_context
 from trustmig.pki.trust import TrustBundle
 from trustmig.policy import PolicyError
-from trustmig.guard import Admission, AdmissionLimits, Guard, GuardError, GuardRules
-from trustmig.guard.aio import guarded_serve, stop_guarded
 
 log = logging.getLogger("trustmig.agent")
 
@@ -102,7 +102,7 @@ class Request:
         if key not in self.params:
             raise RequestError(f"{self.op}: missing parameter {key!r}")
         val = self.params[key]
-        if kind is not Any and not isinstance(val, kind):  # type: ignore[comparison-overlap]
+        if kind is not Any and not isinstance(val, kind):
             raise RequestError(f"{self.op}: parameter {key!r} must be {kind.__name__}")
         return val
 
@@ -176,6 +176,7 @@ class Agent:
         self._image: GuestImage | None = None
         self._image_lock = asyncio.Lock()
         self._stop = asyncio.Event()
+        self._background: set[asyncio.Future[Any]] = set()
         self._server: asyncio.Server | None = None
         self.data: DataListener | None = None
         self.control_address = ""
@@ -267,6 +268,12 @@ class Agent:
     verify_evidence: Callable[[str, bytes, bytes], str] | None = None
 
     # ------------------------------------------------------------------ helpers
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a background task, keeping a reference so it is not garbage-collected."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def start_thread(self, fn: Callable[..., Any], *args: Any) -> threading.Thread:
         t = threading.Thread(target=fn, args=args, daemon=True)
         t.start()
@@ -587,7 +594,7 @@ class Agent:
         except migrate_in.IncomingError as e:
             raise RequestError(str(e)) from None
         inc = self.incoming[str(req.params["migration_id"])]
-        asyncio.create_task(migrate_in.watch_control(self, inc, req.conn.closed))
+        self.spawn(migrate_in.watch_control(self, inc, req.conn.closed))
         return res
 
     def _incoming(self, req: Request) -> IncomingMigration:

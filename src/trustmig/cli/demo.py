@@ -10,6 +10,7 @@ self-check).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 import time
 from collections.abc import Callable
@@ -104,11 +105,8 @@ async def _migrate_and_measure(
         return result
     finally:
         for client in (src, dst):
-            for _ in range(1):
-                try:
-                    await client.call("vm.stop", {"name": "demo-vm"}, timeout=30)
-                except ControlError:
-                    pass
+            with contextlib.suppress(ControlError):
+                await client.call("vm.stop", {"name": "demo-vm"}, timeout=30)
             await client.close()
 
 
