@@ -45,7 +45,7 @@ class VMSpec(BaseModel):
     memory_mib: int = Field(512, ge=64, le=1024 * 1024)
     vcpus: int = Field(1, ge=1, le=256)
     image_key: str | None = Field(None, description="guest image digest both hosts must hold")
-    workload: WorkloadSpec = Field(default_factory=lambda: WorkloadSpec())
+    workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
     tenant: str = "default"
     owner: str | None = None
 
