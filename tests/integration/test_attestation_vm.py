@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 
 import pytest
 
@@ -52,3 +53,30 @@ def test_destination_with_unknown_qemu_is_refused_before_any_memory(make_cluster
     assert sniff.bytes_seen < 64 * 1024, sniff.bytes_seen
     att = st["attestation"]
     assert att is not None
+
+
+def test_host_identity_key_is_sealed_and_lost_to_changed_software(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster(hosts=("host-a",))
+    hh = c.hosts["host-a"]
+    plain = hh.dir / "pki" / "host.key"
+    sealed = list(hh.dir.rglob("host-identity.sealed"))
+    # adopted at first start: sealed in the TPM, escrowed to the CA, no plaintext left
+    assert not plain.exists()
+    assert len(sealed) == 1 and sealed[0].with_suffix(".recovery").exists()
+
+    async def ping() -> str:
+        cl = await c.client("host-a", "alice")
+        try:
+            return str((await cl.call("ping"))["host"])
+        finally:
+            await cl.close()
+
+    c.kill_agent("host-a", signal.SIGTERM)
+    c.start_agent("host-a")  # unseals the key again in the same measured state
+    assert arun(ping()) == "host-a"  # the TLS server authenticates with the unsealed key
+    c.kill_agent("host-a", signal.SIGTERM)
+    with hh.config_path.open("a") as f:
+        f.write("# changed after approval\n")
+    with pytest.raises(RuntimeError) as ei:
+        c.start_agent("host-a", timeout=60)
+    assert "unseal refused" in str(ei.value), str(ei.value)

@@ -615,6 +615,39 @@ class AgentAttestation:
         log.info("created sealed key %s (PCRs %s) with CA recovery copy", name, list(SEAL_PCRS))
         return secret
 
+    def seal_new(self, name: str, secret: bytes) -> None:
+        """Seal ``secret`` as ``name`` (replacing any earlier copy) with a CA recovery copy.
+
+        Used when an administrator hands the host a new secret, e.g. the identity key written
+        by ``trustmig host enroll``: the agent adopts it and the plaintext file is removed.
+        """
+        _check_key_name(name)
+        if not secret:
+            raise AgentAttestationError(f"sealed key {name!r} would be empty; nothing to seal")
+        kdir = keys_dir(self.cfg)
+        kdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _write_atomic(
+            kdir / f"{name}.recovery",
+            encrypt_recovery(secret, self._ca_public_key, host=self.cfg.name, name=name),
+        )
+        _write_atomic(
+            kdir / f"{name}.sealed",
+            _seal_secret(self.tpm, secret, host=self.cfg.name, name=name, pcr_values=None),
+        )
+        log.info("sealed %s to PCRs %s with CA recovery copy", name, list(SEAL_PCRS))
+
+    def unseal(self, name: str) -> bytes | None:
+        """The sealed secret ``name``, or None when it was never sealed on this host.
+
+        Raises AttestError ("unseal refused: ...") when the measured software changed."""
+        _check_key_name(name)
+        sealed = keys_dir(self.cfg) / f"{name}.sealed"
+        if not sealed.exists():
+            return None
+        return _unseal_secret(
+            self.tpm, sealed.read_bytes(), host=self.cfg.name, name=name, path=sealed
+        )
+
     # --- authorized upgrade -----------------------------------------------------------------------
     @staticmethod
     def reseal(

@@ -23,6 +23,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from trustmig import __version__
@@ -31,6 +32,7 @@ from trustmig.agent.attestation import AgentAttestation
 from trustmig.agent.client import ControlClient, ControlError
 from trustmig.agent.datapath import DataListener
 from trustmig.agent.governance import Governance, load_or_create_ed25519, new_ed25519_pem
+from trustmig.agent.host_key import load_host_key, transient_key_file
 from trustmig.agent.migrate_in import IncomingMigration
 from trustmig.agent.migrate_out import MigrationFailed, OutgoingMigration, migrate_out
 from trustmig.agent.protocol import FrameDecoder, ProtocolError, encode
@@ -141,9 +143,6 @@ class Agent:
                 f"host certificate names {self.creds.name()!r} but the config says {cfg.name!r}: "
                 f"enroll this host with 'trustmig host enroll {cfg.name}'"
             )
-        self.channel_identity = LocalIdentity(
-            name=cfg.name, cert_der=self.creds.cert_der(), private_key=self.creds.load_key()
-        )
         self.attestation: AgentAttestation | None = None
         if cfg.attestation.enabled:
             ca_pub = x509.load_pem_x509_certificate(cfg.pki.ca.read_bytes()).public_key()
@@ -153,6 +152,19 @@ class Agent:
             )
             self.make_evidence = self.attestation.make_evidence
             self.verify_evidence = self.attestation.verify_evidence
+            # the identity key lives sealed to the measured launch, like the audit key
+            self.host_key_pem = load_host_key(self.creds, self.attestation)
+        else:
+            self.host_key_pem = self.creds.key_path.read_bytes()
+        host_key = serialization.load_pem_private_key(self.host_key_pem, None)
+        assert isinstance(host_key, ec.EllipticCurvePrivateKey)
+        self.channel_identity = LocalIdentity(
+            name=cfg.name, cert_der=self.creds.cert_der(), private_key=host_key
+        )
+        with transient_key_file(self.creds, self.host_key_pem, self.sock_root) as tmp_creds:
+            self.server_ctx = server_context(tmp_creds, self.bundle)
+            self.client_ctx = client_context(tmp_creds, self.bundle)
+        if self.attestation is not None:
             # the audit signing key is only usable in the measured software state
             audit_key = serialization.load_pem_private_key(
                 self.attestation.unseal_or_create("audit-signing", new_ed25519_pem), None
@@ -303,7 +315,7 @@ class Agent:
         peer = self.cfg.peers.get(host)
         if peer is None:
             raise RequestError(f"unknown host {host!r}: add it under [peers] in the host config")
-        ctx = client_context(self.creds, self.bundle)
+        ctx = self.client_ctx
         client = await ControlClient.connect(peer.control, ctx)
         sslobj = client.ssl_object
         try:
@@ -320,7 +332,7 @@ class Agent:
     async def run(self, ready_file: Path | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         host, port = parse_hostport(self.cfg.control.listen)
-        ctx = server_context(self.creds, self.bundle)
+        ctx = self.server_ctx
         self._server = await guarded_serve(
             self.guard, "control", host, port, self._serve_guarded, ssl_ctx=ctx,
             handshake_timeout=self.guard.rules.handshake_deadline_s,
@@ -437,7 +449,7 @@ class Agent:
         except (RequestError, MigrationFailed, ControlError, ValueError, PkiError,
                 PolicyError) as e:
             await conn.send({"id": rid, "ok": False, "error": str(e).splitlines()[0]})
-        except Exception as e:  # noqa: BLE001 - report, never crash the agent
+        except Exception as e:
             log.exception("%s failed", op)
             await conn.send({"id": rid, "ok": False, "error": f"{op} failed: {type(e).__name__}: {e}"})
 
