@@ -76,6 +76,18 @@ class AttestationSettings(BaseModel):
     auto_enroll: bool = False
 
 
+class CapacitySettings(BaseModel):
+    """What this host can hold; measured at launch, so peers can check what it advertises.
+
+    Unset values are read from the machine (``/proc/meminfo`` MemTotal, CPU count)."""
+
+    model_config = ConfigDict(extra="forbid")
+    mem_mib: int | None = Field(None, ge=64)
+    vcpus: int | None = Field(None, ge=1)
+    #: How old a destination's signed resource claim may be when the source checks it.
+    max_claim_age_s: float = Field(30.0, gt=0)
+
+
 class HostConfig(BaseModel):
     """Everything one agent needs to run a host."""
 
@@ -97,6 +109,7 @@ class HostConfig(BaseModel):
         default_factory=dict, description="trustmig.guard.AdmissionLimits"
     )
     host_policy: Path | None = None
+    capacity: CapacitySettings = Field(default_factory=CapacitySettings)
 
     def resolve(self, base: Path) -> HostConfig:
         """Make every relative path absolute against ``base`` (the config file's directory)."""

@@ -143,7 +143,8 @@ def test_hosts_attest_each_other_bound_to_the_transcript_hash(lab: Lab) -> None:
     assert summary.startswith("verified pcr_digest=")
     ok = b.last_results["host-a"]
     assert ok.ok and ok.pcr_digest is not None
-    assert summary == f"verified pcr_digest={ok.pcr_digest[:16]}"
+    assert summary.split()[:1] == ["verified"] and f"pcr_digest={ok.pcr_digest[:16]}" in summary
+    assert "capacity={" in summary  # the attested host capacity travels with the verdict
     assert {m["name"] for m in ok.measurements} == {
         "qemu-binary", "trustmig-package", "agent-config", "policy-bundle",
     }  # fmt: skip
@@ -153,7 +154,7 @@ def test_hosts_attest_each_other_bound_to_the_transcript_hash(lab: Lab) -> None:
     assert status["pcrs"] == ok.pcrs  # what b verified is what a's TPM holds
     assert status["tpm"]["kind"] == "swtpm" and status["ak"]["enrolled"]
     assert [e["name"] for e in status["event_log"]] == [
-        "qemu-binary", "trustmig-package", "agent-config", "policy-bundle",
+        "qemu-binary", "trustmig-package", "agent-config", "policy-bundle", "host-capacity",
     ]  # fmt: skip
     assert b.status()["last_results"]["host-a"]["ok"] is True
 

@@ -8,17 +8,18 @@ import signal
 
 import pytest
 
+from trustmig.hypervisor.heartbeat import analyse
+
 from .helpers import (
     arun,
-    pid_alive,
     assert_absent,
     assert_running_and_beating,
     incoming_pids,
     migrate_with_hook,
+    pid_alive,
     spec,
     start_vm,
 )
-from trustmig.hypervisor.heartbeat import analyse
 
 pytestmark = pytest.mark.vm
 

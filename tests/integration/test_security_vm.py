@@ -40,7 +40,7 @@ def _via_proxy(make_cluster, tap, **policy):  # type: ignore[no-untyped-def]
                     res = await src.call("migrate", {"vm": "vm1", "to": "host-b",
                                                      "options": SLOW}, timeout=300)
                     err = None
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     res, err = None, str(e)
                 status_b = await dst.call("host.status")
                 if err:

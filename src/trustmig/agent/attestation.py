@@ -54,7 +54,7 @@ from trustmig.agent.provisioning import file_lock, host_launch_items, load_refva
 from trustmig.attest.enroll import AkRegistry, enroll_host
 from trustmig.attest.errors import AttestationFailed, AttestError
 from trustmig.attest.evidence import make_evidence, verify_evidence
-from trustmig.attest.measure import LAUNCH_PCRS, EventLog, measured_launch
+from trustmig.attest.measure import DATA_EVENTS, LAUNCH_PCRS, EventLog, measured_launch
 from trustmig.attest.refvalues import RefValues, key_id
 from trustmig.attest.sealing import predict_pcrs
 from trustmig.attest.swtpm import TPM_DEVICE, open_tpm
@@ -529,6 +529,8 @@ class AgentAttestation:
             )  # fmt: skip
             raise
         summary = f"verified pcr_digest={res.pcr_digest[:16]}"
+        if "host-capacity" in res.data:
+            summary += f" capacity={res.data['host-capacity']}"
         self._record(
             PeerResult(
                 peer=peer,
@@ -669,7 +671,7 @@ class AgentAttestation:
             refvalues = load_refvalues(cfg.attestation.refvalues, ca_pub)
             items = host_launch_items(cfg, config_path)
             for name, digest, detail in items:
-                if refvalues.lookup(name, digest) is None:
+                if name not in DATA_EVENTS and refvalues.lookup(name, digest) is None:
                     raise AgentAttestationError(
                         f"reseal refused: {name} sha256:{digest.hex()[:12]} ({detail}) is not in "
                         "the reference values; approve it with 'trustmig refvalues add' first"

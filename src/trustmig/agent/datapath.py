@@ -195,7 +195,7 @@ class DataListener:
                 self._join(conn, frame, conn_id)
             else:
                 raise ChannelError(f"unexpected first message type {mtype}")
-        except Exception as e:  # noqa: BLE001 - a bad peer must never take the listener down
+        except Exception as e:
             log.warning("data connection from %s:%s refused: %s", peer[0], peer[1], e)
             self.agent.note_refused_data_connection(peer, str(e))
             self.agent.guard_close(conn_id)

@@ -47,6 +47,8 @@ class HostHandle:
     data_advertise: str
     proc: subprocess.Popen[bytes] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    #: Python module run as ``python -m MODULE agent ...`` (the lab swaps in compromised agents).
+    agent_module: str = "trustmig.cli.main"
 
     @property
     def pid(self) -> int | None:
@@ -72,6 +74,7 @@ class LocalCluster:
         data_listen: dict[str, str] | None = None,
         data_advertise: dict[str, str] | None = None,
         extra_config: dict[str, str] | None = None,
+        agent_module: dict[str, str] | None = None,
     ) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         ca_dir = self.root / "ca"
@@ -83,7 +86,8 @@ class LocalCluster:
             self.ca.issue_host(h, hdir / "pki")
             dl = (data_listen or {}).get(h, f"127.0.0.1:{free_port()}")
             da = (data_advertise or {}).get(h, dl)
-            self.hosts[h] = HostHandle(h, hdir, hdir / "host.toml", f"127.0.0.1:{ports[h]}", dl, da)
+            self.hosts[h] = HostHandle(h, hdir, hdir / "host.toml", f"127.0.0.1:{ports[h]}", dl, da,
+                                       agent_module=(agent_module or {}).get(h, "trustmig.cli.main"))
         all_labels = {h: {"country": "DE", "security_level": 1, **(labels or {}).get(h, {})}
                       for h in self.hosts}
         for h, hh in self.hosts.items():
@@ -164,7 +168,7 @@ class LocalCluster:
             ready.unlink()
         log = (hh.dir / "agent.log").open("ab")
         hh.proc = subprocess.Popen(
-            [sys.executable, "-m", "trustmig.cli.main", "agent", "--config", str(hh.config_path),
+            [sys.executable, "-m", hh.agent_module, "agent", "--config", str(hh.config_path),
              "--ready-file", str(ready)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=hh.dir,
         )  # fmt: skip

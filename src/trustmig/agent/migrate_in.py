@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trustmig.agent import capacity
 from trustmig.channel.relay import StreamFailure, StreamPump
 from trustmig.hypervisor.migration import MigrationOptions, configure_destination, query
 from trustmig.hypervisor.qemu import QemuVM
@@ -79,6 +80,11 @@ async def prepare(agent: Agent, params: dict[str, Any], source_host: str) -> dic
     if not decision.allow:
         raise IncomingError(decision.line())
     await agent.admit("in", tenant=spec.tenant, vm=spec.name, migration_id=mid)
+    # what this host has free before the arriving VM counts; the source checks it against the
+    # capacity this host attests to before sending any memory
+    resources = capacity.signed_claim(
+        capacity.current_claim(agent, mid), agent.channel_identity.private_key
+    )
     if spec.name in agent.vms and agent.vms[spec.name].state not in ("migrated", "stopped"):
         raise IncomingError(f"a VM named {spec.name} already runs on {agent.cfg.name}")
     image = await agent.get_image()
@@ -136,6 +142,7 @@ async def prepare(agent: Agent, params: dict[str, Any], source_host: str) -> dic
         "destination_pid": qemu.pid,
         "decision": decision.line(),
         "audit_pub": agent.gov.audit_public_pem,
+        "resources": resources,
     }
 
 

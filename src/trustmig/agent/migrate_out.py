@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trustmig.agent.claim_check import judge_claim, summary_field
 from trustmig.agent.client import ControlClient, ControlError
 from trustmig.agent.datapath import OutboundSession, open_outbound_session
 from trustmig.agent.governance import stream_digest
@@ -127,6 +128,14 @@ async def migrate_out(
                             "line": decision.line(), "destination": destination})
     if not decision.allow:
         raise MigrationFailed(decision.line())
+    quarantined = agent.quarantine.is_quarantined(destination)
+    if quarantined is not None:
+        agent.audit_event("guard.quarantine", vm=name, migration_id=mid, user=mig.user,
+                          outcome="refused", data={"host": destination, "reason": quarantined})
+        raise MigrationFailed(
+            f"destination {destination} is quarantined ({quarantined}); a security-admin must "
+            f"clear it first: trustmig guard clear {destination}"
+        )
     await agent.admit("out", tenant=managed.spec.tenant, vm=name, migration_id=mid)
     ctl: ControlClient | None = None
     listener: socket.socket | None = None
@@ -176,6 +185,8 @@ async def migrate_out(
         agent.audit_event("attest.result", vm=name, migration_id=mid,
                           outcome=session.peer_evidence_summary,
                           data={"peer": destination, "handshake_ms": round(handshake_ms, 2)})
+        resources = _judge_resources(agent, ctl, destination, prep,
+                                     session.peer_evidence_summary, managed, mid, mig.user)
 
         # 4. QEMU -> unix socket -> pumps
         with contextlib.suppress(FileNotFoundError):
@@ -259,6 +270,7 @@ async def migrate_out(
             "attestation": session.peer_evidence_summary.split(" ")[0],
             "attestation_detail": session.peer_evidence_summary,
             "attestation_pcr_digest": _pcr_digest(session.peer_evidence_summary),
+            "destination_claim": resources,
             "cpu_s_source": round(cpu_src, 3),
             "destination_pid": dest_pid,
             "source_heartbeats": src_hbs,
@@ -324,7 +336,7 @@ async def _exchange_receipt(
         res = await ctl.call("incoming.receipt", {"migration_id": mig.migration_id,
                                                   "fields": fields, "signature": own})
         agent.gov.check_and_store_receipt(fields, own, mig.destination, res["signature"], peer_pub)
-    except Exception as e:  # noqa: BLE001 - the VM moved; a missing receipt is reported, not fatal
+    except Exception as e:
         agent.audit_event("receipt", vm=mig.vm, migration_id=mig.migration_id, outcome="missing",
                           data={"error": str(e)})
         return {"migration_id": mig.migration_id, "error": f"receipt not countersigned: {e}"}
@@ -332,10 +344,41 @@ async def _exchange_receipt(
 
 
 def _pcr_digest(summary: str) -> str | None:
-    for part in summary.split():
-        if part.startswith("pcr_digest="):
-            return part.split("=", 1)[1]
-    return None
+    return summary_field(summary, "pcr_digest")
+
+
+def _judge_resources(
+    agent: Agent,
+    ctl: ControlClient,
+    dest: str,
+    prep: dict[str, Any],
+    evidence_summary: str,
+    managed: ManagedVM,
+    mid: str,
+    user: str,
+) -> dict[str, Any]:
+    """Refuse a destination whose signed resource claim is implausible; quarantine liars."""
+    sslobj = ctl.ssl_object
+    cert = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+    if not cert:
+        raise MigrationFailed("destination control session has no certificate to check its claim")
+    j = judge_claim(agent, prep.get("resources"), cert, evidence_summary, managed.spec, mid)
+    name = managed.spec.name
+    agent.audit_event("guard.claim", vm=name, migration_id=mid, user=user,
+                      outcome="accepted" if j.accept else ("lie" if j.lie else "refused"),
+                      data={"host": dest, "rule": j.rule, "reason": j.reason, "claim": j.claim})
+    if j.accept:
+        return {"rule": j.rule, "claim": j.claim}
+    if j.lie:
+        agent.quarantine.add(dest, f"{j.rule}: {j.reason}")
+        agent.audit_event("guard.quarantine", vm=name, migration_id=mid, user=user,
+                          outcome="quarantined", data={"host": dest, "rule": j.rule,
+                                                       "reason": j.reason})
+        raise MigrationFailed(
+            f"destination {dest} refused and quarantined: {j.reason} ({j.rule}); no memory was "
+            f"sent; a security-admin can clear it with 'trustmig guard clear {dest}'"
+        )
+    raise MigrationFailed(f"destination {dest} refused: {j.reason} ({j.rule})")
 
 
 def _reason(e: BaseException, mig: OutgoingMigration) -> str:

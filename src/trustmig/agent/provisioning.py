@@ -26,8 +26,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import trustmig
+from trustmig.agent.capacity import capacity_measurement
 from trustmig.attest.errors import AttestError
-from trustmig.attest.measure import launch_items, measure_package
+from trustmig.attest.measure import DATA_EVENTS, launch_items, measure_package
 from trustmig.attest.refvalues import RefValue, RefValues
 from trustmig.config import HostConfig
 from trustmig.pki.authority import ClusterCA
@@ -98,12 +99,17 @@ def host_launch_items(cfg: HostConfig, config_path: Path) -> list[tuple[str, byt
         resolve_qemu_binary(cfg.qemu.binary), config_path, None, trustmig_package_dir()
     )
     items.append(("policy-bundle", policy_bundle_digest(cfg.policy_dir), str(cfg.policy_dir)))
+    items.append(capacity_measurement(cfg))
     return items
 
 
 def measure_host_software(cfg: HostConfig, config_path: Path) -> list[Measurement]:
     """The host's measurements as (name, sha256 hex, detail), e.g. for ``refvalues add``."""
-    return [(n, d.hex(), detail) for n, d, detail in host_launch_items(cfg, config_path)]
+    return [
+        (n, d.hex(), detail)
+        for n, d, detail in host_launch_items(cfg, config_path)
+        if n not in DATA_EVENTS  # data, not software: read from the log, not approved
+    ]
 
 
 def load_refvalues(path: Path, verify_key: ec.EllipticCurvePublicKey) -> RefValues:

@@ -41,6 +41,7 @@ from trustmig.channel.identity import LocalIdentity
 from trustmig.config import HostConfig, parse_hostport
 from trustmig.guard import Admission, AdmissionLimits, Guard, GuardError, GuardRules
 from trustmig.guard.aio import guarded_serve, stop_guarded
+from trustmig.guard.claims import Quarantine
 from trustmig.hypervisor.accel import choose_accel
 from trustmig.hypervisor.image import GuestImage, build_image
 from trustmig.hypervisor.migration import MigrationOptions
@@ -61,7 +62,7 @@ HOST_OPS = {"incoming.prepare", "incoming.commit", "incoming.abort", "incoming.s
 USER_OPS = {
     "ping", "host.status", "vm.start", "vm.list", "vm.stop", "vm.check", "vm.heartbeats",
     "vm.resume", "migrate", "migration.list", "policy.set", "policy.show", "audit.show",
-    "audit.export", "audit.verify", "guard.show",
+    "audit.export", "audit.verify", "guard.show", "guard.quarantine", "guard.clear",
 }  # fmt: skip
 ROLE_GATES = {
     "audit.show": ("auditor", "security-admin"),
@@ -71,6 +72,7 @@ ROLE_GATES = {
     "vm.stop": ("owner", "operator", "security-admin"),
     "vm.resume": ("owner", "operator", "security-admin"),
     "policy.set": ("owner", "security-admin"),
+    "guard.clear": ("security-admin",),
 }
 
 
@@ -178,6 +180,7 @@ class Agent:
         self.guard = Guard(GuardRules(**guard_cfg))
         self.admission = Admission(AdmissionLimits(**cfg.admission))
         self.admission_wait_s = float(cfg.admission.get("queue_timeout_s", 300))
+        self.quarantine = Quarantine(self.state_dir / "quarantine.json")
         self.accel = choose_accel(cfg.qemu.accel)
         if self.accel.warning:
             log.warning("%s", self.accel.warning)
@@ -216,6 +219,8 @@ class Agent:
             "audit.export": self.op_audit_export,
             "audit.verify": self.op_audit_verify,
             "guard.show": self.op_guard_show,
+            "guard.quarantine": self.op_guard_quarantine,
+            "guard.clear": self.op_guard_clear,
         }
 
     # ------------------------------------------------------------------ hooks for other parts
@@ -252,14 +257,14 @@ class Agent:
         if res.status == "refused":
             self.audit_event("admission", vm=vm, migration_id=migration_id, outcome="refused",
                              data={"direction": direction, "reason": res.reason})
-            raise RequestError(f"migration refused because {res.reason}")
+            raise RequestError(f"migration {res.reason}")
         if res.status == "queued":
             self.audit_event("admission", vm=vm, migration_id=migration_id, outcome="queued",
                              data={"direction": direction, "reason": res.reason})
             assert res.ticket is not None
             res = await self.admission.wait(res.ticket, self.admission_wait_s)
             if res.status != "admitted":
-                raise RequestError(f"migration refused because {res.reason}")
+                raise RequestError(f"migration {res.reason}")
 
     def release(self, migration_id: str) -> None:
         with contextlib.suppress(Exception):
@@ -582,7 +587,22 @@ class Agent:
 
     async def op_guard_show(self, req: Request) -> dict[str, Any]:
         return {"host": self.cfg.name, "guard": self.guard.snapshot(),
-                "admission": self.admission.snapshot()}
+                "admission": self.admission.snapshot(),
+                "quarantine": self.quarantine.snapshot()}
+
+    async def op_guard_quarantine(self, req: Request) -> dict[str, Any]:
+        return {"host": self.cfg.name, "quarantined": self.quarantine.snapshot(),
+                "cleared": self.quarantine.cleared()}
+
+    async def op_guard_clear(self, req: Request) -> dict[str, Any]:
+        host = req.param("host")
+        try:
+            self.quarantine.clear(host, by_user=req.peer.name)
+        except GuardError as e:
+            raise RequestError(str(e)) from None
+        self.audit_event("guard.quarantine", user=req.peer.name, outcome="cleared",
+                         data={"host": host})
+        return {"host": self.cfg.name, "cleared": host, "by": req.peer.name}
 
     async def op_audit_show(self, req: Request) -> dict[str, Any]:
         evs = self.gov.audit.events(vm=req.params.get("vm"),

@@ -7,6 +7,7 @@ from another connection, fails the nonce check. The verifier checks with `crypto
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import socket
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from trustmig.attest.enroll import AkRegistry
 from trustmig.attest.errors import AttestationFailed, AttestError
-from trustmig.attest.measure import LAUNCH_PCRS, EventLog
+from trustmig.attest.measure import DATA_EVENTS, LAUNCH_PCRS, EventLog
 from trustmig.attest.refvalues import RefValues
 from trustmig.attest.tpm import HostTpm, Quote
 from trustmig.attest.tpmwire import (
@@ -46,6 +47,8 @@ class AttestationResult:
     elapsed_ms: float = 0.0
     reset_count: int = 0
     restart_count: int = 0
+    #: Attested data events (name -> detail text), e.g. the host's capacity.
+    data: dict[str, str] = field(default_factory=dict)
 
 
 def _canonical(doc: dict[str, Any]) -> bytes:
@@ -163,7 +166,17 @@ def verify_evidence(
             )
 
     measurements: list[dict[str, Any]] = []
+    data: dict[str, str] = {}
     for ev in log.events:
+        if ev.name in DATA_EVENTS:
+            if not hmac.compare_digest(hashlib.sha256(ev.detail.encode()).digest(), ev.digest):
+                raise _fail(
+                    f"{ev.name} event of {peer_name!r} does not match its digest; the event log "
+                    "was altered",
+                    measurement=ev.name,
+                )
+            data[ev.name] = ev.detail  # the last value measured is the current one
+            continue
         ref = refvalues.lookup(ev.name, ev.digest)
         if ref is None:
             raise _fail(
@@ -190,4 +203,5 @@ def verify_evidence(
         elapsed_ms=(time.perf_counter() - t0) * 1e3,
         reset_count=info.reset_count,
         restart_count=info.restart_count,
+        data=data,
     )

@@ -32,7 +32,12 @@ PCR_MAP: dict[str, int] = {
     "trustmig-package": 11,
     "agent-config": 12,
     "policy-bundle": 13,
+    "host-capacity": 12,
 }
+#: Events that record data rather than software: their digest is sha256 of the event's detail
+#: text, so a verifier reads the value from the log and checks it against the quoted PCRs
+#: instead of looking it up in the reference values.
+DATA_EVENTS: frozenset[str] = frozenset({"host-capacity"})
 LAUNCH_PCRS: tuple[int, ...] = (11, 12, 13)
 LOG_FORMAT = "trustmig-eventlog/1"
 _ZERO = bytes(32)

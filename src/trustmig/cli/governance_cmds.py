@@ -204,6 +204,34 @@ def guard_show(agent: AgentOpt = None, credentials: CredOpt = None, as_json: Jso
     _guarded(as_json, go)
 
 
+@guard_app.command("quarantine")
+def guard_quarantine(agent: AgentOpt = None, credentials: CredOpt = None,
+                     as_json: JsonOpt = False) -> None:
+    """Hosts this agent refuses as destinations because they lied, and who cleared whom."""
+    def go() -> None:
+        res = _call("guard.quarantine", {}, agent, credentials)
+        if as_json:
+            print_json(res)
+            return
+        if not res["quarantined"]:
+            out.print(f"{res['host']}: no host is quarantined")
+        for host, entry in res["quarantined"].items():
+            out.print(f"[red]{host}[/] quarantined: {entry['reason']}")
+
+    _guarded(as_json, go)
+
+
+@guard_app.command("clear")
+def guard_clear(host: str, agent: AgentOpt = None, credentials: CredOpt = None,
+                as_json: JsonOpt = False) -> None:
+    """Lift a host's quarantine (security-admin only; the audit trail names who did)."""
+    def go() -> None:
+        res = _call("guard.clear", {"host": host}, agent, credentials)
+        print_json(res) if as_json else out.print(f"[green]cleared[/] {host} on {res['host']}")
+
+    _guarded(as_json, go)
+
+
 @guard_app.command("nft")
 def guard_nft(config: Annotated[Path, typer.Option("--config", help="host.toml")],
               as_json: JsonOpt = False) -> None:

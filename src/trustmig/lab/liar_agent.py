@@ -1,0 +1,46 @@
+"""A compromised agent that advertises resources it does not have (attack lab only).
+
+It runs the genuine, measured trustmig software (so its attestation passes: the compromise is
+at run time, e.g. a patched process in memory), but every resource claim it signs states
+``LIE_FACTOR`` times its real capacity, all of it free. Start it like the real agent:
+``python -m trustmig.lab.liar_agent agent --config host.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import TYPE_CHECKING
+
+from trustmig.agent import capacity
+from trustmig.guard.claims import ResourceClaim
+
+if TYPE_CHECKING:
+    from trustmig.agent.server import Agent
+
+LIE_FACTOR = 8
+_honest = capacity.current_claim
+
+
+def inflated_claim(agent: Agent, nonce: str) -> ResourceClaim:
+    real = _honest(agent, nonce)
+    return dataclasses.replace(
+        real,
+        total_mem_mib=real.total_mem_mib * LIE_FACTOR,
+        free_mem_mib=real.total_mem_mib * LIE_FACTOR,
+        total_vcpus=real.total_vcpus * LIE_FACTOR,
+        free_vcpus=real.total_vcpus * LIE_FACTOR,
+        load=0.0,
+    )
+
+
+def main() -> None:
+    capacity.current_claim = inflated_claim
+    from trustmig.cli.main import app
+
+    sys.argv[0] = "trustmig"
+    app()
+
+
+if __name__ == "__main__":
+    main()
