@@ -201,3 +201,19 @@ def test_memory_stays_bounded_under_100k_connects_from_random_peers() -> None:
     assert len(g.snapshot()["connections"]) <= rules.max_half_open + rules.max_sessions + 256
     assert accepted > 500  # sweeps keep reclaiming slots: the flood never wedges the table
     assert g.counters()["half_open"] > 0
+
+
+def test_cluster_peers_keep_their_slots_when_a_flood_fills_the_global_table() -> None:
+    g, _ = make(max_half_open=4, max_half_open_per_peer=2, reserved_peers=["127.0.0.1"])
+    for i in range(2, 4):  # two flooding addresses fill the global half-open table
+        for port in (1, 2):
+            assert g.on_connect("c", f"127.0.0.{i}", port)[0].accept
+    v, _ = g.on_connect("c", "127.0.0.9", 1)
+    assert (v.accept, v.rule) == (False, "half_open")
+    # the cluster's own host still gets in, up to its per-peer limit
+    assert g.on_connect("c", "127.0.0.1", 1)[0].accept
+    assert g.on_connect("c", "127.0.0.1", 2)[0].accept
+    v, _ = g.on_connect("c", "127.0.0.1", 3)
+    assert (v.accept, v.rule) == (False, "half_open_per_peer")
+    with pytest.raises(InvalidRulesError, match="reserved_peers"):
+        GuardRules(reserved_peers=["host-b"])

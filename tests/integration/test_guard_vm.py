@@ -186,3 +186,46 @@ def test_vm_cannot_move_more_often_than_its_policy_allows(make_cluster) -> None:
     first, back = arun(go())
     assert first["status"] == "completed"
     assert "DENY" in back and "max_per_hour" in back and "in the last hour" in back, back
+
+
+def test_flood_during_a_migration_does_not_stop_it_and_memory_stays_bounded(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    from trustmig.config import parse_hostport
+    from trustmig.lab.flood import Flood, FloodSpec, RssSampler
+
+    c = make_cluster()
+    hb = c.hosts["host-b"]
+    spec_ = FloodSpec(
+        targets=[parse_hostport(hb.control), parse_hostport(hb.data_listen)],
+        kinds=("connect", "halfopen", "garbage", "tls_anon", "tls_foreign", "data_hello"),
+        rate_per_s=1000, max_attempts=20_000, duration_s=60, max_open=256, hold_s=10,
+        source_ips=tuple(f"127.0.0.{i}" for i in range(2, 10)),
+    )
+
+    async def go():  # type: ignore[no-untyped-def]
+        a = await c.client("host-a", "alice")
+        b = await c.client("host-b", "alice")
+        try:
+            await start_vm(a, spec(memory=384, workload=192, rate=8), c)
+            assert hb.pid is not None
+            with RssSampler(hb.pid, interval_ms=50) as rss, Flood(spec_) as flood:
+                await asyncio.sleep(2)  # the flood is at full rate before the migration starts
+                res = await a.call("migrate", {"vm": "vm1", "to": "host-b", "options": {}},
+                                   timeout=300)
+                await asyncio.sleep(1)
+            await assert_running_and_beating(b, "vm1")
+            await assert_absent(a, "vm1")
+            check = await b.call("vm.check", {"name": "vm1"})
+            guard = await b.call("guard.show")
+            return res, flood.report(), rss.stats(), check, guard
+        finally:
+            await a.close()
+            await b.close()
+
+    res, flood, rss, check, guard = arun(go())
+    assert res["status"] == "completed"
+    assert check["bad_pages"] == 0 and check["marker_ok"] == check["marker_total"]
+    assert flood.total_attempted > 1000  # the flood really ran during the migration
+    hits = guard["guard"]["counters"]
+    assert hits.get("rate", 0) + hits.get("half_open", 0) + hits.get("half_open_per_peer", 0) > 100
+    # the agent holds no per-attempt state beyond its bounded tables
+    assert rss.max_kib - rss.first_kib < 64 * 1024, rss

@@ -481,3 +481,21 @@ def test_rss_helpers_and_sampler_on_this_process() -> None:
     assert stats.max_kib >= stats.first_kib + 16 * 1024
     assert stats.min_kib <= stats.first_kib <= stats.max_kib
     assert stats.last_kib <= stats.max_kib
+
+
+def test_flood_from_several_loopback_sources_is_tracked_per_peer() -> None:
+    guard = Guard(GuardRules())
+    srv = ServerThread(guard, None)
+    try:
+        spec = FloodSpec(targets=[("127.0.0.1", srv.port)], kinds=("halfopen",), rate_per_s=200,
+                         max_attempts=6, duration_s=5, hold_s=0.5,
+                         source_ips=("127.0.0.2", "127.0.0.3", "127.0.0.4"))  # fmt: skip
+        with Flood(spec) as flood:
+            assert flood.wait(10)
+        peers = {c["peer_ip"] for c in guard.snapshot()["connections"]}
+        assert flood.report().total_attempted == 6
+        assert {"127.0.0.2", "127.0.0.3", "127.0.0.4"} <= peers
+    finally:
+        srv.stop()
+    with pytest.raises(ValueError, match="loopback"):
+        FloodSpec(targets=[("127.0.0.1", 1)], source_ips=("10.0.0.1",))

@@ -176,7 +176,8 @@ class Agent:
             log.warning("attestation disabled in the host config: peers cannot verify this host")
             audit_key = load_or_create_ed25519(self.state_dir / "keys" / "audit.key")
         self.gov = Governance(cfg, self.bundle, audit_key)
-        guard_cfg = {"idle_timeout_s": 3600.0, "stall_timeout_s": 3600.0, **cfg.guard}
+        guard_cfg = {"idle_timeout_s": 3600.0, "stall_timeout_s": 3600.0,
+                     "reserved_peers": _peer_ips(cfg), **cfg.guard}
         self.guard = Guard(GuardRules(**guard_cfg))
         self.admission = Admission(AdmissionLimits(**cfg.admission))
         self.admission_wait_s = float(cfg.admission.get("queue_timeout_s", 300))
@@ -662,6 +663,18 @@ class Agent:
     async def op_incoming_status(self, req: Request) -> dict[str, Any]:
         inc = self._incoming(req)
         return {"state": inc.state, "error": inc.error, "session": inc.session_summary}
+
+
+def _peer_ips(cfg: HostConfig) -> list[str]:
+    """IP addresses of the configured peers (literal control addresses; names are skipped)."""
+    import ipaddress
+
+    ips: list[str] = []
+    for peer in cfg.peers.values():
+        host = parse_hostport(peer.control)[0]
+        with contextlib.suppress(ValueError):
+            ips.append(str(ipaddress.ip_address(host)))
+    return sorted(set(ips))
 
 
 def short_socket_root(state_dir: Path) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.progress import Progress
 from rich.table import Table
 
 from trustmig.cli.common import (
@@ -391,6 +392,52 @@ def bench_migrate(
                 console.print(f"report written to {output}")
         if any(r["status"] != "completed" for r in report["runs"]):
             raise typer.Exit(1)
+
+@bench_app.command("flood")
+def bench_flood(
+    memory: Annotated[int, typer.Option(help="Guest RAM, MiB.")] = 1024,
+    dirty_rate: Annotated[float, typer.Option(help="Workload dirtying rate, MiB/s.")] = 0.0,
+    repeat: Annotated[int, typer.Option(help="Unloaded/flooded pairs.")] = 3,
+    rate: Annotated[float, typer.Option(help="Flood connection attempts per second.")] = 1000.0,
+    kinds: Annotated[str, typer.Option(help="Comma-separated flood kinds.")] = ",".join(
+        ("connect", "halfopen", "garbage", "tls_anon", "tls_foreign", "data_hello")),
+    sources: Annotated[int, typer.Option(help="Flooding loopback addresses (127.0.0.2..).")] = 8,
+    output: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Migrate a guest with and without a flood on the destination agent; compare."""
+    from trustmig.bench import BenchError
+    from trustmig.bench.flood import FloodBenchConfig, run_flood_bench
+
+    with _errors(as_json):
+        try:
+            cfg = FloodBenchConfig(memory_mib=memory, dirty_rate=dirty_rate, repeat=repeat,
+                                   rate_per_s=rate, sources=sources,
+                                   kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()))
+            say = (lambda s: None) if as_json else (lambda s: console.print(f"[cyan]»[/] {s}"))
+            with Progress(console=console, disable=as_json) as bar:
+                task = bar.add_task("migrations", total=2 * repeat)
+                report = run_flood_bench(cfg, on_run=lambda r: bar.advance(task), say=say)
+        except BenchError as e:
+            raise CliError(str(e)) from None
+        if output is not None:
+            output.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        if as_json:
+            print(json.dumps(report, default=str))
+        else:
+            t = Table("", "unloaded", "flooded", title="migration under a flood")
+            for k in ("throughput_mbps", "total_ms", "downtime_ms", "completed"):
+                t.add_row(k, str(report["results"]["unloaded"].get(k)),
+                          str(report["results"]["flooded"].get(k)))
+            out.print(t)
+            out.print(f"flooded/unloaded throughput: {report['ratios']['flooded/unloaded']} "
+                      f"(goal >= {report['goal']['flooded/unloaded']})")
+            out.print(f"flood: {report['flood']['attempted']} attempts at "
+                      f"{report['flood']['achieved_rate_per_s']}/s; destination agent peak RSS "
+                      f"{report['destination_agent_memory_kib']['peak_vmhwm']} KiB")
+        if any(r["status"] != "completed" for r in report["runs"]):
+            raise typer.Exit(1)
+
 
 def main() -> None:  # pragma: no cover
     app()

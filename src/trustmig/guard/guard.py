@@ -120,7 +120,8 @@ class Guard:
                 f"peer {peer_ip} exceeded {r.max_conn_rate_per_peer:g} connections/s "
                 f"(burst {2 * r.max_conn_rate_per_peer:g})",
             ), None
-        if self._table.half_open >= r.max_half_open:
+        reserved = r.is_reserved(peer_ip)
+        if not reserved and self._table.half_open >= r.max_half_open:
             return self._hit(
                 RULE_HALF_OPEN,
                 f"{self._table.half_open} handshakes already in progress (limit {r.max_half_open})",
@@ -131,7 +132,7 @@ class Guard:
                 f"peer {peer_ip} already has {self._table.peer_half_open(peer_ip)} handshakes "
                 f"in progress (limit {r.max_half_open_per_peer})",
             ), None
-        if self._table.established >= r.max_sessions:
+        if not reserved and self._table.established >= r.max_sessions:
             return self._hit(
                 RULE_SESSIONS,
                 f"{self._table.established} sessions are open (limit {r.max_sessions})",

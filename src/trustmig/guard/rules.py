@@ -57,11 +57,22 @@ class GuardRules:
     stall_timeout_s: float = 30.0
     max_sessions: int = 64
     max_sessions_per_peer: int = 16
+    #: Addresses of the cluster's own hosts. They are exempt from the *global* half-open and
+    #: session caps (never from the per-peer ones), so a flood from many addresses that fills
+    #: the global table cannot lock the legitimate peers out of a migration.
+    reserved_peers: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._networks: tuple[IPNetwork, ...] = tuple(
             parse_network(c) for c in self.allowed_networks
         )
+        for ip in self.reserved_peers:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise InvalidRulesError(
+                    f"reserved_peers entry {ip!r} is not an IP address; list the peers' addresses"
+                ) from None
         if self.allowed_identities is not None:
             for ident in self.allowed_identities:
                 if not isinstance(ident, str) or not ident.strip():
@@ -106,6 +117,10 @@ class GuardRules:
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
             addr = addr.ipv4_mapped
         return any(addr.version == net.version and addr in net for net in self._networks)
+
+    def is_reserved(self, peer_ip: str) -> bool:
+        """True when ``peer_ip`` is one of the cluster's own hosts (see ``reserved_peers``)."""
+        return peer_ip in self.reserved_peers
 
     def identity_allows(self, identity: str) -> bool:
         """True when ``identity`` may hold a session (None list = any authenticated identity)."""

@@ -122,6 +122,9 @@ class FloodSpec:
     connect_timeout_s: float = 2.0
     tls_verdict_wait_s: float = 0.05
     seed: int | None = None
+    #: Loopback source addresses the attempts are bound to, round-robin (a flood from many
+    #: "hosts"); empty means the kernel's choice (127.0.0.1).
+    source_ips: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.targets:
@@ -132,6 +135,8 @@ class FloodSpec:
             host, port = target
             check_loopback(str(host))
             _check_count("target port", port, 65535)
+        for ip in self.source_ips:
+            check_loopback(str(ip))
         if not self.kinds:
             raise ValueError(f"flood needs at least one kind out of {sorted(KINDS)}")
         unknown = [k for k in self.kinds if k not in KINDS]
@@ -301,6 +306,7 @@ class Flood:
         self._lock = threading.Lock()
         self._kinds = {k: KindReport() for k in spec.kinds}
         self._socks: set[socket.socket] = set()
+        self._next_source = -1
         self._max_open_seen = 0
         self._inflight = 0
         self._thread: threading.Thread | None = None
@@ -531,6 +537,15 @@ class Flood:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
+        if self.spec.source_ips:
+            with self._lock:
+                self._next_source = (self._next_source + 1) % len(self.spec.source_ips)
+                ip = self.spec.source_ips[self._next_source]
+            try:
+                sock.bind((ip, 0))
+            except OSError:
+                sock.close()
+                raise
         with self._lock:
             self._socks.add(sock)
             self._max_open_seen = max(self._max_open_seen, len(self._socks))
