@@ -38,6 +38,43 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 10.0
 
 
+class HandshakeWatchdog:
+    """Shuts a data connection down if it has not become a stream by the guard's deadline.
+
+    Per-recv socket timeouts alone let a peer hold a connection forever by trickling a byte
+    at a time; this bounds the whole handshake (or join) instead. Hand-over and expiry are
+    decided under one lock, so a stream that was handed over is never cut.
+    """
+
+    def __init__(self, conn: socket.socket, deadline_s: float) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+        self.expired = False
+        self._handed = False
+        self._timer = threading.Timer(deadline_s, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._handed:
+                return
+            self.expired = True
+        with contextlib.suppress(OSError):
+            self._conn.shutdown(socket.SHUT_RDWR)
+
+    def hand_over(self) -> None:
+        """The connection becomes a stream: from now on the migration supervises it."""
+        with self._lock:
+            if self.expired:
+                raise ChannelError("handshake deadline passed before the stream started")
+            self._handed = True
+        self._timer.cancel()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray(n)
     if n and not recv_exact(sock, memoryview(buf)):
@@ -187,15 +224,22 @@ class DataListener:
     def _handle(self, conn: socket.socket, peer: tuple[str, int], conn_id: int) -> None:
         tune_tcp(conn)
         conn.settimeout(HANDSHAKE_TIMEOUT)
+        dog = HandshakeWatchdog(conn, self.agent.guard.rules.handshake_deadline_s)
         try:
             mtype, frame = _read_frame(conn)
             if mtype == MsgType.CLIENT_HELLO:
-                self._handshake(conn, frame, conn_id)
+                self._handshake(conn, frame, conn_id, dog)
             elif mtype == MsgType.STREAM_JOIN:
-                self._join(conn, frame, conn_id)
+                self._join(conn, frame, conn_id, dog)
             else:
                 raise ChannelError(f"unexpected first message type {mtype}")
         except Exception as e:
+            dog.cancel()
+            if dog.expired:
+                e = ChannelError(
+                    f"handshake not finished within {self.agent.guard.rules.handshake_deadline_s:g}"
+                    f" s (guard handshake deadline): {e}"
+                )
             log.warning("data connection from %s:%s refused: %s", peer[0], peer[1], e)
             self.agent.note_refused_data_connection(peer, str(e))
             self.agent.guard_close(conn_id)
@@ -216,7 +260,9 @@ class DataListener:
             raise ChannelError(f"expected {inc.options.streams} streams, client asked {n_streams}")
         inc.state = "receiving"
 
-    def _handshake(self, conn: socket.socket, frame: bytes, conn_id: int) -> None:
+    def _handshake(
+        self, conn: socket.socket, frame: bytes, conn_id: int, dog: HandshakeWatchdog
+    ) -> None:
         hs = ServerHandshake(
             identity=self.agent.channel_identity,
             verify_peer=self.agent.verify_host_cert,
@@ -239,10 +285,13 @@ class DataListener:
             "transcript_hash": result.transcript_hash.hex(),
         }
         sess = _InboundSession(inc, result.session, JoinVerifier(result.session))
+        dog.hand_over()
         self._start_stream(sess, 0, conn)
         self._sessions[result.session_id] = sess
 
-    def _join(self, conn: socket.socket, frame: bytes, conn_id: int) -> None:
+    def _join(
+        self, conn: socket.socket, frame: bytes, conn_id: int, dog: HandshakeWatchdog
+    ) -> None:
         sid = parse_join(frame).session_id
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT
         # stream 0 registers its session once connected to QEMU; a join may arrive just before
@@ -254,6 +303,7 @@ class DataListener:
             index = sess.verifier.verify(frame)
         self.agent.guard_authenticated(conn_id, sess.incoming.source)
         self.agent.guard_close(conn_id)
+        dog.hand_over()
         self._start_stream(sess, index, conn)
 
     def _start_stream(self, sess: _InboundSession, index: int, conn: socket.socket) -> None:

@@ -294,7 +294,9 @@ async def migrate_out(
                 with contextlib.suppress(Exception):
                     st = await ctl.call("incoming.abort", {"migration_id": mid, "reason": reason},
                                         timeout=10)
-                    if st.get("error") and st["error"] not in reason:
+                    # the destination's view helps when the channel failed; after a refusal
+                    # decided here it would only describe the consequences of hanging up
+                    if mig.failure is not None and st.get("error") and st["error"] not in reason:
                         reason = f"{reason}; destination: {st['error']}"
         agent.audit_event("migration.abort", vm=name, migration_id=mid, user=mig.user,
                           outcome="failed", data={"reason": reason, "phase": mig.phase})

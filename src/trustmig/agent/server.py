@@ -542,7 +542,13 @@ class Agent:
 
     async def op_vm_check(self, req: Request) -> dict[str, Any]:
         m = self._vm(req.param("name"))
-        res = await m.qemu.console.check()
+        timeout = float(req.params.get("timeout") or 120)
+        try:
+            res = await m.qemu.console.check(min(max(timeout, 1.0), 600.0))
+        except TimeoutError:
+            raise RequestError(
+                f"VM {m.spec.name} did not answer its memory check within {timeout:.0f}s"
+            ) from None
         return {"name": m.spec.name, **res.__dict__}
 
     async def op_vm_heartbeats(self, req: Request) -> dict[str, Any]:

@@ -439,6 +439,66 @@ def bench_flood(
             raise typer.Exit(1)
 
 
+# ---------------------------------------------------------------------------------- lab
+lab_app = typer.Typer(no_args_is_help=True, help="Attack lab: the survey's attacks, baseline "
+                      "vs trustmig.")
+app.add_typer(lab_app, name="lab")
+
+
+@lab_app.command("run")
+def lab_run(
+    attack: Annotated[list[str] | None, typer.Option(
+        "--attack", help="Run only this attack (repeatable); default: all.")] = None,
+    report: Annotated[Path | None, typer.Option(
+        help="Write a self-contained HTML report here (and Markdown beside it).")] = None,
+    output: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Keep QEMU/agent files here.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run each attack against unprotected QEMU migration and against trustmig."""
+    from trustmig.lab.runner import run_lab, select
+
+    with _errors(as_json):
+        try:
+            chosen = select(attack)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+        say = (lambda s: None) if as_json else (lambda s: console.print(f"[cyan]»[/] {s}"))
+        with Progress(console=console, disable=as_json) as bar:
+            task = bar.add_task("attacks", total=len(chosen))
+
+            def done(entry: dict[str, Any]) -> None:
+                bar.advance(task)
+                if not as_json:
+                    b, t = entry["baseline_compromised"], entry["trustmig_compromised"]
+                    console.print(f"  {entry['name']}: baseline "
+                                  f"{'[red]compromised[/]' if b else '[green]held[/]' if b is False else '[yellow]error[/]'}"
+                                  f", trustmig "
+                                  f"{'[red]compromised[/]' if t else '[green]blocked[/]' if t is False else '[yellow]error[/]'}")
+
+            res = run_lab([a.name for a in chosen], workdir=workdir, say=say, on_result=done)
+        if output is not None:
+            output.write_text(json.dumps(res, indent=2, default=str) + "\n")
+        if report is not None:
+            from trustmig.lab.report import write_reports
+
+            html, md = write_reports(res, report)
+            if not as_json:
+                console.print(f"report: {html} and {md}")
+        if as_json:
+            print(json.dumps(res, default=str))
+        else:
+            t = Table("attack", "baseline", "trustmig", "trustmig outcome",
+                      title=f"attack lab ({res['duration_s']} s)")
+            for entry in res["attacks"]:
+                t.add_row(entry["name"], str(entry["baseline_compromised"]),
+                          str(entry["trustmig_compromised"]),
+                          str(entry["trustmig"].get("outcome"))[:110])
+            out.print(t)
+        if res["summary"]["trustmig_compromised"] or res["summary"]["errors"]:
+            raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -101,8 +101,12 @@ class Cutter(Tap):
 class MitmProxy:
     """TCP relay on 127.0.0.1 with a tap on the client→server direction."""
 
-    def __init__(self, target: tuple[str, int], tap: Tap | None = None,
-                 listen: tuple[str, int] = ("127.0.0.1", 0)) -> None:
+    def __init__(
+        self,
+        target: tuple[str, int],
+        tap: Tap | None = None,
+        listen: tuple[str, int] = ("127.0.0.1", 0),
+    ) -> None:
         if not target[0].startswith("127."):
             raise ValueError("the lab proxy only relays to loopback addresses")
         self.target = target
@@ -110,10 +114,17 @@ class MitmProxy:
         self.sock = socket.create_server(listen)
         self.address = self.sock.getsockname()[:2]
         self.connections = 0
+        self._tap_base = 0
         self._stop = False
         self._lock = threading.Lock()
         self._socks: list[socket.socket] = []
         self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def set_tap(self, tap: Tap | None) -> None:
+        """Use ``tap`` for connections accepted from now on, numbered again from 0."""
+        with self._lock:
+            self.tap = tap or Tap()
+            self._tap_base = self.connections
 
     @property
     def hostport(self) -> str:
@@ -163,7 +174,7 @@ class MitmProxy:
                         b.shutdown(socket.SHUT_WR)
                     return
                 if tapped:
-                    out = self.tap.on_data(idx, offset, data)
+                    out = self.tap.on_data(idx - self._tap_base, offset, data)
                     offset += len(data)
                     if out is None:
                         break
@@ -174,3 +185,50 @@ class MitmProxy:
         for s in (a, b):
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
+
+
+@dataclass
+class BlindTamper(Tap):
+    """Rewrites a known pattern where it appears and, failing that, overwrites ``span`` bytes
+    at ``at_offset`` of one connection: what a Xensploit-style attacker does when the memory it
+    wants to change is not recognisable on the wire."""
+
+    old: bytes
+    new: bytes
+    at_offset: int
+    span: int = 64
+    conn_index: int = 0
+    replaced: int = 0
+    tampered: int = 0
+
+    def on_data(self, conn_index: int, offset: int, data: bytes) -> bytes | None:
+        n = data.count(self.old)
+        if n:
+            self.replaced += n
+            data = data.replace(self.old, self.new)
+        end = offset + len(data)
+        if conn_index == self.conn_index and offset < self.at_offset + self.span and \
+                end > self.at_offset:  # fmt: skip
+            b = bytearray(data)
+            lo = max(self.at_offset, offset) - offset
+            hi = min(self.at_offset + self.span, end) - offset
+            for i in range(lo, hi):
+                b[i] ^= 0x5A
+            self.tampered += hi - lo
+            data = bytes(b)
+        return data
+
+
+@dataclass
+class Chain(Tap):
+    """Several taps in a row (e.g. record what passes, then cut)."""
+
+    taps: list[Tap]
+
+    def on_data(self, conn_index: int, offset: int, data: bytes) -> bytes | None:
+        out: bytes | None = data
+        for t in self.taps:
+            if out is None:
+                return None
+            out = t.on_data(conn_index, offset, out)
+        return out

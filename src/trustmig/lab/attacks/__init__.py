@@ -1,0 +1,29 @@
+"""The attack modules, in the order the lab runs and reports them."""
+
+from __future__ import annotations
+
+from trustmig.lab.attack import Attack
+from trustmig.lab.attacks import (
+    connection_abort,
+    eavesdrop,
+    false_resources,
+    flood,
+    malformed_stream,
+    memory_rewrite,
+    replay,
+    rogue_destination,
+    unauthorized,
+)
+
+ATTACKS: tuple[Attack, ...] = (
+    eavesdrop.ATTACK,
+    memory_rewrite.ATTACK,
+    replay.ATTACK,
+    unauthorized.ATTACK,
+    rogue_destination.ATTACK,
+    false_resources.ATTACK,
+    flood.ATTACK,
+    malformed_stream.ATTACK,
+    connection_abort.ATTACK,
+)
+BY_NAME = {a.name: a for a in ATTACKS}
