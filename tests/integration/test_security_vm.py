@@ -16,7 +16,7 @@ from trustmig.agent.governance import audit_url
 from trustmig.agent.local_cluster import free_port
 from trustmig.audit import AuditLog, verify_receipt
 from trustmig.hypervisor.spec import DEFAULT_SECRET
-from trustmig.lab.proxy import BitFlipper, MitmProxy, Rewriter, Sniffer
+from trustmig.lab.proxy import BitFlipper, Cutter, MitmProxy, Rewriter, Sniffer
 
 from .helpers import arun, assert_absent, assert_running_and_beating, pid_alive, spec, start_vm
 
@@ -226,3 +226,34 @@ def test_receipt_signed_by_both_and_audit_tamper_detected(make_cluster) -> None:
     r = subprocess.run(cli, capture_output=True, text=True)
     assert r.returncode != 0
     assert "seq 3" in r.stdout, r.stdout
+
+
+def test_postcopy_stream_cut_is_recovered_over_a_new_attested_session(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    cut = Cutter(after_bytes=16 * 1024 * 1024)
+    port = free_port()
+    with MitmProxy(("127.0.0.1", port), cut) as proxy:
+        cluster = make_cluster(data_listen={"host-b": f"127.0.0.1:{port}"},
+                               data_advertise={"host-b": proxy.hostport})
+
+        async def go():  # type: ignore[no-untyped-def]
+            a = await cluster.client("host-a", "alice")
+            b = await cluster.client("host-b", "alice")
+            try:
+                await start_vm(a, spec(memory=256, workload=64, rate=4), cluster)
+                res = await a.call("migrate", {"vm": "vm1", "to": "host-b", "options": {
+                    "mode": "postcopy", "postcopy_after_rounds": 1, "max_bandwidth_mibps": 32}},
+                    timeout=300)
+                await assert_running_and_beating(b, "vm1")
+                await assert_absent(a, "vm1")
+                check = await b.call("vm.check", {"name": "vm1"})
+                events: list[object] = []
+                return res, check, events
+            finally:
+                await a.close()
+                await b.close()
+
+        res, check, _ = arun(go())
+    assert cut.cut and proxy.connections >= 2  # the first stream was cut, a second one carried on
+    assert res["status"] == "completed" and res["mode"] == "postcopy"
+    assert res["stream_recoveries"] and "stream 0" in res["stream_recoveries"][0]
+    assert check["bad_pages"] == 0 and check["marker_ok"] == check["marker_total"]

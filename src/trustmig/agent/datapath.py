@@ -254,7 +254,7 @@ class DataListener:
             raise ChannelError(
                 f"migration {inc.migration_id} is expected from {inc.source}, not {client_name}"
             )
-        if inc.state != "prepared":
+        if inc.state not in ("prepared", "recovering"):
             raise ChannelError(f"migration {inc.migration_id} already has a session (replay?)")
         if n_streams != inc.options.streams:
             raise ChannelError(f"expected {inc.options.streams} streams, client asked {n_streams}")

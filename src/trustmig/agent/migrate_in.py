@@ -43,7 +43,8 @@ class IncomingMigration:
     user: dict[str, Any]
     qemu: QemuVM
     socket_path: Path
-    state: str = "prepared"  # prepared | receiving | completed | running | failed | aborted
+    # prepared | receiving | running | aborted | postcopy-paused | recovering
+    state: str = "prepared"
     error: str | None = None
     pumps: dict[int, StreamPump] = field(default_factory=dict)
     created: float = field(default_factory=time.monotonic)
@@ -53,6 +54,7 @@ class IncomingMigration:
     policy_json: str | None = None
     decision: str = ""
     failure_event: asyncio.Event = field(default_factory=asyncio.Event)
+    recoveries: int = 0
 
     def connect_qemu(self) -> socket.socket:
         """Open one migration connection to the incoming QEMU (called from data-path threads)."""
@@ -71,12 +73,22 @@ async def prepare(agent: Agent, params: dict[str, Any], source_host: str) -> dic
     opts = MigrationOptions.model_validate(params["options"])
     user = dict(params.get("user") or {})
     policy_json = params.get("policy")
-    decision = agent.gov.decide_in(user, policy_json, spec.name, source_host,
-                                   opts.mode == "postcopy")
-    agent.audit_event("policy.decision", vm=spec.name, migration_id=mid, user=user.get("name"),
-                      outcome="allow" if decision.allow else "deny",
-                      data={"direction": "migrate-in", "rule": decision.rule,
-                            "line": decision.line(), "source": source_host})
+    decision = agent.gov.decide_in(
+        user, policy_json, spec.name, source_host, opts.mode == "postcopy"
+    )
+    agent.audit_event(
+        "policy.decision",
+        vm=spec.name,
+        migration_id=mid,
+        user=user.get("name"),
+        outcome="allow" if decision.allow else "deny",
+        data={
+            "direction": "migrate-in",
+            "rule": decision.rule,
+            "line": decision.line(),
+            "source": source_host,
+        },
+    )
     if not decision.allow:
         raise IncomingError(decision.line())
     await agent.admit("in", tenant=spec.tenant, vm=spec.name, migration_id=mid)
@@ -134,8 +146,13 @@ async def prepare(agent: Agent, params: dict[str, Any], source_host: str) -> dic
         decision=decision.line(),
     )
     agent.incoming[mid] = inc
-    agent.audit_event("migration.phase", vm=spec.name, migration_id=mid, outcome="prepared",
-                      data={"source": source_host, "mode": opts.mode, "streams": opts.streams})
+    agent.audit_event(
+        "migration.phase",
+        vm=spec.name,
+        migration_id=mid,
+        outcome="prepared",
+        data={"source": source_host, "mode": opts.mode, "streams": opts.streams},
+    )
     return {
         "data_address": agent.data_advertise,
         "streams": opts.streams,
@@ -146,17 +163,108 @@ async def prepare(agent: Agent, params: dict[str, Any], source_host: str) -> dic
     }
 
 
+#: QEMU migration states in which the destination already runs the guest (post-copy): from
+#: then on the incoming QEMU holds the only up-to-date CPU state and must never be killed for a
+#: broken stream; the stream is recovered instead (``incoming.recover``).
+POSTCOPY_STATES = ("postcopy-active", "postcopy-paused", "postcopy-recover")
+
+
+async def _in_postcopy(inc: IncomingMigration) -> bool:
+    """Whether the destination may already run the guest (post-copy switch-over happened).
+
+    A post-copy destination whose stream broke can have its main loop blocked on a missing
+    page, so QMP does not answer: for a post-copy migration, silence counts as "yes" (keeping
+    a guest that could have been discarded is recoverable; killing the only copy is not).
+    """
+    if inc.options.mode != "postcopy" or not inc.qemu.alive():
+        return False
+    try:
+        status = (await asyncio.wait_for(query(inc.qemu), 2.0)).status
+    except Exception:  # noqa: BLE001
+        return True
+    return status in POSTCOPY_STATES
+
+
+async def _on_failure(agent: Agent, inc: IncomingMigration, reason: str) -> None:
+    if inc.state in ("running", "aborted", "postcopy-paused"):
+        return
+    if await _in_postcopy(inc):
+        inc.state = "postcopy-paused"
+        inc.error = reason
+        for p in inc.pumps.values():
+            p.close()
+        agent.audit_event(
+            "migration.phase",
+            vm=inc.spec.name,
+            migration_id=inc.migration_id,
+            outcome="postcopy-paused",
+            data={"reason": reason},
+        )
+        log.warning(
+            "post-copy stream of %s broke (%s): guest kept, waiting for the source to "
+            "recover the stream",
+            inc.spec.name,
+            reason,
+        )
+        return
+    inc.error = reason
+    inc.failure_event.set()
+    await abort(agent, inc, reason)
+
+
 def on_stream_failure(agent: Agent, inc: IncomingMigration, failure: StreamFailure) -> None:
-    """Called from a pump thread: the first failure of any stream kills the incoming guest."""
+    """Called from a pump thread: the first failure of a stream kills the incoming guest, unless
+    post-copy has started (then the guest is kept and the stream can be recovered)."""
 
     def _fail() -> None:
-        if inc.state in ("running",):
-            return
-        inc.error = f"data channel {failure.line()}"
-        inc.failure_event.set()
-        agent.spawn(abort(agent, inc, inc.error))
+        if inc.state not in ("running", "aborted", "postcopy-paused"):
+            agent.spawn(_on_failure(agent, inc, f"data channel {failure.line()}"))
 
     agent.loop.call_soon_threadsafe(_fail)
+
+
+async def recover(agent: Agent, inc: IncomingMigration, timeout: float = 15.0) -> dict[str, Any]:
+    """Re-open a broken post-copy stream: QEMU listens again (``migrate-recover``) and the data
+    listener accepts one new, freshly authenticated and attested session for this migration."""
+    if inc.state == "receiving" and await _in_postcopy(inc):
+        # the source saw the stream break before this side did: believe it (it is an
+        # authenticated peer) and drop the dead stream so QEMU pauses too
+        await _on_failure(agent, inc, "source reported the post-copy stream broken")
+    if inc.state != "postcopy-paused":
+        raise IncomingError(
+            f"migration {inc.migration_id} is {inc.state}; only a post-copy migration whose "
+            "stream broke can be recovered"
+        )
+    for p in inc.pumps.values():
+        p.close()
+    inc.pumps = {}
+    inc.recoveries += 1
+    path = inc.qemu.sock_dir / f"recover-{inc.recoveries}.sock"
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    # QEMU needs a moment to notice the closed stream and pause; migrate-recover runs
+    # out-of-band because the main loop may be blocked on a missing page
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await inc.qemu.cmd("migrate-recover", {"uri": f"unix:{path}"}, timeout=5, oob=True)
+            break
+        except Exception as e:  # noqa: BLE001 - retried until the deadline, then reported
+            if time.monotonic() > deadline:
+                raise IncomingError(f"destination QEMU refused migrate-recover: {e}") from None
+            await asyncio.sleep(0.1)
+    inc.socket_path = path
+    inc.error = None
+    inc.failure_event.clear()
+    inc.state = "recovering"
+    agent.audit_event(
+        "migration.phase",
+        vm=inc.spec.name,
+        migration_id=inc.migration_id,
+        outcome="postcopy-recover",
+        data={"attempt": inc.recoveries},
+    )
+    return {"data_address": agent.data_advertise, "attempt": inc.recoveries}
 
 
 async def abort(agent: Agent, inc: IncomingMigration, reason: str) -> None:
@@ -169,8 +277,13 @@ async def abort(agent: Agent, inc: IncomingMigration, reason: str) -> None:
         p.close()
     await inc.qemu.kill()
     agent.release(inc.migration_id)
-    agent.audit_event("migration.abort", vm=inc.spec.name, migration_id=inc.migration_id,
-                      outcome="aborted", data={"reason": inc.error, "phase": prev})
+    agent.audit_event(
+        "migration.abort",
+        vm=inc.spec.name,
+        migration_id=inc.migration_id,
+        outcome="aborted",
+        data={"reason": inc.error, "phase": prev},
+    )
     log.warning("migration %s of %s aborted: %s", inc.migration_id, inc.spec.name, inc.error)
 
 
@@ -206,8 +319,13 @@ async def commit(agent: Agent, inc: IncomingMigration, timeout: float = 60.0) ->
     agent.gov.record_migration(inc.spec.name)
     if inc.policy_json:
         agent.gov.set_vm_policy(inc.spec.name, inc.policy_json)
-    agent.audit_event("migration.phase", vm=inc.spec.name, migration_id=inc.migration_id,
-                      outcome="running", data={"source": inc.source})
+    agent.audit_event(
+        "migration.phase",
+        vm=inc.spec.name,
+        migration_id=inc.migration_id,
+        outcome="running",
+        data={"source": inc.source},
+    )
     return {"state": run_state, "pid": inc.qemu.pid}
 
 
@@ -215,5 +333,19 @@ async def watch_control(agent: Agent, inc: IncomingMigration, closed: asyncio.Ev
     """The source's control connection is the lease: losing it before commit aborts."""
     with contextlib.suppress(asyncio.CancelledError):
         await closed.wait()
-        if inc.state not in ("running", "aborted"):
-            await abort(agent, inc, "source control connection lost before commit")
+        if inc.state in ("running", "aborted"):
+            return
+        if await _in_postcopy(inc):
+            # the guest already runs here: killing it would lose the VM; keep it and say so
+            agent.audit_event(
+                "migration.phase",
+                vm=inc.spec.name,
+                migration_id=inc.migration_id,
+                outcome="in-doubt",
+                data={"reason": "source control connection lost during post-copy"},
+            )
+            log.error(
+                "source of %s vanished during post-copy: guest kept, state in doubt", inc.spec.name
+            )
+            return
+        await abort(agent, inc, "source control connection lost before commit")

@@ -33,6 +33,7 @@ from trustmig.agent.claim_check import judge_claim, summary_field
 from trustmig.agent.client import ControlClient, ControlError
 from trustmig.agent.datapath import OutboundSession, open_outbound_session
 from trustmig.agent.governance import stream_digest
+from trustmig.channel.errors import ChannelError
 from trustmig.channel.relay import StreamFailure, StreamPump
 from trustmig.hypervisor.migration import (
     MigrationOptions,
@@ -67,6 +68,8 @@ class OutgoingMigration:
     pumps: list[StreamPump] = field(default_factory=list)
     postcopy_started: bool = False
     result: dict[str, Any] = field(default_factory=dict)
+    recoveries: int = 0
+    recovered_from: list[str] = field(default_factory=list)
 
 
 def _accept_qemu_streams(
@@ -91,6 +94,63 @@ def _accept_qemu_streams(
         mig.pumps.append(pump)
         pump.start()
         idx += 1
+
+
+@dataclass
+class _DataPath:
+    """One channel session and the unix socket QEMU migrates into; torn down as a unit."""
+
+    session: OutboundSession
+    listener: socket.socket
+    sock_path: Path
+    thread: Any = None
+    stopped: bool = False
+
+    async def close(self, mig: OutgoingMigration) -> None:
+        self.stopped = True
+        for p in mig.pumps:
+            if not p.done:
+                await asyncio.to_thread(p.join, 5)
+            if not p.done:
+                p.close()
+        self.session.close()
+        self.listener.close()
+        if self.thread is not None:
+            await asyncio.to_thread(self.thread.join, 2)
+        with contextlib.suppress(FileNotFoundError):
+            self.sock_path.unlink()
+
+
+async def _open_data_path(
+    agent: Agent,
+    mig: OutgoingMigration,
+    data_addr: str,
+    sock_path: Path,
+    on_failure: Callable[[StreamFailure], None],
+) -> _DataPath:
+    """Handshake (identities + attestation) and join every stream, then listen for QEMU."""
+    session = await asyncio.to_thread(
+        open_outbound_session, agent, data_addr, mig.destination, mig.migration_id,
+        mig.options.streams,
+    )  # fmt: skip
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            sock_path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(sock_path))
+        listener.listen(mig.options.streams + 1)
+    except BaseException:
+        session.close()
+        raise
+    dp = _DataPath(session, listener, sock_path)
+    dp.thread = agent.start_thread(
+        _accept_qemu_streams, listener, session, mig, on_failure, lambda: dp.stopped
+    )
+    return dp
+
+
+#: How many times a broken post-copy stream is re-established before giving up.
+MAX_POSTCOPY_RECOVERIES = 5
 
 
 async def migrate_out(
@@ -122,32 +182,50 @@ async def migrate_out(
 
     # 1. migrate-out decision, before any connection to the destination
     decision = agent.gov.decide_out(principal, name, destination, opts.mode == "postcopy")
-    agent.audit_event("policy.decision", vm=name, migration_id=mid, user=mig.user,
-                      outcome="allow" if decision.allow else "deny",
-                      data={"direction": "migrate-out", "rule": decision.rule,
-                            "line": decision.line(), "destination": destination})
+    agent.audit_event(
+        "policy.decision",
+        vm=name,
+        migration_id=mid,
+        user=mig.user,
+        outcome="allow" if decision.allow else "deny",
+        data={
+            "direction": "migrate-out",
+            "rule": decision.rule,
+            "line": decision.line(),
+            "destination": destination,
+        },
+    )
     if not decision.allow:
         raise MigrationFailed(decision.line())
     quarantined = agent.quarantine.is_quarantined(destination)
     if quarantined is not None:
-        agent.audit_event("guard.quarantine", vm=name, migration_id=mid, user=mig.user,
-                          outcome="refused", data={"host": destination, "reason": quarantined})
+        agent.audit_event(
+            "guard.quarantine",
+            vm=name,
+            migration_id=mid,
+            user=mig.user,
+            outcome="refused",
+            data={"host": destination, "reason": quarantined},
+        )
         raise MigrationFailed(
             f"destination {destination} is quarantined ({quarantined}); a security-admin must "
             f"clear it first: trustmig guard clear {destination}"
         )
     await agent.admit("out", tenant=managed.spec.tenant, vm=name, migration_id=mid)
     ctl: ControlClient | None = None
-    listener: socket.socket | None = None
-    session: OutboundSession | None = None
-    accept_thread = None
-    stop_accept = False
+    dp: _DataPath | None = None
     sock_path = vm.sock_dir / f"out-{mid[:8]}.sock"
     committed = False
     hb_start = time.time()
     managed.state = "migrating-out"
-    agent.audit_event("migration.phase", vm=name, migration_id=mid, user=mig.user,
-                      outcome="start", data={"destination": destination, "mode": opts.mode})
+    agent.audit_event(
+        "migration.phase",
+        vm=name,
+        migration_id=mid,
+        user=mig.user,
+        outcome="start",
+        data={"destination": destination, "mode": opts.mode},
+    )
 
     def on_failure(f: StreamFailure) -> None:
         def _set() -> None:
@@ -178,32 +256,34 @@ async def migrate_out(
         mig.phase = "handshake"
         await emit({"event": "phase", "phase": "handshake", "data_address": data_addr})
         t_hs = time.monotonic()
-        session = await asyncio.to_thread(
-            open_outbound_session, agent, data_addr, destination, mid, opts.streams
-        )
+        dp = await _open_data_path(agent, mig, data_addr, sock_path, on_failure)
+        session = dp.session
         handshake_ms = (time.monotonic() - t_hs) * 1000
-        agent.audit_event("attest.result", vm=name, migration_id=mid,
-                          outcome=session.peer_evidence_summary,
-                          data={"peer": destination, "handshake_ms": round(handshake_ms, 2)})
-        resources = _judge_resources(agent, ctl, destination, prep,
-                                     session.peer_evidence_summary, managed, mid, mig.user)
+        agent.audit_event(
+            "attest.result",
+            vm=name,
+            migration_id=mid,
+            outcome=session.peer_evidence_summary,
+            data={"peer": destination, "handshake_ms": round(handshake_ms, 2)},
+        )
+        resources = _judge_resources(
+            agent, ctl, destination, prep, session.peer_evidence_summary, managed, mid, mig.user
+        )
 
         # 4. QEMU -> unix socket -> pumps
-        with contextlib.suppress(FileNotFoundError):
-            sock_path.unlink()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(sock_path))
-        listener.listen(opts.streams + 1)
-        accept_thread = agent.start_thread(
-            _accept_qemu_streams, listener, session, mig, on_failure, lambda: stop_accept
-        )
         await configure_source(vm, opts)
         mig.phase = "transfer"
         t0 = time.monotonic()
         cpu0 = vm.cpu_seconds()
         await vm.cmd("migrate", {"uri": f"unix:{sock_path}"})
         await emit({"event": "phase", "phase": "transfer"})
-        prog = await _watch(agent, mig, vm, ctl, opts, emit, t0)
+
+        async def recover_postcopy() -> None:
+            nonlocal dp
+            assert ctl is not None and dp is not None
+            dp = await _recover_postcopy(agent, mig, vm, ctl, dp, data_addr, on_failure, emit)
+
+        prog = await _watch(agent, mig, vm, ctl, opts, emit, t0, recover_postcopy)
         wall_ms = (time.monotonic() - t0) * 1000
         cpu_src = vm.cpu_seconds() - cpu0
         if prog.status != "completed":
@@ -238,8 +318,7 @@ async def migrate_out(
         managed.state = "migrated"
         agent.forget_vm(name)
         agent.gov.record_migration(name)
-        receipt = await _exchange_receipt(agent, ctl, mig, stream_digest(mig.pumps),
-                                          peer_audit_pub)
+        receipt = await _exchange_receipt(agent, ctl, mig, stream_digest(mig.pumps), peer_audit_pub)
         agent.gov.drop_vm_policy(name)
         result = {
             "status": "completed",
@@ -260,6 +339,7 @@ async def migrate_out(
             "ram_total": prog.total,
             "rounds": prog.rounds,
             "postcopy_requests": prog.postcopy_requests,
+            "stream_recoveries": mig.recovered_from,
             "throughput_mbps": round(prog.transferred / 1e6 / (prog.total_ms / 1000), 1)
             if prog.total_ms
             else None,
@@ -281,44 +361,47 @@ async def migrate_out(
             "error": None,
         }
         mig.result = result
-        agent.audit_event("migration.complete", vm=name, migration_id=mid, user=mig.user,
-                          outcome="completed",
-                          data={k: result[k] for k in ("destination", "mode", "total_ms",
-                                                        "downtime_ms", "bytes_transferred")})
+        agent.audit_event(
+            "migration.complete",
+            vm=name,
+            migration_id=mid,
+            user=mig.user,
+            outcome="completed",
+            data={
+                k: result[k]
+                for k in ("destination", "mode", "total_ms", "downtime_ms", "bytes_transferred")
+            },
+        )
         return result
     except BaseException as e:
         reason = _reason(e, mig)
         if not committed:
             await _recover_source(agent, managed, mig)
-            if ctl is not None and not ctl.closed.is_set():
+            # after the post-copy switch the destination runs the guest: never kill it from here
+            if ctl is not None and not ctl.closed.is_set() and not mig.postcopy_started:
                 with contextlib.suppress(Exception):
-                    st = await ctl.call("incoming.abort", {"migration_id": mid, "reason": reason},
-                                        timeout=10)
+                    st = await ctl.call(
+                        "incoming.abort", {"migration_id": mid, "reason": reason}, timeout=10
+                    )
                     # the destination's view helps when the channel failed; after a refusal
                     # decided here it would only describe the consequences of hanging up
                     if mig.failure is not None and st.get("error") and st["error"] not in reason:
                         reason = f"{reason}; destination: {st['error']}"
-        agent.audit_event("migration.abort", vm=name, migration_id=mid, user=mig.user,
-                          outcome="failed", data={"reason": reason, "phase": mig.phase})
+        agent.audit_event(
+            "migration.abort",
+            vm=name,
+            migration_id=mid,
+            user=mig.user,
+            outcome="failed",
+            data={"reason": reason, "phase": mig.phase},
+        )
         if isinstance(e, asyncio.CancelledError):
             raise
         raise MigrationFailed(reason) from None
     finally:
         agent.release(mid)
-        stop_accept = True
-        for p in mig.pumps:
-            if not p.done:
-                await asyncio.to_thread(p.join, 5)
-            if not p.done:
-                p.close()
-        if session is not None:
-            session.close()
-        if listener is not None:
-            listener.close()
-        if accept_thread is not None:
-            await asyncio.to_thread(accept_thread.join, 2)
-        with contextlib.suppress(FileNotFoundError):
-            Path(sock_path).unlink()
+        if dp is not None:
+            await dp.close(mig)
         if ctl is not None:
             await ctl.close()
 
@@ -335,12 +418,19 @@ async def _exchange_receipt(
     }  # fmt: skip
     own = agent.gov.sign_receipt(fields)
     try:
-        res = await ctl.call("incoming.receipt", {"migration_id": mig.migration_id,
-                                                  "fields": fields, "signature": own})
+        res = await ctl.call(
+            "incoming.receipt",
+            {"migration_id": mig.migration_id, "fields": fields, "signature": own},
+        )
         agent.gov.check_and_store_receipt(fields, own, mig.destination, res["signature"], peer_pub)
     except Exception as e:
-        agent.audit_event("receipt", vm=mig.vm, migration_id=mig.migration_id, outcome="missing",
-                          data={"error": str(e)})
+        agent.audit_event(
+            "receipt",
+            vm=mig.vm,
+            migration_id=mig.migration_id,
+            outcome="missing",
+            data={"error": str(e)},
+        )
         return {"migration_id": mig.migration_id, "error": f"receipt not countersigned: {e}"}
     return {**fields, "source_signature": own, "destination_signature": res["signature"]}
 
@@ -366,16 +456,26 @@ def _judge_resources(
         raise MigrationFailed("destination control session has no certificate to check its claim")
     j = judge_claim(agent, prep.get("resources"), cert, evidence_summary, managed.spec, mid)
     name = managed.spec.name
-    agent.audit_event("guard.claim", vm=name, migration_id=mid, user=user,
-                      outcome="accepted" if j.accept else ("lie" if j.lie else "refused"),
-                      data={"host": dest, "rule": j.rule, "reason": j.reason, "claim": j.claim})
+    agent.audit_event(
+        "guard.claim",
+        vm=name,
+        migration_id=mid,
+        user=user,
+        outcome="accepted" if j.accept else ("lie" if j.lie else "refused"),
+        data={"host": dest, "rule": j.rule, "reason": j.reason, "claim": j.claim},
+    )
     if j.accept:
         return {"rule": j.rule, "claim": j.claim}
     if j.lie:
         agent.quarantine.add(dest, f"{j.rule}: {j.reason}")
-        agent.audit_event("guard.quarantine", vm=name, migration_id=mid, user=user,
-                          outcome="quarantined", data={"host": dest, "rule": j.rule,
-                                                       "reason": j.reason})
+        agent.audit_event(
+            "guard.quarantine",
+            vm=name,
+            migration_id=mid,
+            user=user,
+            outcome="quarantined",
+            data={"host": dest, "rule": j.rule, "reason": j.reason},
+        )
         raise MigrationFailed(
             f"destination {dest} refused and quarantined: {j.reason} ({j.rule}); no memory was "
             f"sent; a security-admin can clear it with 'trustmig guard clear {dest}'"
@@ -428,13 +528,18 @@ async def _watch(
     opts: MigrationOptions,
     emit: Emit,
     t0: float,
+    recover: Callable[[], Awaitable[None]] | None = None,
 ) -> MigrationProgress:
     last_bytes, last_change = -1, time.monotonic()
     last_emit = 0.0
     prev_remaining: list[int] = []
     while True:
         if mig.failure_event.is_set():
-            raise MigrationFailed(_reason(Exception(), mig))
+            if not (mig.postcopy_started and recover is not None):
+                raise MigrationFailed(_reason(Exception(), mig))
+            await recover()
+            last_bytes, last_change = -1, time.monotonic()
+            continue
         if ctl.closed.is_set():
             raise MigrationFailed(f"destination {mig.destination} control connection lost")
         if not vm.alive():
@@ -445,6 +550,13 @@ async def _watch(
             if prog.status != "completed" and mig.failure is not None:
                 raise MigrationFailed(_reason(Exception(), mig))
             return prog
+        if prog.status == "postcopy-paused" and not mig.failure_event.is_set():
+            # QEMU noticed the broken stream before the pumps did
+            mig.failure = mig.failure or StreamFailure(
+                0, None, "source→destination", "post-copy stream paused"
+            )
+            mig.failure_event.set()
+            continue
         if prog.transferred != last_bytes:
             last_bytes, last_change = prog.transferred, now
         elif now - last_change > opts.stall_timeout_s:
@@ -465,10 +577,83 @@ async def _watch(
             if prog.rounds >= opts.postcopy_after_rounds or not_converging:
                 await vm.cmd("migrate-start-postcopy")
                 mig.postcopy_started = True
-                await emit({"event": "phase", "phase": "postcopy",
-                            "after_rounds": prog.rounds})
+                await emit({"event": "phase", "phase": "postcopy", "after_rounds": prog.rounds})
         if now - last_emit > 0.2:
             last_emit = now
-            await emit({"event": "progress", **prog.to_json(),
-                        "elapsed_ms": round((now - t0) * 1000)})
+            await emit(
+                {"event": "progress", **prog.to_json(), "elapsed_ms": round((now - t0) * 1000)}
+            )
         await asyncio.sleep(0.01 if prog.remaining < 64 * 1024 * 1024 else 0.05)
+
+
+async def _wait_status(vm: Any, wanted: tuple[str, ...], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    status = "unknown"
+    while time.monotonic() < deadline:
+        status = (await query(vm)).status
+        if status in wanted:
+            return status
+        await asyncio.sleep(0.05)
+    raise MigrationFailed(f"source QEMU is {status}, expected {' or '.join(wanted)}")
+
+
+async def _recover_postcopy(
+    agent: Agent,
+    mig: OutgoingMigration,
+    vm: Any,
+    ctl: ControlClient,
+    dp: _DataPath,
+    data_addr: str,
+    on_failure: Callable[[StreamFailure], None],
+    emit: Emit,
+) -> _DataPath:
+    """Re-establish a broken post-copy stream over a fresh, re-attested channel session.
+
+    After the switch-over the guest runs on the destination while the source still holds the
+    pages it has not sent: cancelling is impossible and killing either side loses the VM. Both
+    QEMUs pause the migration (``postcopy-paused``); the destination listens again
+    (``migrate-recover``), a new session is authenticated and attested like the first one, and
+    the source resumes (``migrate resume=true``). After ``MAX_POSTCOPY_RECOVERIES`` failed
+    attempts both sides stay paused and the migration is reported in doubt: never two copies.
+    """
+    cause = _reason(Exception(), mig)
+    last_error = cause
+    for attempt in range(1, MAX_POSTCOPY_RECOVERIES + 1):
+        mig.recoveries += 1
+        agent.audit_event(
+            "migration.phase",
+            vm=mig.vm,
+            migration_id=mig.migration_id,
+            user=mig.user,
+            outcome="postcopy-recover",
+            data={"reason": last_error, "attempt": attempt},
+        )
+        await emit(
+            {
+                "event": "phase",
+                "phase": "postcopy-recover",
+                "attempt": attempt,
+                "reason": last_error,
+            }
+        )
+        try:
+            await _wait_status(vm, ("postcopy-paused",), 20)
+            await dp.close(mig)
+            res = await ctl.call("incoming.recover", {"migration_id": mig.migration_id}, timeout=30)
+            mig.failure = None
+            mig.failure_event.clear()
+            sock = dp.sock_path.with_name(f"{dp.sock_path.stem}-r{mig.recoveries}.sock")
+            dp = await _open_data_path(
+                agent, mig, str(res.get("data_address") or data_addr), sock, on_failure
+            )
+            await vm.cmd("migrate", {"uri": f"unix:{sock}", "resume": True})
+            mig.recovered_from.append(cause)
+            return dp
+        except (MigrationFailed, ControlError, OSError, ChannelError) as e:
+            last_error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            await asyncio.sleep(min(2.0 * attempt, 5.0))
+    raise MigrationFailed(
+        f"post-copy stream broke ({cause}) and could not be recovered ({last_error}); the "
+        f"guest stays paused on {mig.destination} with the missing pages on the source: "
+        "restore the network, then retry the recovery"
+    )

@@ -58,7 +58,7 @@ log = logging.getLogger("trustmig.agent")
 
 Handler = Callable[["Request"], Awaitable[dict[str, Any]]]
 HOST_OPS = {"incoming.prepare", "incoming.commit", "incoming.abort", "incoming.status",
-            "incoming.receipt", "ping"}
+            "incoming.receipt", "incoming.recover", "ping"}
 USER_OPS = {
     "ping", "host.status", "vm.start", "vm.list", "vm.stop", "vm.check", "vm.heartbeats",
     "vm.resume", "migrate", "migration.list", "policy.set", "policy.show", "audit.show",
@@ -214,6 +214,7 @@ class Agent:
             "incoming.abort": self.op_incoming_abort,
             "incoming.status": self.op_incoming_status,
             "incoming.receipt": self.op_incoming_receipt,
+            "incoming.recover": self.op_incoming_recover,
             "policy.set": self.op_policy_set,
             "policy.show": self.op_policy_show,
             "audit.show": self.op_audit_show,
@@ -665,6 +666,13 @@ class Agent:
         self.gov.check_and_store_receipt(fields, own, inc.source, req.param("signature"),
                                          inc.peer_audit_pub)
         return {"signature": own}
+
+    async def op_incoming_recover(self, req: Request) -> dict[str, Any]:
+        inc = self._incoming(req)
+        try:
+            return await migrate_in.recover(self, inc)
+        except migrate_in.IncomingError as e:
+            raise RequestError(f"recover failed: {e}") from None
 
     async def op_incoming_status(self, req: Request) -> dict[str, Any]:
         inc = self._incoming(req)

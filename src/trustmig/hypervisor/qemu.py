@@ -166,10 +166,15 @@ class QemuVM:
             return "(no stderr)"
         return " | ".join(lines[-n:]) or "(no stderr)"
 
-    async def cmd(self, name: str, args: dict[str, Any] | None = None, timeout: float = 30) -> Any:
+    async def cmd(
+        self, name: str, args: dict[str, Any] | None = None, timeout: float = 30,
+        *, oob: bool = False,
+    ) -> Any:
+        """Run a QMP command. ``oob`` uses QEMU's out-of-band execution, which still works when
+        the main loop is blocked (e.g. a post-copy destination waiting for missing pages)."""
         if not self.alive():
             raise QemuError(f"QEMU for {self.spec.name} is not running")
-        return await asyncio.wait_for(self.qmp.execute(name, args or {}), timeout)
+        return await asyncio.wait_for(self.qmp.execute(name, args or {}, oob=oob), timeout)
 
     async def status(self) -> str:
         """QEMU run state ('running', 'paused', 'inmigrate', 'postmigrate'...) or 'absent'."""

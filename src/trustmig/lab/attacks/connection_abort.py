@@ -98,7 +98,12 @@ async def trustmig(env: LabEnv) -> Outcome:
             "guest": guest,
             "mode_used": res.get("mode") if res else None,
         }
-        lines.append(_line(case, guest, f"migration {status}" + (f" ({err})" if err else "")))
+        recovered = (res or {}).get("stream_recoveries") or []
+        cases[case]["stream_recoveries"] = recovered
+        detail = f"migration {status}" + (f" ({err})" if err else "")
+        if recovered:
+            detail += f" after {len(recovered)} stream recovery over a new attested session"
+        lines.append(_line(case, guest, detail))
         await t.stop_vm(name)
     worst = min(cases.values(), key=lambda c: _ok(c["guest"]))
     return Outcome(
