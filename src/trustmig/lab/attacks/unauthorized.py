@@ -97,7 +97,7 @@ async def trustmig(env: LabEnv) -> Outcome:
             results["unprivileged user migrate-out"] = None
         except ControlError as e:
             results["unprivileged user migrate-out"] = str(e)
-        events = (await c.call("audit.show", {"limit": 50}))["events"]
+        events = (await c.call("audit.show", {"vm": NAME, "limit": 200}))["events"]
         verify = await c.call("audit.verify")
     finally:
         await c.close()

@@ -1,0 +1,151 @@
+"""The attack lab on real guests: each attack works against QEMU's own migration and fails
+against trustmig, judged from the evidence the attack collected (the lab runs once per module).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trustmig.lab.report import write_reports
+from trustmig.lab.runner import run_lab
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1500)]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    import json
+
+    root = tmp_path_factory.mktemp("lab")
+    report = run_lab(workdir=root)
+    (root / "lab.json").write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+def _attack(lab: dict[str, Any], name: str) -> dict[str, Any]:
+    entry = next(a for a in lab["attacks"] if a["name"] == name)
+    assert entry["error"] is None, entry
+    assert entry["baseline_compromised"] is True, entry["baseline"]
+    return entry
+
+
+def _protected_guest(entry: dict[str, Any], where: str) -> None:
+    """trustmig blocked it: the guest runs exactly once, where expected, memory intact."""
+    assert entry["trustmig_compromised"] is False, entry["trustmig"]
+    g = entry["trustmig"]["guest"]
+    assert g["running_copies"] == 1 and g["where"] == where, g
+    assert g["memory_intact"] is True and g["heartbeat_continued"] is True, g
+    assert g["pending_incoming"] == 0, g
+
+
+def test_every_attack_ran_and_the_summary_counts_them(lab: dict[str, Any]) -> None:
+    assert [a["name"] for a in lab["attacks"]] == [
+        "eavesdrop", "memory-rewrite", "replay", "unauthorized", "rogue-destination",
+        "false-resources", "flood", "malformed-stream", "connection-abort"]
+    outcomes = {a["name"]: (a["baseline"]["outcome"], a["trustmig"]["outcome"])
+                for a in lab["attacks"]}
+    assert lab["summary"] == {"attacks": 9, "baseline_compromised": 9,
+                              "trustmig_compromised": 0, "errors": 0}, outcomes
+
+
+def test_eavesdropper_reads_the_secret_only_in_the_baseline(lab: dict[str, Any]) -> None:
+    e = _attack(lab, "eavesdrop")
+    assert e["baseline_compromised"] and e["baseline"]["evidence"]["marker_hits"] >= 64
+    ev = e["trustmig"]["evidence"]
+    assert ev["marker_hits"] == 0 and ev["bytes_seen"] > 64 << 20 and ev["migration"] == "completed"
+    _protected_guest(e, "host-b")
+
+
+def test_rewritten_memory_arrives_in_the_baseline_guest_only(lab: dict[str, Any]) -> None:
+    e = _attack(lab, "memory-rewrite")
+    chk = e["baseline"]["evidence"]["destination_check"]
+    assert e["baseline"]["evidence"]["rewritten"] > 0 and chk["marker_ok"] < chk["marker_total"]
+    ev = e["trustmig"]["evidence"]
+    assert ev["bytes_tampered"] > 0 and "authentication failed" in ev["error"]
+    _protected_guest(e, "host-a")
+
+
+def test_replayed_stream_resurrects_a_stale_copy_only_in_the_baseline(lab: dict[str, Any]) -> None:
+    e = _attack(lab, "replay")
+    ev = e["baseline"]["evidence"]
+    assert e["baseline"]["guest"]["running_copies"] == 2
+    assert ev["replayed_heartbeat"] < ev["live_heartbeat"]  # the copy went back in time
+    tv = e["trustmig"]["evidence"]
+    assert tv["new_incoming_migrations"] == 0 and tv["bytes_replayed"] > 0
+    assert "replay" in tv["refusal"] or "no migration" in tv["refusal"], tv
+    _protected_guest(e, "host-b")
+
+
+def test_unauthorized_requests_are_obeyed_only_by_the_baseline(lab: dict[str, Any]) -> None:
+    e = _attack(lab, "unauthorized")
+    ev = e["baseline"]["evidence"]
+    assert ev["attacker_copy"]["running_copies"] == 1
+    assert ev["migrate_in_from_unknown_host"] == "running"
+    tv = e["trustmig"]["evidence"]
+    assert all(tv["attempts"].values()), tv["attempts"]  # every attempt got an error line
+    assert tv["attempts"]["unprivileged user migrate-out"].startswith("DENY")
+    assert tv["audit_denials_of_mallory"] >= 1 and tv["audit_chain_ok"] is True
+    _protected_guest(e, "host-a")
+
+
+def test_rogue_destination_receives_memory_only_from_the_baseline(lab: dict[str, Any]) -> None:
+    e = _attack(lab, "rogue-destination")
+    assert e["baseline"]["evidence"]["bytes_received"] > 64 << 20
+    tv = e["trustmig"]["evidence"]
+    assert tv["bytes_received"] < 64 * 1024 and "qemu-binary" in tv["error"]
+    _protected_guest(e, "host-a")
+
+
+def test_lying_host_attracts_the_vm_only_in_the_baseline(lab: dict[str, Any]) -> None:
+    e = _attack(lab, "false-resources")
+    assert e["baseline"]["evidence"]["chosen"] == "host-l"
+    tv = e["trustmig"]["evidence"]
+    assert "claim_exceeds_attested" in tv["error"] and tv["quarantined"]
+    assert "is quarantined" in tv["second_attempt"] and tv["cleared_by"] == "sam"
+    _protected_guest(e, "host-a")
+
+
+def test_flood_stops_only_the_baseline_migration(lab: dict[str, Any]) -> None:
+    e = _attack(lab, "flood")
+    assert e["baseline"]["evidence"]["flooded_mbps"] is None  # the migration did not complete
+    tv = e["trustmig"]["evidence"]
+    assert tv["flood"]["attempted"] > 500 and tv["flooded_mbps"]
+    rss = tv["agent_rss_kib"]
+    assert rss["max"] - rss["first"] < 64 * 1024
+    _protected_guest(e, "host-b")
+
+
+def test_malformed_input_corrupts_or_breaks_only_the_baseline(lab: dict[str, Any]) -> None:
+    e = _attack(lab, "malformed-stream")
+    results = [c["result"] for c in e["baseline"]["evidence"]["cases"].values()]
+    assert {"silently corrupted", "crashed", "hung"} & set(results), results
+    tv = e["trustmig"]["evidence"]
+    assert tv["agent_alive"] and tv["agent_responsive"] and tv["new_incoming"] == 0
+    assert tv["outcomes"].get("hung", 0) == 0 and tv["rss_growth_mib"] < 64
+    assert e["trustmig_compromised"] is False
+
+
+def test_cut_stream_loses_the_vm_only_in_the_baseline(lab: dict[str, Any]) -> None:
+    e = _attack(lab, "connection-abort")
+    assert e["baseline"]["evidence"]["post-copy"]["guest"]["running_copies"] == 0
+    tv = e["trustmig"]["evidence"]
+    pre, post = tv["pre-copy"], tv["post-copy"]
+    assert pre["guest"]["running_copies"] == 1 and pre["guest"]["where"] == "host-a"
+    assert post["guest"]["running_copies"] == 1 and post["guest"]["where"] == "host-b"
+    assert post["stream_recoveries"] and post["migration"] == "completed"
+    for case in (pre, post):
+        assert case["cut"] and case["guest"]["memory_intact"] is True
+    assert e["trustmig_compromised"] is False
+
+
+def test_report_renders_the_measured_results(lab: dict[str, Any], tmp_path: Path) -> None:
+    html, md = write_reports(lab, tmp_path / "lab-report.html")
+    text = html.read_text()
+    x805 = text[text.index('id="x805-matrix"'):]
+    x805 = x805[: x805.index("</table>")]
+    assert x805.count('data-status="') == 72 and 'id="chart"' in text
+    assert all(f'data-attack="{a["name"]}"' in text for a in lab["attacks"])
+    assert "connection-abort" in md.read_text()
