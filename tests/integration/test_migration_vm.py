@@ -155,3 +155,27 @@ def test_break_tcp_stream_mid_migration(make_cluster) -> None:  # type: ignore[n
         )
     assert cutter.cut
     assert "stream 0" in err
+
+
+def test_qemu_native_tls_channel_is_attested_and_pinned(make_cluster) -> None:  # type: ignore[no-untyped-def]
+
+    cluster = make_cluster()
+
+    async def go():  # type: ignore[no-untyped-def]
+        a = await cluster.client("host-a", "alice")
+        b = await cluster.client("host-b", "alice")
+        try:
+            await start_vm(a, spec(), cluster)
+            res = await a.call("migrate", {"vm": "vm1", "to": "host-b",
+                                           "options": {"channel": "qemu-tls"}}, timeout=300)
+            await assert_running_and_beating(b, "vm1")
+            await assert_absent(a, "vm1")
+            return res, await b.call("vm.check", {"name": "vm1"})
+        finally:
+            await a.close()
+            await b.close()
+
+    res, check = arun(go())
+    assert res["status"] == "completed" and res["channel"] == "qemu-tls"
+    assert res["attestation"] == "verified" and res["bytes_transferred"] > 64 << 20
+    assert check["bad_pages"] == 0 and check["marker_ok"] == check["marker_total"]

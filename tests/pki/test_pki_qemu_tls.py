@@ -147,3 +147,13 @@ def test_qemu_refuses_revoked_client(
             assert tls.recv(16) == b""  # QEMU hung up after checking our certificate
         assert _qmp(qmp, "query-migrate").get("status") != "active"
     assert "revoked" in (tmp_path / "qemu.stderr").read_text()
+
+
+def test_pinned_identity_is_the_dn_as_qemu_prints_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from trustmig.agent.qemu_tls import distinguished_name
+    from trustmig.pki.authority import ClusterCA
+
+    ca = ClusterCA.init(tmp_path / "ca")
+    creds = ca.issue_host("host-a", tmp_path / "a")
+    # QEMU 7.2 / gnutls log "TLS x509 authz check for OU=trustmig-host,CN=host-a is denied"
+    assert distinguished_name(creds.cert_der()) == "OU=trustmig-host,CN=host-a"

@@ -256,7 +256,10 @@ class DataListener:
             )
         if inc.state not in ("prepared", "recovering"):
             raise ChannelError(f"migration {inc.migration_id} already has a session (replay?)")
-        if n_streams != inc.options.streams:
+        if inc.options.channel == "qemu-tls":
+            if n_streams != 1:
+                raise ChannelError("a qemu-tls migration uses the channel for its handshake only")
+        elif n_streams != inc.options.streams:
             raise ChannelError(f"expected {inc.options.streams} streams, client asked {n_streams}")
         inc.state = "receiving"
 
@@ -284,8 +287,13 @@ class DataListener:
             "evidence": result.peer_evidence_summary,
             "transcript_hash": result.transcript_hash.hex(),
         }
-        sess = _InboundSession(inc, result.session, JoinVerifier(result.session))
         dog.hand_over()
+        if inc.options.channel == "qemu-tls":
+            # identities and attestation are settled; QEMU carries the data over its own TLS
+            with contextlib.suppress(OSError):
+                conn.close()
+            return
+        sess = _InboundSession(inc, result.session, JoinVerifier(result.session))
         self._start_stream(sess, 0, conn)
         self._sessions[result.session_id] = sess
 

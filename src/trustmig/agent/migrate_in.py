@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trustmig.agent import capacity
+from trustmig.agent import capacity, qemu_tls
+from trustmig.config import parse_hostport
 from trustmig.channel.relay import StreamFailure, StreamPump
 from trustmig.hypervisor.migration import MigrationOptions, configure_destination, query
 from trustmig.hypervisor.qemu import QemuVM
@@ -65,7 +66,9 @@ class IncomingMigration:
         return s
 
 
-async def prepare(agent: Agent, params: dict[str, Any], source_host: str) -> dict[str, Any]:
+async def prepare(
+    agent: Agent, params: dict[str, Any], source_host: str, *, peer_cert_der: bytes | None = None
+) -> dict[str, Any]:
     mid = str(params["migration_id"])
     if mid in agent.incoming:
         raise IncomingError(f"migration {mid} is already prepared here")
@@ -126,9 +129,20 @@ async def prepare(agent: Agent, params: dict[str, Any], source_host: str) -> dic
         agent.release(mid)
         raise
     sock_path = qemu.sock_dir / "incoming.sock"
+    qemu_tls_address = None
     try:
         await configure_destination(qemu, opts)
-        await qemu.cmd("migrate-incoming", {"uri": f"unix:{sock_path}"})
+        if opts.channel == "qemu-tls":
+            # QEMU listens itself, TLS only, and only for the source host's certificate
+            await qemu_tls.enable(agent, qemu, "server", peer_host=source_host,
+                                  peer_cert_der=peer_cert_der)
+            listen_host = parse_hostport(agent.cfg.data.listen)[0]
+            await qemu.cmd("migrate-incoming", {"uri": f"tcp:{listen_host}:0"})
+            info = await qemu.cmd("query-migrate")
+            port = int(info["socket-address"][0]["port"])
+            qemu_tls_address = f"{parse_hostport(agent.data_advertise)[0]}:{port}"
+        else:
+            await qemu.cmd("migrate-incoming", {"uri": f"unix:{sock_path}"})
     except Exception:
         await qemu.kill()
         agent.release(mid)
@@ -160,6 +174,7 @@ async def prepare(agent: Agent, params: dict[str, Any], source_host: str) -> dic
         "decision": decision.line(),
         "audit_pub": agent.gov.audit_public_pem,
         "resources": resources,
+        "qemu_tls_address": qemu_tls_address,
     }
 
 

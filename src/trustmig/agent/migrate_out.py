@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trustmig.agent import qemu_tls
 from trustmig.agent.claim_check import judge_claim, summary_field
 from trustmig.agent.client import ControlClient, ControlError
 from trustmig.agent.datapath import OutboundSession, open_outbound_session
@@ -256,8 +257,18 @@ async def migrate_out(
         mig.phase = "handshake"
         await emit({"event": "phase", "phase": "handshake", "data_address": data_addr})
         t_hs = time.monotonic()
-        dp = await _open_data_path(agent, mig, data_addr, sock_path, on_failure)
-        session = dp.session
+        qemu_tls_addr = prep.get("qemu_tls_address")
+        if opts.channel == "qemu-tls":
+            if not qemu_tls_addr:
+                raise MigrationFailed(f"{destination} did not open a QEMU TLS port for qemu-tls")
+            # identities and attestation over trustmig's handshake; QEMU's TLS carries the data
+            session = await asyncio.to_thread(
+                open_outbound_session, agent, data_addr, destination, mid, 1
+            )
+            session.close()
+        else:
+            dp = await _open_data_path(agent, mig, data_addr, sock_path, on_failure)
+            session = dp.session
         handshake_ms = (time.monotonic() - t_hs) * 1000
         agent.audit_event(
             "attest.result",
@@ -272,15 +283,22 @@ async def migrate_out(
 
         # 4. QEMU -> unix socket -> pumps
         await configure_source(vm, opts)
+        if opts.channel == "qemu-tls":
+            await qemu_tls.enable(agent, vm, "client", peer_host=destination)
         mig.phase = "transfer"
         t0 = time.monotonic()
         cpu0 = vm.cpu_seconds()
-        await vm.cmd("migrate", {"uri": f"unix:{sock_path}"})
+        uri = f"tcp:{qemu_tls_addr}" if opts.channel == "qemu-tls" else f"unix:{sock_path}"
+        await vm.cmd("migrate", {"uri": uri})
         await emit({"event": "phase", "phase": "transfer"})
 
         async def recover_postcopy() -> None:
             nonlocal dp
-            assert ctl is not None and dp is not None
+            assert ctl is not None
+            if dp is None:
+                raise MigrationFailed(
+                    f"{_reason(Exception(), mig)}; QEMU TLS streams cannot be recovered by trustmig"
+                )
             dp = await _recover_postcopy(agent, mig, vm, ctl, dp, data_addr, on_failure, emit)
 
         prog = await _watch(agent, mig, vm, ctl, opts, emit, t0, recover_postcopy)
@@ -328,7 +346,7 @@ async def migrate_out(
             "destination": destination,
             "mode": "postcopy" if mig.postcopy_started else "precopy",
             "requested_mode": opts.mode,
-            "channel": "secure",
+            "channel": opts.channel,
             "streams": opts.streams,
             "total_ms": prog.total_ms,
             "wall_ms": round(wall_ms, 1),

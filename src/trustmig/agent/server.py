@@ -630,7 +630,9 @@ class Agent:
     # ------------------------------------------------------------------ host operations
     async def op_incoming_prepare(self, req: Request) -> dict[str, Any]:
         try:
-            res = await migrate_in.prepare(self, req.params, req.peer.name)
+            sslobj = req.conn.writer.get_extra_info("ssl_object")
+            der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+            res = await migrate_in.prepare(self, req.params, req.peer.name, peer_cert_der=der)
         except migrate_in.IncomingError as e:
             raise RequestError(str(e)) from None
         inc = self.incoming[str(req.params["migration_id"])]

@@ -181,8 +181,12 @@ def run_migrate_bench(
     cluster: LocalCluster | None = None
     try:
         say("creating the cluster CA and host identities")
-        cluster = _prepare_cluster(root, with_agents="secure" in cfg.channels)
+        cluster = _prepare_cluster(root, with_agents=False)
+        # before the agents start: each agent seals its host key into its TPM and removes the
+        # plaintext, which the bare-QEMU TLS baseline reads here
         tls = _prepare_qemu_tls(cluster, root) if "qemu-tls" in cfg.channels else None
+        if "secure" in cfg.channels:
+            cluster.start_agents()
         runs = asyncio.run(_run_all(cfg, plans, image, cluster, tls, root, on_progress, on_run))
     finally:
         if cluster is not None:

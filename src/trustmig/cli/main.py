@@ -271,11 +271,17 @@ def migrate(
     downtime_ms: Annotated[int, typer.Option(help="Maximum downtime QEMU aims for.")] = 300,
     bandwidth_mibps: Annotated[int | None, typer.Option(help="Bandwidth cap, MiB/s.")] = None,
     no_auto_converge: bool = False,
+    channel: Annotated[str, typer.Option(
+        help="secure (trustmig's channel) or qemu-tls (QEMU's own TLS, cluster certificates); "
+             "both are encrypted, mutually authenticated and attested.")] = "secure",
     as_json: JsonOpt = False,
 ) -> None:
-    """Live-migrate a running VM to another host over the secure channel."""
+    """Live-migrate a running VM to another host, encrypted and attested."""
     with _errors(as_json):
+        if channel not in ("secure", "qemu-tls"):
+            raise CliError(f"--channel {channel!r} is not known: use secure or qemu-tls")
         opts = {"mode": "postcopy" if postcopy else "precopy", "multifd": multifd,
+                "channel": channel,
                 "downtime_ms": downtime_ms, "max_bandwidth_mibps": bandwidth_mibps,
                 "postcopy_after_rounds": postcopy_after, "auto_converge": not no_auto_converge}
 
@@ -295,7 +301,7 @@ def migrate(
             return
         out.print(
             f"[green]{vm} migrated[/] {res['source']} -> {res['destination']} ({res['mode']}, "
-            f"secure channel): {res['total_ms']} ms total, {res['downtime_ms']} ms downtime, "
+            f"{res['channel']} channel): {res['total_ms']} ms total, {res['downtime_ms']} ms downtime, "
             f"{res['throughput_mbps']} MB/s, attestation {res['attestation']}"
         )
 

@@ -35,6 +35,10 @@ class MigrationOptions(BaseModel):
     timeout_s: float = Field(600, gt=0)
     stall_timeout_s: float = Field(30, gt=0)
     prealloc_destination: bool = False
+    #: ``secure``: trustmig's channel carries QEMU's stream (default). ``qemu-tls``: QEMU
+    #: encrypts itself with TLS and the cluster's host certificates, peer pinned by name; the
+    #: trustmig handshake (identities + attestation) still runs before QEMU connects.
+    channel: Literal["secure", "qemu-tls"] = "secure"
 
     @model_validator(mode="after")
     def _compatible(self) -> MigrationOptions:

@@ -36,11 +36,13 @@ def write_qemu_tls_dir(
     out_dir: Path,
     *,
     endpoint: Literal["server", "client"],
+    key_pem: bytes | None = None,
 ) -> Path:
     """Write QEMU's TLS directory for ``endpoint`` from ``creds``; returns ``out_dir``.
 
     The CA certificate and CRL come from ``ca`` when given (the freshest copy), otherwise from
-    the copies delivered with ``creds``. The key file is written with mode 0600.
+    the copies delivered with ``creds``. The key file is written with mode 0600; ``key_pem``
+    supplies the key when it does not live in a file (an agent's TPM-sealed host key).
     """
     cert_name, key_name = qemu_file_names(endpoint)
     out_dir = Path(out_dir)
@@ -55,5 +57,6 @@ def write_qemu_tls_dir(
     if crl_path is not None and crl_path.exists():
         write_atomic(out_dir / QEMU_CA_CRL, read_bytes(crl_path, "revocation list"))
     write_atomic(out_dir / cert_name, read_bytes(creds.cert_path, "certificate"))
-    write_private(out_dir / key_name, read_bytes(creds.key_path, "key file"))
+    key = key_pem if key_pem is not None else read_bytes(creds.key_path, "key file")
+    write_private(out_dir / key_name, key)
     return out_dir
