@@ -354,6 +354,7 @@ async def migrate_out(
             "setup_ms": prog.setup_ms,
             "bytes_transferred": prog.transferred,
             "bytes_on_channel": bytes_on_wire,
+            "records_on_channel": sum(p.stats.records_out for p in mig.pumps),
             "ram_total": prog.total,
             "rounds": prog.rounds,
             "postcopy_requests": prog.postcopy_requests,
