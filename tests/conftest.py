@@ -37,5 +37,3 @@ def make_cluster(tmp_path: Path, guest_image: Any) -> Iterator[Callable[..., Loc
     yield _make
     for c in made:
         c.stop()
-
-

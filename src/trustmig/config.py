@@ -123,7 +123,10 @@ class HostConfig(BaseModel):
             update={
                 "state_dir": sd,
                 "pki": PkiPaths(
-                    cert=r(self.pki.cert), key=r(self.pki.key), ca=r(self.pki.ca), crl=r(self.pki.crl)
+                    cert=r(self.pki.cert),
+                    key=r(self.pki.key),
+                    ca=r(self.pki.ca),
+                    crl=r(self.pki.crl),
                 ),
                 "image_cache": r(self.image_cache) if self.image_cache else None,
                 "attestation": self.attestation.model_copy(
@@ -150,7 +153,9 @@ def load_config(path: Path) -> HostConfig:
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file (create one with 'trustmig host init')") from None
+        raise ConfigError(
+            f"{path}: no such config file (create one with 'trustmig host init')"
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     try:

@@ -217,3 +217,14 @@ def test_cluster_peers_keep_their_slots_when_a_flood_fills_the_global_table() ->
     assert (v.accept, v.rule) == (False, "half_open_per_peer")
     with pytest.raises(InvalidRulesError, match="reserved_peers"):
         GuardRules(reserved_peers=["host-b"])
+
+
+def test_strangers_share_one_connection_budget_cluster_peers_do_not() -> None:
+    g, clock = make(max_conn_rate_per_peer=100, max_conn_rate_strangers=5,
+                    reserved_peers=["127.0.0.1"])  # fmt: skip
+    admitted = [g.on_connect("c", f"127.0.0.{10 + i}", 1)[0] for i in range(12)]
+    assert sum(v.accept for v in admitted) == 10  # burst = 2 x rate, across all addresses
+    assert admitted[-1].rule == "rate_strangers" and "strangers" in admitted[-1].reason
+    assert g.on_connect("c", "127.0.0.1", 1)[0].accept  # a cluster peer is not a stranger
+    clock.advance(1.0)
+    assert g.on_connect("c", "127.0.0.99", 1)[0].accept  # the budget refills at the rate

@@ -12,9 +12,15 @@ from trustmig.agent.client import ControlClient, ControlError
 from trustmig.agent.local_cluster import LocalCluster
 
 
-def spec(name: str = "vm1", memory: int = 256, workload: int = 64, rate: float = 0.0) -> dict[str, Any]:
-    return {"name": name, "memory_mib": memory, "tenant": "acme",
-            "workload": {"mem_mib": workload, "dirty_rate": rate}}
+def spec(
+    name: str = "vm1", memory: int = 256, workload: int = 64, rate: float = 0.0
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "memory_mib": memory,
+        "tenant": "acme",
+        "workload": {"mem_mib": workload, "dirty_rate": rate},
+    }
 
 
 async def start_vm(
@@ -69,16 +75,21 @@ async def migrate_with_hook(
 
     async def on_event(ev: dict[str, Any]) -> None:
         nonlocal fired
-        if (hook is not None and not fired and ev.get("event") == "progress"
-                and int(ev.get("transferred", 0)) >= (when_bytes or 0)):
+        if (
+            hook is not None
+            and not fired
+            and ev.get("event") == "progress"
+            and int(ev.get("transferred", 0)) >= (when_bytes or 0)
+        ):
             fired = True
             r = hook()
             if asyncio.iscoroutine(r):
                 await r
 
     try:
-        res = await src.call("migrate", {"vm": vm, "to": to, "options": options},
-                             on_event=on_event, timeout=300)
+        res = await src.call(
+            "migrate", {"vm": vm, "to": to, "options": options}, on_event=on_event, timeout=300
+        )
         return res, None
     except ControlError as e:
         return None, str(e)

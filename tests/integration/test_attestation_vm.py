@@ -25,9 +25,12 @@ def test_destination_with_unknown_qemu_is_refused_before_any_memory(make_cluster
     with MitmProxy(("127.0.0.1", port), sniff) as proxy:
         cluster = make_cluster
         # provisioned with the genuine binary's digest; the host then runs a modified one
-        c = cluster(data_listen={"host-b": f"127.0.0.1:{port}"},
-                    data_advertise={"host-b": proxy.hostport},
-                    qemu_binary={"host-b": str(rogue)}, defer_start=True)
+        c = cluster(
+            data_listen={"host-b": f"127.0.0.1:{port}"},
+            data_advertise={"host-b": proxy.hostport},
+            qemu_binary={"host-b": str(rogue)},
+            defer_start=True,
+        )
         with rogue.open("a") as f:
             f.write("# patched after approval\n")
         c.start_agents()

@@ -197,7 +197,11 @@ def test_flood_during_a_migration_does_not_stop_it_and_memory_stays_bounded(make
     spec_ = FloodSpec(
         targets=[parse_hostport(hb.control), parse_hostport(hb.data_listen)],
         kinds=("connect", "halfopen", "garbage", "tls_anon", "tls_foreign", "data_hello"),
-        rate_per_s=1000, max_attempts=20_000, duration_s=60, max_open=256, hold_s=10,
+        rate_per_s=1000,
+        max_attempts=20_000,
+        duration_s=60,
+        max_open=256,
+        hold_s=10,
         source_ips=tuple(f"127.0.0.{i}" for i in range(2, 10)),
     )
 
@@ -209,8 +213,9 @@ def test_flood_during_a_migration_does_not_stop_it_and_memory_stays_bounded(make
             assert hb.pid is not None
             with RssSampler(hb.pid, interval_ms=50) as rss, Flood(spec_) as flood:
                 await asyncio.sleep(2)  # the flood is at full rate before the migration starts
-                res = await a.call("migrate", {"vm": "vm1", "to": "host-b", "options": {}},
-                                   timeout=300)
+                res = await a.call(
+                    "migrate", {"vm": "vm1", "to": "host-b", "options": {}}, timeout=300
+                )
                 await asyncio.sleep(1)
             await assert_running_and_beating(b, "vm1")
             await assert_absent(a, "vm1")

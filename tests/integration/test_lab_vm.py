@@ -43,12 +43,25 @@ def _protected_guest(entry: dict[str, Any], where: str) -> None:
 
 def test_every_attack_ran_and_the_summary_counts_them(lab: dict[str, Any]) -> None:
     assert [a["name"] for a in lab["attacks"]] == [
-        "eavesdrop", "memory-rewrite", "replay", "unauthorized", "rogue-destination",
-        "false-resources", "flood", "malformed-stream", "connection-abort"]
-    outcomes = {a["name"]: (a["baseline"]["outcome"], a["trustmig"]["outcome"])
-                for a in lab["attacks"]}
-    assert lab["summary"] == {"attacks": 9, "baseline_compromised": 9,
-                              "trustmig_compromised": 0, "errors": 0}, outcomes
+        "eavesdrop",
+        "memory-rewrite",
+        "replay",
+        "unauthorized",
+        "rogue-destination",
+        "false-resources",
+        "flood",
+        "malformed-stream",
+        "connection-abort",
+    ]
+    outcomes = {
+        a["name"]: (a["baseline"]["outcome"], a["trustmig"]["outcome"]) for a in lab["attacks"]
+    }
+    assert lab["summary"] == {
+        "attacks": 9,
+        "baseline_compromised": 9,
+        "trustmig_compromised": 0,
+        "errors": 0,
+    }, outcomes
 
 
 def test_eavesdropper_reads_the_secret_only_in_the_baseline(lab: dict[str, Any]) -> None:
@@ -144,7 +157,7 @@ def test_cut_stream_loses_the_vm_only_in_the_baseline(lab: dict[str, Any]) -> No
 def test_report_renders_the_measured_results(lab: dict[str, Any], tmp_path: Path) -> None:
     html, md = write_reports(lab, tmp_path / "lab-report.html")
     text = html.read_text()
-    x805 = text[text.index('id="x805-matrix"'):]
+    x805 = text[text.index('id="x805-matrix"') :]
     x805 = x805[: x805.index("</table>")]
     assert x805.count('data-status="') == 72 and 'id="chart"' in text
     assert all(f'data-attack="{a["name"]}"' in text for a in lab["attacks"])

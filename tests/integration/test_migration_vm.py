@@ -34,15 +34,17 @@ def _migrate_ok(make_cluster, s, options):  # type: ignore[no-untyped-def]
             await start_vm(src, s, cluster)
             await asyncio.sleep(0.5)
             before = await src.call("vm.check", {"name": s["name"]})
-            res = await src.call("migrate", {"vm": s["name"], "to": "host-b", "options": options},
-                                 timeout=300)
+            res = await src.call(
+                "migrate", {"vm": s["name"], "to": "host-b", "options": options}, timeout=300
+            )
             await asyncio.sleep(0.5)
             await assert_running_and_beating(dst, s["name"])
             await assert_absent(src, s["name"])
             after = await dst.call("vm.check", {"name": s["name"]})
             hbs = await dst.call("vm.heartbeats", {"name": s["name"]})
-            cont = analyse([tuple(h) for h in res["source_heartbeats"]],
-                           [tuple(h) for h in hbs["heartbeats"]])
+            cont = analyse(
+                [tuple(h) for h in res["source_heartbeats"]], [tuple(h) for h in hbs["heartbeats"]]
+            )
             return {"res": res, "before": before, "after": after, "cont": cont}
         finally:
             await src.close()
@@ -69,9 +71,11 @@ def test_precopy_with_dirtying_workload(make_cluster) -> None:  # type: ignore[n
 
 
 def test_postcopy(make_cluster) -> None:  # type: ignore[no-untyped-def]
-    res, _, _ = _migrate_ok(make_cluster, spec(memory=384, workload=192, rate=128),
-                            {"mode": "postcopy", "postcopy_after_rounds": 1,
-                             "max_bandwidth_mibps": 256})
+    res, _, _ = _migrate_ok(
+        make_cluster,
+        spec(memory=384, workload=192, rate=128),
+        {"mode": "postcopy", "postcopy_after_rounds": 1, "max_bandwidth_mibps": 256},
+    )
     assert res["mode"] == "postcopy"
 
 
@@ -100,8 +104,9 @@ def _inject(make_cluster, hook_factory, *, when=20 * 1024 * 1024, setup=None):  
                 if asyncio.iscoroutine(r):
                     await r
 
-            res, err = await migrate_with_hook(cluster, src, "vm1", "host-b", SLOW,
-                                               when_bytes=when, hook=hook)
+            res, err = await migrate_with_hook(
+                cluster, src, "vm1", "host-b", SLOW, when_bytes=when, hook=hook
+            )
             await assert_running_and_beating(src, "vm1")
             check = await src.call("vm.check", {"name": "vm1"})
             return res, err, seen_pids, check
@@ -137,7 +142,7 @@ def test_kill_destination_agent_mid_migration(make_cluster) -> None:  # type: ig
     def hook(cluster, pids):  # type: ignore[no-untyped-def]
         cluster.kill_agent("host-b", signal.SIGKILL)
 
-    err, cluster = _inject(make_cluster, hook)
+    err, _cluster = _inject(make_cluster, hook)
     assert err
 
 
@@ -149,9 +154,13 @@ def test_break_tcp_stream_mid_migration(make_cluster) -> None:  # type: ignore[n
     cutter = Cutter(after_bytes=30 * 1024 * 1024)
     with MitmProxy(("127.0.0.1", port), cutter) as proxy:
         err, _ = _inject(
-            make_cluster, lambda c, p: None, when=1,
-            setup={"data_listen": {"host-b": f"127.0.0.1:{port}"},
-                   "data_advertise": {"host-b": proxy.hostport}},
+            make_cluster,
+            lambda c, p: None,
+            when=1,
+            setup={
+                "data_listen": {"host-b": f"127.0.0.1:{port}"},
+                "data_advertise": {"host-b": proxy.hostport},
+            },
         )
     assert cutter.cut
     assert "stream 0" in err
@@ -166,8 +175,11 @@ def test_qemu_native_tls_channel_is_attested_and_pinned(make_cluster) -> None:  
         b = await cluster.client("host-b", "alice")
         try:
             await start_vm(a, spec(), cluster)
-            res = await a.call("migrate", {"vm": "vm1", "to": "host-b",
-                                           "options": {"channel": "qemu-tls"}}, timeout=300)
+            res = await a.call(
+                "migrate",
+                {"vm": "vm1", "to": "host-b", "options": {"channel": "qemu-tls"}},
+                timeout=300,
+            )
             await assert_running_and_beating(b, "vm1")
             await assert_absent(a, "vm1")
             return res, await b.call("vm.check", {"name": "vm1"})

@@ -28,8 +28,9 @@ def _via_proxy(make_cluster, tap, **policy):  # type: ignore[no-untyped-def]
     """Migrate vm1 host-a -> host-b through a MITM proxy; returns (result, error, cluster)."""
     port = free_port()
     with MitmProxy(("127.0.0.1", port), tap) as proxy:
-        cluster = make_cluster(data_listen={"host-b": f"127.0.0.1:{port}"},
-                               data_advertise={"host-b": proxy.hostport})
+        cluster = make_cluster(
+            data_listen={"host-b": f"127.0.0.1:{port}"}, data_advertise={"host-b": proxy.hostport}
+        )
 
         async def go():  # type: ignore[no-untyped-def]
             src = await cluster.client("host-a", "alice")
@@ -37,8 +38,9 @@ def _via_proxy(make_cluster, tap, **policy):  # type: ignore[no-untyped-def]
             try:
                 await start_vm(src, spec(memory=256, workload=64, rate=4), cluster, **policy)
                 try:
-                    res = await src.call("migrate", {"vm": "vm1", "to": "host-b",
-                                                     "options": SLOW}, timeout=300)
+                    res = await src.call(
+                        "migrate", {"vm": "vm1", "to": "host-b", "options": SLOW}, timeout=300
+                    )
                     err = None
                 except Exception as e:
                     res, err = None, str(e)
@@ -202,8 +204,10 @@ def test_receipt_signed_by_both_and_audit_tamper_detected(make_cluster) -> None:
     res = arun(go())
     cluster.stop()  # flushes and closes both trails
     mid = res["receipt_id"]
-    pubs = {h: serialization.load_pem_public_key((cluster.hosts[h].dir / "keys/audit.pub")
-                                                 .read_bytes()) for h in ("host-a", "host-b")}
+    pubs = {
+        h: serialization.load_pem_public_key((cluster.hosts[h].dir / "keys/audit.pub").read_bytes())
+        for h in ("host-a", "host-b")
+    }
     for h, other in (("host-a", "host-b"), ("host-b", "host-a")):
         log = _audit(cluster.hosts[h].dir, h)
         (r,) = log.receipts(mid)
@@ -216,10 +220,13 @@ def test_receipt_signed_by_both_and_audit_tamper_detected(make_cluster) -> None:
     cli = [sys.executable, "-m", "trustmig.cli.main", "audit", "verify", "--state-dir", str(state)]
     assert subprocess.run(cli, capture_output=True).returncode == 0
     db = sqlite3.connect(state / "audit.db")
-    table = [t for (t,) in db.execute("select name from sqlite_master where type='table'")
-             if "event" in t][0]
+    table = next(
+        t
+        for (t,) in db.execute("select name from sqlite_master where type='table'")
+        if "event" in t
+    )
     cols = [c[1] for c in db.execute(f"pragma table_info({table})")]
-    data_col = "data" if "data" in cols else [c for c in cols if "data" in c][0]
+    data_col = "data" if "data" in cols else next(c for c in cols if "data" in c)
     db.execute(f"update {table} set {data_col} = ? where seq = 3", ('{"forged": true}',))
     db.commit()
     db.close()
@@ -232,17 +239,28 @@ def test_postcopy_stream_cut_is_recovered_over_a_new_attested_session(make_clust
     cut = Cutter(after_bytes=16 * 1024 * 1024)
     port = free_port()
     with MitmProxy(("127.0.0.1", port), cut) as proxy:
-        cluster = make_cluster(data_listen={"host-b": f"127.0.0.1:{port}"},
-                               data_advertise={"host-b": proxy.hostport})
+        cluster = make_cluster(
+            data_listen={"host-b": f"127.0.0.1:{port}"}, data_advertise={"host-b": proxy.hostport}
+        )
 
         async def go():  # type: ignore[no-untyped-def]
             a = await cluster.client("host-a", "alice")
             b = await cluster.client("host-b", "alice")
             try:
                 await start_vm(a, spec(memory=256, workload=64, rate=4), cluster)
-                res = await a.call("migrate", {"vm": "vm1", "to": "host-b", "options": {
-                    "mode": "postcopy", "postcopy_after_rounds": 1, "max_bandwidth_mibps": 32}},
-                    timeout=300)
+                res = await a.call(
+                    "migrate",
+                    {
+                        "vm": "vm1",
+                        "to": "host-b",
+                        "options": {
+                            "mode": "postcopy",
+                            "postcopy_after_rounds": 1,
+                            "max_bandwidth_mibps": 32,
+                        },
+                    },
+                    timeout=300,
+                )
                 await assert_running_and_beating(b, "vm1")
                 await assert_absent(a, "vm1")
                 check = await b.call("vm.check", {"name": "vm1"})

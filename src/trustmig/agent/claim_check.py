@@ -68,8 +68,9 @@ def judge_claim(
 ) -> ClaimJudgement:
     """Apply every claim rule; never raises for bad input (a bad claim is a verdict)."""
     if not isinstance(resources, dict) or "claim" not in resources:
-        return ClaimJudgement(False, "claim_missing",
-                              "destination sent no resource claim; upgrade its agent", None)  # fmt: skip
+        return ClaimJudgement(
+            False, "claim_missing", "destination sent no resource claim; upgrade its agent", None
+        )
     raw = resources.get("claim")
     if not isinstance(raw, dict):
         return ClaimJudgement(False, "claim_malformed", "resource claim is not an object", None)

@@ -29,12 +29,14 @@ from trustmig.channel.relay import StreamFailure, StreamPump, recv_exact, tune_t
 from trustmig.channel.session import SessionKeys
 from trustmig.channel.wire import FRAME_HEADER, MAX_FRAME_BODY, MsgType
 from trustmig.config import parse_hostport
+from trustmig.guard.ratelog import RateLimitedLog
 
 if TYPE_CHECKING:
     from trustmig.agent.migrate_in import IncomingMigration
     from trustmig.agent.server import Agent
 
 log = logging.getLogger(__name__)
+rlog = RateLimitedLog(log)
 HANDSHAKE_TIMEOUT = 10.0
 
 
@@ -90,7 +92,9 @@ def _read_frame(sock: socket.socket) -> tuple[int, bytes]:
     return mtype, hdr + _recv_exact(sock, length)
 
 
-def _run_handshake(sock: socket.socket, hs: ClientHandshake | ServerHandshake, first: bytes) -> HandshakeResult:
+def _run_handshake(
+    sock: socket.socket, hs: ClientHandshake | ServerHandshake, first: bytes
+) -> HandshakeResult:
     out = hs.receive(first) if first else b""
     while True:
         if out:
@@ -191,7 +195,9 @@ class DataListener:
         self.address = self.sock.getsockname()[:2]
         self._sessions: dict[bytes, _InboundSession] = {}
         self._stop = False
-        self._thread = threading.Thread(target=self._accept_loop, name="tm-data-accept", daemon=True)
+        self._thread = threading.Thread(
+            target=self._accept_loop, name="tm-data-accept", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -233,14 +239,21 @@ class DataListener:
                 self._join(conn, frame, conn_id, dog)
             else:
                 raise ChannelError(f"unexpected first message type {mtype}")
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a bad peer must never take the listener down
             dog.cancel()
             if dog.expired:
                 e = ChannelError(
                     f"handshake not finished within {self.agent.guard.rules.handshake_deadline_s:g}"
                     f" s (guard handshake deadline): {e}"
                 )
-            log.warning("data connection from %s:%s refused: %s", peer[0], peer[1], e)
+            rlog.log(
+                logging.WARNING,
+                "data-refused",
+                "data connection from %s:%s refused: %s",
+                peer[0],
+                peer[1],
+                e,
+            )
             self.agent.note_refused_data_connection(peer, str(e))
             self.agent.guard_close(conn_id)
             with contextlib.suppress(OSError):

@@ -50,8 +50,9 @@ def load_or_create_ed25519(path: Path) -> Ed25519PrivateKey:
         return key
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
@@ -60,13 +61,14 @@ def load_or_create_ed25519(path: Path) -> Ed25519PrivateKey:
 
 def new_ed25519_pem() -> bytes:
     return Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption())
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def public_pem(key: Ed25519PublicKey) -> str:
-    return key.public_bytes(serialization.Encoding.PEM,
-                            serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
 
 
 def load_public_pem(pem: str) -> Ed25519PublicKey:
@@ -97,8 +99,10 @@ class Governance:
         if hp.exists():
             self.host_policy = load_host_policy(hp)
             if self.host_policy.host != cfg.name:
-                raise PolicyError(f"{hp}: host policy is for {self.host_policy.host!r}, "
-                                  f"not this host {cfg.name!r}")
+                raise PolicyError(
+                    f"{hp}: host policy is for {self.host_policy.host!r}, "
+                    f"not this host {cfg.name!r}"
+                )
 
     @property
     def audit_public_pem(self) -> str:
@@ -107,8 +111,14 @@ class Governance:
     # ------------------------------------------------------------------ audit
     def event(self, kind: str, **fields: Any) -> None:
         data = fields.pop("data", None)
-        self.audit.append(kind, vm=fields.get("vm"), migration_id=fields.get("migration_id"),
-                          user=fields.get("user"), outcome=fields.get("outcome"), data=data)
+        self.audit.append(
+            kind,
+            vm=fields.get("vm"),
+            migration_id=fields.get("migration_id"),
+            user=fields.get("user"),
+            outcome=fields.get("outcome"),
+            data=data,
+        )
         if kind.startswith(FLUSH_KINDS):
             self.audit.flush()
 
@@ -141,8 +151,11 @@ class Governance:
         raw = dict(peer.labels) if peer else {}
         try:
             return HostLabels.model_validate(
-                {"country": raw.get("country", "ZZ"), "zone": raw.get("zone"),
-                 "security_level": int(raw.get("security_level", 0))}
+                {
+                    "country": raw.get("country", "ZZ"),
+                    "zone": raw.get("zone"),
+                    "security_level": int(raw.get("security_level", 0)),
+                }
             )
         except ValueError as e:
             raise PolicyError(f"labels of peer {host} in the host config: {e}") from None
@@ -154,34 +167,72 @@ class Governance:
             try:
                 _, policy = self.verify_policy(sj)
             except PolicyError as e:
-                d = Decision(False, "policy.signature", str(e), direction="migrate-out", vm=vm,
-                             source=self.cfg.name, destination=dest, user=user.name)
+                d = Decision(
+                    False,
+                    "policy.signature",
+                    str(e),
+                    direction="migrate-out",
+                    vm=vm,
+                    source=self.cfg.name,
+                    destination=dest,
+                    user=user.name,
+                )
                 return d
-        req = MigrationRequest(user=user, vm=vm, source=self.cfg.name, destination=dest,
-                               destination_labels=self.peer_labels(dest), postcopy=postcopy,
-                               now=datetime.now(UTC))
+        req = MigrationRequest(
+            user=user,
+            vm=vm,
+            source=self.cfg.name,
+            destination=dest,
+            destination_labels=self.peer_labels(dest),
+            postcopy=postcopy,
+            now=datetime.now(UTC),
+        )
         return decide_migrate_out(req, policy, self.history)
 
-    def decide_in(self, user: dict[str, Any], signed_json: str | None, vm: str, source: str,
-                  postcopy: bool) -> Decision:
-        principal = SimpleNamespace(name=str(user.get("name") or "?"),
-                                    roles=tuple(user.get("roles") or ()),
-                                    tenant=user.get("tenant"))
+    def decide_in(
+        self, user: dict[str, Any], signed_json: str | None, vm: str, source: str, postcopy: bool
+    ) -> Decision:
+        principal = SimpleNamespace(
+            name=str(user.get("name") or "?"),
+            roles=tuple(user.get("roles") or ()),
+            tenant=user.get("tenant"),
+        )
         policy = None
         if signed_json:
             try:
                 _, policy = self.verify_policy(signed_json)
             except PolicyError as e:
-                return Decision(False, "policy.signature", str(e), direction="migrate-in", vm=vm,
-                                source=source, destination=self.cfg.name, user=principal.name)
+                return Decision(
+                    False,
+                    "policy.signature",
+                    str(e),
+                    direction="migrate-in",
+                    vm=vm,
+                    source=source,
+                    destination=self.cfg.name,
+                    user=principal.name,
+                )
         if self.host_policy is None:
-            return Decision(False, "default-deny", f"no host policy on {self.cfg.name}",
-                            direction="migrate-in", vm=vm, source=source,
-                            destination=self.cfg.name, user=principal.name)
+            return Decision(
+                False,
+                "default-deny",
+                f"no host policy on {self.cfg.name}",
+                direction="migrate-in",
+                vm=vm,
+                source=source,
+                destination=self.cfg.name,
+                user=principal.name,
+            )
         labels = self.host_policy.labels
-        req = MigrationRequest(user=principal, vm=vm, source=source, destination=self.cfg.name,
-                               destination_labels=labels, postcopy=postcopy,
-                               now=datetime.now(UTC))
+        req = MigrationRequest(
+            user=principal,
+            vm=vm,
+            source=source,
+            destination=self.cfg.name,
+            destination_labels=labels,
+            postcopy=postcopy,
+            now=datetime.now(UTC),
+        )
         return decide_migrate_in(req, policy, self.host_policy, self.history)
 
     def record_migration(self, vm: str) -> None:
@@ -191,8 +242,14 @@ class Governance:
     def sign_receipt(self, fields: dict[str, Any]) -> str:
         return base64.b64encode(sign_receipt(self.audit_key, fields)).decode()
 
-    def check_and_store_receipt(self, fields: dict[str, Any], own_sig_b64: str, peer: str,
-                                peer_sig_b64: str, peer_pub_pem: str) -> None:
+    def check_and_store_receipt(
+        self,
+        fields: dict[str, Any],
+        own_sig_b64: str,
+        peer: str,
+        peer_sig_b64: str,
+        peer_pub_pem: str,
+    ) -> None:
         peer_sig = base64.b64decode(peer_sig_b64)
         if not verify_receipt(load_public_pem(peer_pub_pem), fields, peer_sig):
             raise PolicyError(f"receipt signature of {peer} does not verify")

@@ -86,14 +86,24 @@ class LocalCluster:
             self.ca.issue_host(h, hdir / "pki")
             dl = (data_listen or {}).get(h, f"127.0.0.1:{free_port()}")
             da = (data_advertise or {}).get(h, dl)
-            self.hosts[h] = HostHandle(h, hdir, hdir / "host.toml", f"127.0.0.1:{ports[h]}", dl, da,
-                                       agent_module=(agent_module or {}).get(h, "trustmig.cli.main"))
-        all_labels = {h: {"country": "DE", "security_level": 1, **(labels or {}).get(h, {})}
-                      for h in self.hosts}
+            self.hosts[h] = HostHandle(
+                h,
+                hdir,
+                hdir / "host.toml",
+                f"127.0.0.1:{ports[h]}",
+                dl,
+                da,
+                agent_module=(agent_module or {}).get(h, "trustmig.cli.main"),
+            )
+        all_labels = {
+            h: {"country": "DE", "security_level": 1, **(labels or {}).get(h, {})}
+            for h in self.hosts
+        }
         for h, hh in self.hosts.items():
             peers = "\n".join(
                 f'[peers.{p}]\ncontrol = "{o.control}"\nlabels = {_inline(all_labels[p])}\n'
-                for p, o in self.hosts.items() if p != h
+                for p, o in self.hosts.items()
+                if p != h
             )
             lab = all_labels[h]
             lab_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in lab.items())
@@ -139,9 +149,18 @@ class LocalCluster:
         """A VM policy signed with ``user``'s key (the VM's owner), as JSON."""
         from trustmig.policy import sign_policy
 
-        p = {"tenant": "acme", "owner": user, "allowed_users": [user],
-             "allowed_roles": ["operator"], "postcopy": True, "max_per_hour": 20,
-             "countries": ["DE", "FR"], "min_security_level": 1, "profile": "strict", **over}
+        p = {
+            "tenant": "acme",
+            "owner": user,
+            "allowed_users": [user],
+            "allowed_roles": ["operator"],
+            "postcopy": True,
+            "max_per_hour": 20,
+            "countries": ["DE", "FR"],
+            "min_security_level": 1,
+            "profile": "strict",
+            **over,
+        }
         text = (
             f'vm = "{vm}"\ntenant = "{p["tenant"]}"\nowner = "{p["owner"]}"\n[migrate]\n'
             f"allowed_users = {json.dumps(p['allowed_users'])}\n"
@@ -184,7 +203,9 @@ class LocalCluster:
             if hh.proc is not None and hh.proc.poll() is not None:
                 raise RuntimeError(f"agent {name} exited at start: {self.log_tail(name)}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"agent {name} not ready in {timeout:.0f}s: {self.log_tail(name)}")
+                raise RuntimeError(
+                    f"agent {name} not ready in {timeout:.0f}s: {self.log_tail(name)}"
+                )
             time.sleep(0.05)
         hh.info = json.loads(ready.read_text())
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trustmig.agent import capacity, qemu_tls
-from trustmig.config import parse_hostport
 from trustmig.channel.relay import StreamFailure, StreamPump
+from trustmig.config import parse_hostport
 from trustmig.hypervisor.migration import MigrationOptions, configure_destination, query
 from trustmig.hypervisor.qemu import QemuVM
 from trustmig.hypervisor.spec import VMSpec
@@ -134,8 +134,9 @@ async def prepare(
         await configure_destination(qemu, opts)
         if opts.channel == "qemu-tls":
             # QEMU listens itself, TLS only, and only for the source host's certificate
-            await qemu_tls.enable(agent, qemu, "server", peer_host=source_host,
-                                  peer_cert_der=peer_cert_der)
+            await qemu_tls.enable(
+                agent, qemu, "server", peer_host=source_host, peer_cert_der=peer_cert_der
+            )
             listen_host = parse_hostport(agent.cfg.data.listen)[0]
             await qemu.cmd("migrate-incoming", {"uri": f"tcp:{listen_host}:0"})
             info = await qemu.cmd("query-migrate")

@@ -60,5 +60,7 @@ def decode_body(raw: bytes) -> dict[str, Any]:
         raise ProtocolError("control frame must be a JSON object")
     v = msg.get("v")
     if v != VERSION:
-        raise ProtocolError(f"unsupported control protocol version {v!r} (this agent speaks {VERSION})")
+        raise ProtocolError(
+            f"unsupported control protocol version {v!r} (this agent speaks {VERSION})"
+        )
     return msg

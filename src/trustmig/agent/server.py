@@ -40,8 +40,9 @@ from trustmig.agent.vms import ManagedVM
 from trustmig.channel.identity import LocalIdentity
 from trustmig.config import HostConfig, parse_hostport
 from trustmig.guard import Admission, AdmissionLimits, Guard, GuardError, GuardRules
-from trustmig.guard.aio import guarded_serve, stop_guarded
+from trustmig.guard.aio import GuardedServer, guarded_serve, stop_guarded
 from trustmig.guard.claims import Quarantine
+from trustmig.guard.ratelog import RateLimitedLog, Throttle
 from trustmig.hypervisor.accel import choose_accel
 from trustmig.hypervisor.image import GuestImage, build_image
 from trustmig.hypervisor.migration import MigrationOptions
@@ -55,10 +56,18 @@ from trustmig.pki.trust import TrustBundle
 from trustmig.policy import PolicyError
 
 log = logging.getLogger("trustmig.agent")
+rlog = RateLimitedLog(log)
 
 Handler = Callable[["Request"], Awaitable[dict[str, Any]]]
-HOST_OPS = {"incoming.prepare", "incoming.commit", "incoming.abort", "incoming.status",
-            "incoming.receipt", "incoming.recover", "ping"}
+HOST_OPS = {
+    "incoming.prepare",
+    "incoming.commit",
+    "incoming.abort",
+    "incoming.status",
+    "incoming.receipt",
+    "incoming.recover",
+    "ping",
+}
 USER_OPS = {
     "ping", "host.status", "vm.start", "vm.list", "vm.stop", "vm.check", "vm.heartbeats",
     "vm.resume", "migrate", "migration.list", "policy.set", "policy.show", "audit.show",
@@ -149,7 +158,8 @@ class Agent:
         if cfg.attestation.enabled:
             ca_pub = x509.load_pem_x509_certificate(cfg.pki.ca.read_bytes()).public_key()
             self.attestation = AgentAttestation.start(
-                cfg, ca_public_key=ca_pub,  # type: ignore[arg-type]
+                cfg,
+                ca_public_key=ca_pub,  # type: ignore[arg-type]
                 config_path=config_path or (cfg.state_dir / "host.toml"),
             )
             self.make_evidence = self.attestation.make_evidence
@@ -176,8 +186,12 @@ class Agent:
             log.warning("attestation disabled in the host config: peers cannot verify this host")
             audit_key = load_or_create_ed25519(self.state_dir / "keys" / "audit.key")
         self.gov = Governance(cfg, self.bundle, audit_key)
-        guard_cfg = {"idle_timeout_s": 3600.0, "stall_timeout_s": 3600.0,
-                     "reserved_peers": _peer_ips(cfg), **cfg.guard}
+        guard_cfg = {
+            "idle_timeout_s": 3600.0,
+            "stall_timeout_s": 3600.0,
+            "reserved_peers": _peer_ips(cfg),
+            **cfg.guard,
+        }
         self.guard = Guard(GuardRules(**guard_cfg))
         self.admission = Admission(AdmissionLimits(**cfg.admission))
         self.admission_wait_s = float(cfg.admission.get("queue_timeout_s", 300))
@@ -189,11 +203,12 @@ class Agent:
         self.incoming: dict[str, IncomingMigration] = {}
         self.outgoing: dict[str, OutgoingMigration] = {}
         self.refused_data: list[dict[str, Any]] = []
+        self._refusal_audit = Throttle(burst=10, interval_s=60.0)
         self._image: GuestImage | None = None
         self._image_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._background: set[asyncio.Future[Any]] = set()
-        self._server: asyncio.Server | None = None
+        self._server: GuardedServer | None = None
         self.data: DataListener | None = None
         self.control_address = ""
         self.data_advertise = ""
@@ -235,7 +250,15 @@ class Agent:
         """Screen a raw connection before any crypto; returns a tracking id or None."""
         verdict, cid = self.guard.on_connect(listener, ip, port)
         if not verdict.accept:
-            log.info("guard refused %s:%s on %s: %s", ip, port, listener, verdict.reason)
+            rlog.log(
+                logging.INFO,
+                f"refused:{listener}:{verdict.rule}",
+                "guard refused %s:%s on %s: %s",
+                ip,
+                port,
+                listener,
+                verdict.reason,
+            )
         return cid if verdict.accept else None
 
     def guard_progress(self, conn_id: int, step: str) -> None:
@@ -254,15 +277,29 @@ class Agent:
 
     async def admit(self, direction: str, *, tenant: str, vm: str, migration_id: str) -> None:
         """Admission control: caps per host, per tenant, per VM and hour; fair queue."""
-        res = self.admission.request(direction, tenant=tenant, vm=vm,  # type: ignore[arg-type]
-                                     migration_id=migration_id)
+        res = self.admission.request(
+            direction,  # type: ignore[arg-type]
+            tenant=tenant,
+            vm=vm,
+            migration_id=migration_id,
+        )
         if res.status == "refused":
-            self.audit_event("admission", vm=vm, migration_id=migration_id, outcome="refused",
-                             data={"direction": direction, "reason": res.reason})
+            self.audit_event(
+                "admission",
+                vm=vm,
+                migration_id=migration_id,
+                outcome="refused",
+                data={"direction": direction, "reason": res.reason},
+            )
             raise RequestError(f"migration {res.reason}")
         if res.status == "queued":
-            self.audit_event("admission", vm=vm, migration_id=migration_id, outcome="queued",
-                             data={"direction": direction, "reason": res.reason})
+            self.audit_event(
+                "admission",
+                vm=vm,
+                migration_id=migration_id,
+                outcome="queued",
+                data={"direction": direction, "reason": res.reason},
+            )
             assert res.ticket is not None
             res = await self.admission.wait(res.ticket, self.admission_wait_s)
             if res.status != "admitted":
@@ -273,11 +310,18 @@ class Agent:
             self.admission.release(migration_id)
 
     def note_refused_data_connection(self, peer: tuple[str, int], reason: str) -> None:
-        self.refused_data.append({"peer": f"{peer[0]}:{peer[1]}", "reason": reason,
-                                  "ts": time.time()})
+        self.refused_data.append(
+            {"peer": f"{peer[0]}:{peer[1]}", "reason": reason, "ts": time.time()}
+        )
         del self.refused_data[:-100]
-        self.audit_event("channel.refused", data={"peer": f"{peer[0]}:{peer[1]}",
-                                                   "reason": reason})
+        # audited, but throttled: garbage thrown at the data port must not grow the audit trail
+        # without bound (the guard counts every refusal)
+        suppressed = self._refusal_audit.admit("channel.refused")
+        if suppressed is not None:
+            self.audit_event(
+                "channel.refused",
+                data={"peer": f"{peer[0]}:{peer[1]}", "reason": reason, "suppressed": suppressed},
+            )
 
     def verify_host_cert(self, cert_der: bytes, expected_name: str) -> object:
         self.bundle.refresh()
@@ -341,7 +385,12 @@ class Agent:
         host, port = parse_hostport(self.cfg.control.listen)
         ctx = self.server_ctx
         self._server = await guarded_serve(
-            self.guard, "control", host, port, self._serve_guarded, ssl_ctx=ctx,
+            self.guard,
+            "control",
+            host,
+            port,
+            self._serve_guarded,
+            ssl_ctx=ctx,
             handshake_timeout=self.guard.rules.handshake_deadline_s,
         )
         sock = self._server.sockets[0].getsockname()
@@ -349,7 +398,9 @@ class Agent:
         dhost, dport = parse_hostport(self.cfg.data.listen)
         self.data = DataListener(self, dhost, dport)
         self.data.start()
-        self.data_advertise = self.cfg.data.advertise or f"{self.data.address[0]}:{self.data.address[1]}"
+        self.data_advertise = (
+            self.cfg.data.advertise or f"{self.data.address[0]}:{self.data.address[1]}"
+        )
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._stop.set)
         info = {
@@ -366,8 +417,9 @@ class Agent:
             tmp = ready_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(info))
             tmp.replace(ready_file)
-        log.info("agent %s ready: control %s, data %s", self.cfg.name, self.control_address,
-                 info["data"])
+        log.info(
+            "agent %s ready: control %s, data %s", self.cfg.name, self.control_address, info["data"]
+        )
         await self._stop.wait()
         await self.shutdown()
 
@@ -407,7 +459,7 @@ class Agent:
             self.bundle.refresh()
             peer = peer_identity(sslobj, self.bundle)
         except PkiError as e:
-            log.warning("control connection refused: %s", e)
+            rlog.log(logging.WARNING, "control-refused", "control connection refused: %s", e)
             self.audit_event("control.refused", data={"reason": str(e)})
             writer.close()
             return
@@ -445,25 +497,42 @@ class Agent:
                 raise RequestError(f"{op} is not allowed for a {conn.peer.kind} certificate")
             gate = ROLE_GATES.get(op)
             if gate and conn.peer.kind == "user" and not set(gate) & set(conn.peer.roles):
-                self.audit_event("access.denied", user=conn.peer.name, outcome="denied",
-                                 data={"op": op, "roles": list(conn.peer.roles)})
+                self.audit_event(
+                    "access.denied",
+                    user=conn.peer.name,
+                    outcome="denied",
+                    data={"op": op, "roles": list(conn.peer.roles)},
+                )
                 raise RequestError(
                     f"{op} denied: {conn.peer.name} has roles [{', '.join(conn.peer.roles)}], "
                     f"needs one of [{', '.join(gate)}]"
                 )
             result = await self.handlers[op](Request(self, conn, rid, op, params))
             await conn.send({"id": rid, "ok": True, "result": result})
-        except (RequestError, MigrationFailed, ControlError, ValueError, PkiError,
-                PolicyError) as e:
+        except (
+            RequestError,
+            MigrationFailed,
+            ControlError,
+            ValueError,
+            PkiError,
+            PolicyError,
+        ) as e:
             await conn.send({"id": rid, "ok": False, "error": str(e).splitlines()[0]})
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - report, never crash the agent
             log.exception("%s failed", op)
-            await conn.send({"id": rid, "ok": False, "error": f"{op} failed: {type(e).__name__}: {e}"})
+            await conn.send(
+                {"id": rid, "ok": False, "error": f"{op} failed: {type(e).__name__}: {e}"}
+            )
 
     # ------------------------------------------------------------------ user operations
     async def op_ping(self, req: Request) -> dict[str, Any]:
-        return {"host": self.cfg.name, "version": __version__, "peer": req.peer.name,
-                "peer_kind": req.peer.kind, "roles": list(req.peer.roles)}
+        return {
+            "host": self.cfg.name,
+            "version": __version__,
+            "peer": req.peer.name,
+            "peer_kind": req.peer.kind,
+            "roles": list(req.peer.roles),
+        }
 
     async def op_host_status(self, req: Request) -> dict[str, Any]:
         return {
@@ -480,8 +549,14 @@ class Agent:
             else None,
             "refused_data_connections": self.refused_data[-10:],
             "incoming": [
-                {"migration_id": i.migration_id, "vm": i.spec.name, "source": i.source,
-                 "state": i.state, "error": i.error, "pid": i.qemu.pid if i.qemu.alive() else None}
+                {
+                    "migration_id": i.migration_id,
+                    "vm": i.spec.name,
+                    "source": i.source,
+                    "state": i.state,
+                    "error": i.error,
+                    "pid": i.qemu.pid if i.qemu.alive() else None,
+                }
                 for i in self.incoming.values()
             ],
         }
@@ -504,8 +579,14 @@ class Agent:
             spec = spec.model_copy(update={"tenant": pol.tenant, "owner": pol.owner})
         image = await self.get_image()
         spec = spec.model_copy(update={"image_key": image.key})
-        qemu = QemuVM(spec, image, self.run_dir / f"vm-{spec.name}", self.accel,
-                      binary=self.cfg.qemu.binary, sock_dir=sock_dir_for(self, "vm"))
+        qemu = QemuVM(
+            spec,
+            image,
+            self.run_dir / f"vm-{spec.name}",
+            self.accel,
+            binary=self.cfg.qemu.binary,
+            sock_dir=sock_dir_for(self, "vm"),
+        )
         managed = ManagedVM(spec=spec, qemu=qemu)
         self.vms[spec.name] = managed
         try:
@@ -565,24 +646,45 @@ class Agent:
             raise RequestError(f"{name} already runs on {dest}")
         opts = MigrationOptions.model_validate(req.params.get("options") or {})
         m = self._vm(name)
-        user = {"name": req.peer.name, "roles": list(req.peer.roles), "tenant": req.peer.tenant,
-                "fingerprint": req.peer.fingerprint}
-        self.audit_event("migrate.request", vm=name, user=req.peer.name,
-                         data={"destination": dest, "options": opts.model_dump(mode="json")})
+        user = {
+            "name": req.peer.name,
+            "roles": list(req.peer.roles),
+            "tenant": req.peer.tenant,
+            "fingerprint": req.peer.fingerprint,
+        }
+        self.audit_event(
+            "migrate.request",
+            vm=name,
+            user=req.peer.name,
+            data={"destination": dest, "options": opts.model_dump(mode="json")},
+        )
         return await migrate_out(self, m, dest, opts, user, req.emit, principal=req.peer)
 
     async def op_migration_list(self, req: Request) -> dict[str, Any]:
-        return {"outgoing": [
-            {"migration_id": m.migration_id, "vm": m.vm, "destination": m.destination,
-             "phase": m.phase, "user": m.user,
-             "error": m.failure.line() if m.failure else None}
-            for m in self.outgoing.values()]}
+        return {
+            "outgoing": [
+                {
+                    "migration_id": m.migration_id,
+                    "vm": m.vm,
+                    "destination": m.destination,
+                    "phase": m.phase,
+                    "user": m.user,
+                    "error": m.failure.line() if m.failure else None,
+                }
+                for m in self.outgoing.values()
+            ]
+        }
 
     async def op_policy_set(self, req: Request) -> dict[str, Any]:
         vm = req.param("vm")
         pol = self.gov.set_vm_policy(vm, req.param("policy"))
-        self.audit_event("policy.set", vm=vm, user=req.peer.name, outcome="set",
-                         data={"signed_by": pol.signed_by})
+        self.audit_event(
+            "policy.set",
+            vm=vm,
+            user=req.peer.name,
+            outcome="set",
+            data={"signed_by": pol.signed_by},
+        )
         return {"vm": vm, "signed_by": pol.signed_by, "policy": pol.model_dump(mode="json")}
 
     async def op_policy_show(self, req: Request) -> dict[str, Any]:
@@ -594,13 +696,19 @@ class Agent:
         return {"vm": vm, "signed_by": pol.signed_by, "policy": pol.model_dump(mode="json")}
 
     async def op_guard_show(self, req: Request) -> dict[str, Any]:
-        return {"host": self.cfg.name, "guard": self.guard.snapshot(),
-                "admission": self.admission.snapshot(),
-                "quarantine": self.quarantine.snapshot()}
+        return {
+            "host": self.cfg.name,
+            "guard": self.guard.snapshot(),
+            "admission": self.admission.snapshot(),
+            "quarantine": self.quarantine.snapshot(),
+        }
 
     async def op_guard_quarantine(self, req: Request) -> dict[str, Any]:
-        return {"host": self.cfg.name, "quarantined": self.quarantine.snapshot(),
-                "cleared": self.quarantine.cleared()}
+        return {
+            "host": self.cfg.name,
+            "quarantined": self.quarantine.snapshot(),
+            "cleared": self.quarantine.cleared(),
+        }
 
     async def op_guard_clear(self, req: Request) -> dict[str, Any]:
         host = req.param("host")
@@ -608,14 +716,17 @@ class Agent:
             self.quarantine.clear(host, by_user=req.peer.name)
         except GuardError as e:
             raise RequestError(str(e)) from None
-        self.audit_event("guard.quarantine", user=req.peer.name, outcome="cleared",
-                         data={"host": host})
+        self.audit_event(
+            "guard.quarantine", user=req.peer.name, outcome="cleared", data={"host": host}
+        )
         return {"host": self.cfg.name, "cleared": host, "by": req.peer.name}
 
     async def op_audit_show(self, req: Request) -> dict[str, Any]:
-        evs = self.gov.audit.events(vm=req.params.get("vm"),
-                                    migration_id=req.params.get("migration_id"),
-                                    limit=int(req.params.get("limit", 200)))
+        evs = self.gov.audit.events(
+            vm=req.params.get("vm"),
+            migration_id=req.params.get("migration_id"),
+            limit=int(req.params.get("limit", 200)),
+        )
         return {"host": self.cfg.name, "events": [e.to_json() for e in evs]}
 
     async def op_audit_export(self, req: Request) -> dict[str, Any]:
@@ -662,11 +773,15 @@ class Agent:
     async def op_incoming_receipt(self, req: Request) -> dict[str, Any]:
         inc = self._incoming(req)
         fields = dict(req.param("fields", dict))
-        if fields.get("migration_id") != inc.migration_id or fields.get("destination") != self.cfg.name:
+        if (
+            fields.get("migration_id") != inc.migration_id
+            or fields.get("destination") != self.cfg.name
+        ):
             raise RequestError("receipt does not describe this migration")
         own = self.gov.sign_receipt(fields)
-        self.gov.check_and_store_receipt(fields, own, inc.source, req.param("signature"),
-                                         inc.peer_audit_pub)
+        self.gov.check_and_store_receipt(
+            fields, own, inc.source, req.param("signature"), inc.peer_audit_pub
+        )
         return {"signature": own}
 
     async def op_incoming_recover(self, req: Request) -> dict[str, Any]:
@@ -711,8 +826,9 @@ def sock_dir_for(agent: Agent, label: str) -> Path:
     return agent.sock_root / f"{label[:2]}-{_uuid.uuid4().hex[:8]}"
 
 
-def run_agent(cfg: HostConfig, ready_file: Path | None = None,
-              config_path: Path | None = None) -> None:
+def run_agent(
+    cfg: HostConfig, ready_file: Path | None = None, config_path: Path | None = None
+) -> None:
     async def _main() -> None:
         agent = Agent(cfg, config_path)
         await agent.run(ready_file)

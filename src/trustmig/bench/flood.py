@@ -15,6 +15,7 @@ machines would; it is capped in rate, count, open sockets and time, and never le
 from __future__ import annotations
 
 import asyncio
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from trustmig.bench.stats import summarize_channel
 from trustmig.config import parse_hostport
 from trustmig.hypervisor.accel import choose_accel
 from trustmig.hypervisor.image import build_image
+from trustmig.hypervisor.qemu import process_cpu_seconds
 from trustmig.hypervisor.spec import VMSpec
 from trustmig.lab.flood import KINDS, Flood, FloodSpec, RssSampler, peak_rss_kib
 
@@ -92,6 +94,10 @@ def _flood_spec(cfg: FloodBenchConfig, cluster: LocalCluster) -> FloodSpec:
     )
 
 
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
+
+
 def _add_counts(total: dict[str, Any], rep: dict[str, Any]) -> None:
     for kind, counts in rep["kinds"].items():
         mine = total.setdefault(kind, {})
@@ -116,6 +122,8 @@ async def _one_run(
     pid = cluster.hosts[DEST].pid
     assert pid is not None
     sampler = RssSampler(pid, interval_ms=50).start()
+    cpu0 = time.process_time()  # this process is the flood generator (attacker's CPU)
+    agent_cpu0 = process_cpu_seconds(pid)
     flood = Flood(_flood_spec(cfg, cluster)).start() if flooded else None
     try:
         if flood is not None:
@@ -124,9 +132,15 @@ async def _one_run(
     finally:
         report = flood.stop().to_dict() if flood is not None else None
         rss = sampler.stop()
+        generator_cpu = time.process_time() - cpu0
+        agent_cpu = process_cpu_seconds(pid) - agent_cpu0
     rec["flooded"] = flooded
     rec["channel"] = "flooded" if flooded else "unloaded"
     rec["agent_rss_kib"] = {"first": rss.first_kib, "max": rss.max_kib, "last": rss.last_kib}
+    # the destination agent's own CPU (whole run) and the generator's: on a shared 2-core host
+    # the attacker's CPU competes with the migration too, so both are reported
+    rec["destination_agent_cpu_s"] = round(agent_cpu, 3)
+    rec["flood_generator_cpu_s"] = round(generator_cpu, 3)
     if report is not None:
         rec["flood"] = report
     return rec
@@ -198,13 +212,13 @@ def run_flood_bench(
             **cfg.to_json(),
             "accel": choose_accel("auto").accel,
             "elapsed_s": round(time.monotonic() - t_start, 1),
-        },  # fmt: skip
+        },
         "results": {"unloaded": unloaded, "flooded": flooded},
         "ratios": {"flooded/unloaded": ratio},
         "goal": {
             "flooded/unloaded": GOAL_RATIO,
             "met": ratio is not None and ratio >= GOAL_RATIO,
-        },  # fmt: skip
+        },
         "flood": {
             "attempted": attempted,
             "achieved_rate_per_s": round(attempted / flood_s, 1) if flood_s else None,
@@ -216,5 +230,24 @@ def run_flood_bench(
             "peak_vmhwm": peak,
         },
         "guard_rule_hits": {k: after.get(k, 0) - before.get(k, 0) for k in sorted(after)},
+        "cpu_s": {
+            case: {
+                "destination_agent": _median(
+                    [
+                        r["destination_agent_cpu_s"]
+                        for r in runs
+                        if r["flooded"] == (case == "flooded")
+                    ]
+                ),
+                "flood_generator": _median(
+                    [
+                        r["flood_generator_cpu_s"]
+                        for r in runs
+                        if r["flooded"] == (case == "flooded")
+                    ]
+                ),
+            }
+            for case in ("unloaded", "flooded")
+        },
         "runs": runs,
     }

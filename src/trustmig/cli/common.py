@@ -49,8 +49,18 @@ def one_line_errors(as_json: bool) -> Iterator[None]:
 
     try:
         yield
-    except (CliError, ControlError, ConfigError, ImageBuildError, PkiError, PolicyError,
-            AuditError, AttestError, OSError, ValueError) as e:
+    except (
+        CliError,
+        ControlError,
+        ConfigError,
+        ImageBuildError,
+        PkiError,
+        PolicyError,
+        AuditError,
+        AttestError,
+        OSError,
+        ValueError,
+    ) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__, as_json=as_json)
 
 
@@ -66,8 +76,9 @@ def resolve_agent(agent: str | None) -> str:
 
 
 def resolve_credentials(creds: Path | None) -> Credentials:
-    d = creds or (Path(os.environ["TRUSTMIG_CREDENTIALS"]) if "TRUSTMIG_CREDENTIALS" in os.environ
-                  else None)
+    d = creds or (
+        Path(os.environ["TRUSTMIG_CREDENTIALS"]) if "TRUSTMIG_CREDENTIALS" in os.environ else None
+    )
     if d is None:
         raise CliError(
             "no credentials: pass --credentials DIR (from 'trustmig user add') "

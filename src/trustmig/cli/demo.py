@@ -54,38 +54,61 @@ async def _migrate_and_measure(
             "tenant": "acme",
             "workload": {"mem_mib": workload_mib, "dirty_rate": dirty_rate},
         }
-        say(f"booting demo-vm on {SOURCE} ({memory} MiB, workload {workload_mib} MiB "
-            f"dirtied at {dirty_rate:g} MiB/s)")
+        say(
+            f"booting demo-vm on {SOURCE} ({memory} MiB, workload {workload_mib} MiB "
+            f"dirtied at {dirty_rate:g} MiB/s)"
+        )
         policy = cluster.signed_policy(USER, "demo-vm")
         await src.call("vm.start", {"spec": spec, "policy": policy}, timeout=300)
         await asyncio.sleep(1.0)
         before = await src.call("vm.check", {"name": "demo-vm"}, timeout=120)
         t_mig = time.time()
         say(f"migrating demo-vm {SOURCE} -> {DEST} over the secure channel")
-        opts: dict[str, Any] = {"mode": "postcopy" if postcopy else "precopy",
-                                "multifd": multifd}
+        opts: dict[str, Any] = {"mode": "postcopy" if postcopy else "precopy", "multifd": multifd}
         try:
-            res = await src.call("migrate", {"vm": "demo-vm", "to": DEST, "options": opts},
-                                 on_event=on_event, timeout=900)
+            res = await src.call(
+                "migrate",
+                {"vm": "demo-vm", "to": DEST, "options": opts},
+                on_event=on_event,
+                timeout=900,
+            )
         except ControlError as e:
             result["error"] = str(e)
             res = None
         if res is not None:
-            for k in ("mode", "total_ms", "downtime_ms", "bytes_transferred", "throughput_mbps",
-                      "migration_id", "attestation", "attestation_pcr_digest", "handshake_ms", "time_to_first_byte_ms",
-                      "streams", "channel", "cpu_s_source", "decisions", "receipt_id"):
+            for k in (
+                "mode",
+                "total_ms",
+                "downtime_ms",
+                "bytes_transferred",
+                "throughput_mbps",
+                "migration_id",
+                "attestation",
+                "attestation_pcr_digest",
+                "handshake_ms",
+                "time_to_first_byte_ms",
+                "streams",
+                "channel",
+                "cpu_s_source",
+                "decisions",
+                "receipt_id",
+                "destination_claim",
+                "stream_recoveries",
+            ):
                 result[k] = res.get(k)
             result["status"] = "completed"
             await asyncio.sleep(1.0)  # let the destination guest run and print heartbeats
             hbs = await dst.call("vm.heartbeats", {"name": "demo-vm", "since": t_mig - 5})
-            cont = analyse([tuple(h) for h in res.get("source_heartbeats", [])],
-                           [tuple(h) for h in hbs["heartbeats"]])
+            cont = analyse(
+                [tuple(h) for h in res.get("source_heartbeats", [])],
+                [tuple(h) for h in hbs["heartbeats"]],
+            )
             result["heartbeat_gap_ms"] = cont.gap_ms
             result["heartbeat_seq_continuous"] = cont.continuous
             result["heartbeat_detail"] = cont.to_json()
             after = await dst.call("vm.check", {"name": "demo-vm"}, timeout=120)
             result["memory_check"] = {"before": before, "after": after}
-            intact = (after["bad_pages"] == 0 and after["marker_ok"] == after["marker_total"])
+            intact = after["bad_pages"] == 0 and after["marker_ok"] == after["marker_total"]
             if dirty_rate == 0:
                 intact = intact and after["digest"] == before["digest"]
             result["memory_checksum_match"] = intact
@@ -97,8 +120,10 @@ async def _migrate_and_measure(
             except ControlError:
                 result[key] = "absent"
         if result["status"] == "completed" and not (
-            result["heartbeat_seq_continuous"] and result["memory_checksum_match"]
-            and result["destination_state"] == "running" and result["source_state"] == "absent"
+            result["heartbeat_seq_continuous"]
+            and result["memory_checksum_match"]
+            and result["destination_state"] == "running"
+            and result["source_state"] == "absent"
         ):
             result["status"] = "failed"
             result["error"] = result["error"] or "the guest was harmed: see heartbeat/memory fields"
@@ -134,18 +159,28 @@ def run_demo(
         dl = {DEST: dest_data_listen} if dest_data_listen else None
         da = {DEST: dest_data_advertise} if dest_data_advertise else None
         cluster.setup(
-            labels={SOURCE: {"country": "DE", "zone": "eu-1", "security_level": 3},
-                    DEST: {"country": "FR", "zone": "eu-2", "security_level": 3}},
+            labels={
+                SOURCE: {"country": "DE", "zone": "eu-1", "security_level": 3},
+                DEST: {"country": "FR", "zone": "eu-2", "security_level": 3},
+            },
             accept_tenants={SOURCE: ["acme"], DEST: ["acme"]},
-            data_listen=dl, data_advertise=da,
+            data_listen=dl,
+            data_advertise=da,
         )
         cluster.add_user(USER, ["owner", "operator"], tenant="acme")
         say("starting two agents on loopback")
         cluster.start_agents()
-        res = asyncio.run(_migrate_and_measure(
-            cluster, memory=memory, dirty_rate=dirty_rate, postcopy=postcopy, multifd=multifd,
-            say=say, on_event=on_event,
-        ))
+        res = asyncio.run(
+            _migrate_and_measure(
+                cluster,
+                memory=memory,
+                dirty_rate=dirty_rate,
+                postcopy=postcopy,
+                multifd=multifd,
+                say=say,
+                on_event=on_event,
+            )
+        )
         res["state_dir"] = str(state_dir) if tmp is None else None
         res["elapsed_s"] = round(time.monotonic() - t0, 1)
         return res

@@ -47,7 +47,8 @@ def policy_check(path: Path, as_json: JsonOpt = False) -> None:
     def go() -> None:
         summary = check_policy_file(path)
         print_json({"ok": True, "file": str(path), "summary": summary}) if as_json else out.print(
-            f"[green]ok[/] {path}: {summary}")
+            f"[green]ok[/] {path}: {summary}"
+        )
 
     _guarded(as_json, go)
 
@@ -56,7 +57,9 @@ def policy_check(path: Path, as_json: JsonOpt = False) -> None:
 def policy_sign(
     path: Path,
     credentials: Annotated[Path, typer.Option("--credentials", help="Signer's credentials.")],
-    output: Annotated[Path | None, typer.Option("--out", help="Write the signed JSON here.")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--out", help="Write the signed JSON here.")
+    ] = None,
 ) -> None:
     """Sign a VM policy with your user key (as its owner or a security-admin)."""
     from trustmig.pki.authority import Credentials
@@ -79,21 +82,30 @@ def policy_sign(
 
 
 @policy_app.command("set")
-def policy_set(vm: str, signed: Path, agent: AgentOpt = None, credentials: CredOpt = None,
-               as_json: JsonOpt = False) -> None:
+def policy_set(
+    vm: str,
+    signed: Path,
+    agent: AgentOpt = None,
+    credentials: CredOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Provision a signed VM policy on the agent that owns the VM."""
+
     def go() -> None:
         res = _call("policy.set", {"vm": vm, "policy": signed.read_text()}, agent, credentials)
-        print_json(res) if as_json else out.print(f"policy for {vm} set (signed by "
-                                                   f"{res['signed_by']})")
+        print_json(res) if as_json else out.print(
+            f"policy for {vm} set (signed by {res['signed_by']})"
+        )
 
     _guarded(as_json, go)
 
 
 @policy_app.command("show")
-def policy_show(vm: str, agent: AgentOpt = None, credentials: CredOpt = None,
-                as_json: JsonOpt = False) -> None:
+def policy_show(
+    vm: str, agent: AgentOpt = None, credentials: CredOpt = None, as_json: JsonOpt = False
+) -> None:
     """Show the verified policy of a VM."""
+
     def go() -> None:
         res = _call("policy.show", {"vm": vm}, agent, credentials)
         print_json(res) if as_json else out.print_json(json.dumps(res))
@@ -119,15 +131,22 @@ def _offline_log(state_dir: Path) -> tuple[Any, Any]:
     return AuditLog(audit_url(state_dir), host=host, signing_key=None), pub
 
 
-StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="Read a host's state dir "
-                                                 "directly (offline).")]
+StateOpt = Annotated[
+    Path | None, typer.Option("--state-dir", help="Read a host's state dir directly (offline).")
+]
 
 
 @audit_app.command("show")
-def audit_show(vm: Annotated[str | None, typer.Option(help="Only this VM.")] = None,
-               limit: int = 200, state_dir: StateOpt = None, agent: AgentOpt = None,
-               credentials: CredOpt = None, as_json: JsonOpt = False) -> None:
+def audit_show(
+    vm: Annotated[str | None, typer.Option(help="Only this VM.")] = None,
+    limit: int = 200,
+    state_dir: StateOpt = None,
+    agent: AgentOpt = None,
+    credentials: CredOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Show audit events (newest last)."""
+
     def go() -> None:
         if state_dir:
             log, _ = _offline_log(state_dir)
@@ -141,18 +160,26 @@ def audit_show(vm: Annotated[str | None, typer.Option(help="Only this VM.")] = N
         t = Table("seq", "time", "kind", "vm", "user", "outcome", "detail")
         for e in events:
             d = e.get("data") or {}
-            t.add_row(str(e["seq"]), e["ts"][11:23], e["kind"], str(e.get("vm") or ""),
-                      str(e.get("user") or ""), str(e.get("outcome") or ""),
-                      str(d.get("line") or d.get("reason") or "")[:80])
+            t.add_row(
+                str(e["seq"]),
+                e["ts"][11:23],
+                e["kind"],
+                str(e.get("vm") or ""),
+                str(e.get("user") or ""),
+                str(e.get("outcome") or ""),
+                str(d.get("line") or d.get("reason") or "")[:80],
+            )
         out.print(t)
 
     _guarded(as_json, go)
 
 
 @audit_app.command("export")
-def audit_export(state_dir: StateOpt = None, agent: AgentOpt = None,
-                 credentials: CredOpt = None) -> None:
+def audit_export(
+    state_dir: StateOpt = None, agent: AgentOpt = None, credentials: CredOpt = None
+) -> None:
     """Export the whole trail as JSON lines."""
+
     def go() -> None:
         if state_dir:
             log, _ = _offline_log(state_dir)
@@ -166,10 +193,15 @@ def audit_export(state_dir: StateOpt = None, agent: AgentOpt = None,
 
 
 @audit_app.command("verify")
-def audit_verify(state_dir: StateOpt = None, agent: AgentOpt = None,
-                 credentials: CredOpt = None, strict: bool = False,
-                 as_json: JsonOpt = False) -> None:
+def audit_verify(
+    state_dir: StateOpt = None,
+    agent: AgentOpt = None,
+    credentials: CredOpt = None,
+    strict: bool = False,
+    as_json: JsonOpt = False,
+) -> None:
     """Verify the chain and signed checkpoints; exit 1 naming every bad entry."""
+
     def go() -> None:
         if state_dir:
             log, pub = _offline_log(state_dir)
@@ -181,8 +213,10 @@ def audit_verify(state_dir: StateOpt = None, agent: AgentOpt = None,
             print_json(rep)
         else:
             status = "[green]intact[/]" if rep["ok"] else "[red]TAMPERED[/]"
-            out.print(f"audit trail {status}: {rep['events']} events, "
-                      f"{rep['checkpoints']} signed checkpoints")
+            out.print(
+                f"audit trail {status}: {rep['events']} events, "
+                f"{rep['checkpoints']} signed checkpoints"
+            )
             for p in rep["problems"]:
                 out.print(f"  [red]problem:[/] {p}")
             for w in rep["warnings"]:
@@ -195,8 +229,11 @@ def audit_verify(state_dir: StateOpt = None, agent: AgentOpt = None,
 
 # ------------------------------------------------------------------------------ guard
 @guard_app.command("show")
-def guard_show(agent: AgentOpt = None, credentials: CredOpt = None, as_json: JsonOpt = False) -> None:
+def guard_show(
+    agent: AgentOpt = None, credentials: CredOpt = None, as_json: JsonOpt = False
+) -> None:
     """Tracked connections, rule hit counters and admission queues of an agent."""
+
     def go() -> None:
         res = _call("guard.show", {}, agent, credentials)
         print_json(res) if as_json else out.print_json(json.dumps(res, default=str))
@@ -205,9 +242,11 @@ def guard_show(agent: AgentOpt = None, credentials: CredOpt = None, as_json: Jso
 
 
 @guard_app.command("quarantine")
-def guard_quarantine(agent: AgentOpt = None, credentials: CredOpt = None,
-                     as_json: JsonOpt = False) -> None:
+def guard_quarantine(
+    agent: AgentOpt = None, credentials: CredOpt = None, as_json: JsonOpt = False
+) -> None:
     """Hosts this agent refuses as destinations because they lied, and who cleared whom."""
+
     def go() -> None:
         res = _call("guard.quarantine", {}, agent, credentials)
         if as_json:
@@ -222,9 +261,11 @@ def guard_quarantine(agent: AgentOpt = None, credentials: CredOpt = None,
 
 
 @guard_app.command("clear")
-def guard_clear(host: str, agent: AgentOpt = None, credentials: CredOpt = None,
-                as_json: JsonOpt = False) -> None:
+def guard_clear(
+    host: str, agent: AgentOpt = None, credentials: CredOpt = None, as_json: JsonOpt = False
+) -> None:
     """Lift a host's quarantine (security-admin only; the audit trail names who did)."""
+
     def go() -> None:
         res = _call("guard.clear", {"host": host}, agent, credentials)
         print_json(res) if as_json else out.print(f"[green]cleared[/] {host} on {res['host']}")
@@ -233,8 +274,9 @@ def guard_clear(host: str, agent: AgentOpt = None, credentials: CredOpt = None,
 
 
 @guard_app.command("nft")
-def guard_nft(config: Annotated[Path, typer.Option("--config", help="host.toml")],
-              as_json: JsonOpt = False) -> None:
+def guard_nft(
+    config: Annotated[Path, typer.Option("--config", help="host.toml")], as_json: JsonOpt = False
+) -> None:
     """Render nftables rules for this host's migration ports from its guard rules."""
     from trustmig.config import load_config, parse_hostport
     from trustmig.guard import GuardRules, render_nft

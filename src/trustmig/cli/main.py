@@ -23,8 +23,11 @@ from trustmig.cli.common import (
     run,
 )
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="Secure live migration of QEMU/KVM virtual machines.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Secure live migration of QEMU/KVM virtual machines.",
+)
 image_app = typer.Typer(no_args_is_help=True, help="Guest images.")
 ca_app = typer.Typer(no_args_is_help=True, help="The cluster certificate authority.")
 host_app = typer.Typer(no_args_is_help=True, help="Host identities.")
@@ -45,10 +48,14 @@ from trustmig.cli.attest_cmds import register as _register_attest  # noqa: E402
 _register_attest(app, host_app)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
-AgentOpt = Annotated[str | None, typer.Option("--agent", help="Agent control address HOST:PORT "
-                                                "(default: $TRUSTMIG_AGENT).")]
-CredOpt = Annotated[Path | None, typer.Option("--credentials", help="User credentials dir "
-                                                "(default: $TRUSTMIG_CREDENTIALS).")]
+AgentOpt = Annotated[
+    str | None,
+    typer.Option("--agent", help="Agent control address HOST:PORT (default: $TRUSTMIG_AGENT)."),
+]
+CredOpt = Annotated[
+    Path | None,
+    typer.Option("--credentials", help="User credentials dir (default: $TRUSTMIG_CREDENTIALS)."),
+]
 CaDirOpt = Annotated[Path, typer.Option("--ca-dir", help="Cluster CA directory.")]
 
 
@@ -86,10 +93,13 @@ def image_build(
     from trustmig.hypervisor.image import build_image
 
     with _errors(as_json):
-        img = build_image(cache_dir, force=force,
-                          progress=None if as_json else lambda s: console.print(f"  {s}"))
+        img = build_image(
+            cache_dir, force=force, progress=None if as_json else lambda s: console.print(f"  {s}")
+        )
         data = {"kernel": str(img.kernel), "initrd": str(img.initrd), "key": img.key}
-        print_json(data) if as_json else out.print(f"image {img.key[:16]}: {img.kernel}, {img.initrd}")
+        print_json(data) if as_json else out.print(
+            f"image {img.key[:16]}: {img.kernel}, {img.initrd}"
+        )
 
 
 # ---------------------------------------------------------------------------------- PKI
@@ -129,14 +139,18 @@ def host_revoke(name: str, ca_dir: CaDirOpt, as_json: JsonOpt = False) -> None:
     with _errors(as_json):
         serials = ClusterCA.load(ca_dir).revoke(name, "host")
         data = {"host": name, "revoked_serials": [hex(s) for s in serials]}
-        print_json(data) if as_json else out.print(f"revoked {len(serials)} certificate(s) of {name}")
+        print_json(data) if as_json else out.print(
+            f"revoked {len(serials)} certificate(s) of {name}"
+        )
 
 
 @user_app.command("add")
 def user_add(
     name: str,
     ca_dir: CaDirOpt,
-    role: Annotated[list[str], typer.Option("--role", help="owner|operator|security-admin|auditor")],
+    role: Annotated[
+        list[str], typer.Option("--role", help="owner|operator|security-admin|auditor")
+    ],
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write user.key/user.pem.")],
     tenant: Annotated[str | None, typer.Option(help="Tenant the user belongs to.")] = None,
     days: int = 30,
@@ -146,10 +160,16 @@ def user_add(
     from trustmig.pki.authority import ClusterCA
 
     with _errors(as_json):
-        creds = ClusterCA.load(ca_dir).issue_user(name, out_dir, roles=role, tenant=tenant,
-                                                  days=days)
-        data = {"user": name, "roles": role, "tenant": tenant, "credentials": str(out_dir),
-                "cert": str(creds.cert_path)}
+        creds = ClusterCA.load(ca_dir).issue_user(
+            name, out_dir, roles=role, tenant=tenant, days=days
+        )
+        data = {
+            "user": name,
+            "roles": role,
+            "tenant": tenant,
+            "credentials": str(out_dir),
+            "cert": str(creds.cert_path),
+        }
         print_json(data) if as_json else out.print(f"user {name} ({', '.join(role)}) -> {out_dir}")
 
 
@@ -161,7 +181,9 @@ def user_revoke(name: str, ca_dir: CaDirOpt, as_json: JsonOpt = False) -> None:
     with _errors(as_json):
         serials = ClusterCA.load(ca_dir).revoke(name, "user")
         data = {"user": name, "revoked_serials": [hex(s) for s in serials]}
-        print_json(data) if as_json else out.print(f"revoked {len(serials)} certificate(s) of {name}")
+        print_json(data) if as_json else out.print(
+            f"revoked {len(serials)} certificate(s) of {name}"
+        )
 
 
 # ---------------------------------------------------------------------------------- VMs
@@ -183,8 +205,13 @@ def vm_start(
         workload: dict[str, Any] = {"mem_mib": workload_mib, "dirty_rate": dirty_rate}
         if secret:
             workload["secret"] = secret
-        spec = {"name": name, "memory_mib": memory, "vcpus": vcpus, "tenant": tenant,
-                "workload": workload}
+        spec = {
+            "name": name,
+            "memory_mib": memory,
+            "vcpus": vcpus,
+            "tenant": tenant,
+            "workload": workload,
+        }
 
         async def go() -> dict[str, Any]:
             c = await connect(agent, credentials)
@@ -201,6 +228,7 @@ def vm_start(
 def vm_list(agent: AgentOpt = None, credentials: CredOpt = None, as_json: JsonOpt = False) -> None:
     """List the VMs of the agent's host."""
     with _errors(as_json):
+
         async def go() -> dict[str, Any]:
             c = await connect(agent, credentials)
             try:
@@ -214,39 +242,71 @@ def vm_list(agent: AgentOpt = None, credentials: CredOpt = None, as_json: JsonOp
             return
         t = Table("name", "state", "qemu", "pid", "MiB", "tenant", "last HB", title=res["host"])
         for v in res["vms"]:
-            t.add_row(v["name"], v["state"], v["qemu_state"], str(v["pid"]), str(v["memory_mib"]),
-                      str(v["tenant"]), str(v["last_heartbeat"]))
+            t.add_row(
+                v["name"],
+                v["state"],
+                v["qemu_state"],
+                str(v["pid"]),
+                str(v["memory_mib"]),
+                str(v["tenant"]),
+                str(v["last_heartbeat"]),
+            )
         out.print(t)
 
 
 @vm_app.command("stop")
-def vm_stop(name: str, agent: AgentOpt = None, credentials: CredOpt = None,
-            as_json: JsonOpt = False) -> None:
+def vm_stop(
+    name: str, agent: AgentOpt = None, credentials: CredOpt = None, as_json: JsonOpt = False
+) -> None:
     """Stop a VM."""
-    _simple_call("vm.stop", {"name": name}, agent, credentials, as_json,
-                 lambda r: f"{name}: {r['state']}")
+    _simple_call(
+        "vm.stop", {"name": name}, agent, credentials, as_json, lambda r: f"{name}: {r['state']}"
+    )
 
 
 @vm_app.command("resume")
-def vm_resume(name: str, agent: AgentOpt = None, credentials: CredOpt = None,
-              as_json: JsonOpt = False) -> None:
+def vm_resume(
+    name: str, agent: AgentOpt = None, credentials: CredOpt = None, as_json: JsonOpt = False
+) -> None:
     """Resume a paused VM (after an in-doubt migration was checked by hand)."""
-    _simple_call("vm.resume", {"name": name}, agent, credentials, as_json,
-                 lambda r: f"{name}: {r['qemu_state']}")
+    _simple_call(
+        "vm.resume",
+        {"name": name},
+        agent,
+        credentials,
+        as_json,
+        lambda r: f"{name}: {r['qemu_state']}",
+    )
 
 
 @vm_app.command("check")
-def vm_check(name: str, agent: AgentOpt = None, credentials: CredOpt = None,
-             as_json: JsonOpt = False) -> None:
+def vm_check(
+    name: str, agent: AgentOpt = None, credentials: CredOpt = None, as_json: JsonOpt = False
+) -> None:
     """Ask the guest to verify its own memory (every page and the secret marker)."""
-    _simple_call("vm.check", {"name": name}, agent, credentials, as_json,
-                 lambda r: f"{name}: {r['pages']} pages, {r['bad_pages']} bad, marker "
-                           f"{r['marker_ok']}/{r['marker_total']}, digest {r['digest']}")
+    _simple_call(
+        "vm.check",
+        {"name": name},
+        agent,
+        credentials,
+        as_json,
+        lambda r: (
+            f"{name}: {r['pages']} pages, {r['bad_pages']} bad, marker "
+            f"{r['marker_ok']}/{r['marker_total']}, digest {r['digest']}"
+        ),
+    )
 
 
-def _simple_call(op: str, params: dict[str, Any], agent: str | None, credentials: Path | None,
-                 as_json: bool, line: Any) -> None:
+def _simple_call(
+    op: str,
+    params: dict[str, Any],
+    agent: str | None,
+    credentials: Path | None,
+    as_json: bool,
+    line: Any,
+) -> None:
     with _errors(as_json):
+
         async def go() -> dict[str, Any]:
             c = await connect(agent, credentials)
             try:
@@ -271,26 +331,39 @@ def migrate(
     downtime_ms: Annotated[int, typer.Option(help="Maximum downtime QEMU aims for.")] = 300,
     bandwidth_mibps: Annotated[int | None, typer.Option(help="Bandwidth cap, MiB/s.")] = None,
     no_auto_converge: bool = False,
-    channel: Annotated[str, typer.Option(
-        help="secure (trustmig's channel) or qemu-tls (QEMU's own TLS, cluster certificates); "
-             "both are encrypted, mutually authenticated and attested.")] = "secure",
+    channel: Annotated[
+        str,
+        typer.Option(
+            help="secure (trustmig's channel) or qemu-tls (QEMU's own TLS, cluster certificates); "
+            "both are encrypted, mutually authenticated and attested."
+        ),
+    ] = "secure",
     as_json: JsonOpt = False,
 ) -> None:
     """Live-migrate a running VM to another host, encrypted and attested."""
     with _errors(as_json):
         if channel not in ("secure", "qemu-tls"):
             raise CliError(f"--channel {channel!r} is not known: use secure or qemu-tls")
-        opts = {"mode": "postcopy" if postcopy else "precopy", "multifd": multifd,
-                "channel": channel,
-                "downtime_ms": downtime_ms, "max_bandwidth_mibps": bandwidth_mibps,
-                "postcopy_after_rounds": postcopy_after, "auto_converge": not no_auto_converge}
+        opts = {
+            "mode": "postcopy" if postcopy else "precopy",
+            "multifd": multifd,
+            "channel": channel,
+            "downtime_ms": downtime_ms,
+            "max_bandwidth_mibps": bandwidth_mibps,
+            "postcopy_after_rounds": postcopy_after,
+            "auto_converge": not no_auto_converge,
+        }
 
         async def go() -> dict[str, Any]:
             c = await connect(agent, credentials)
             try:
                 with MigrationProgressView(not as_json) as view:
-                    return await c.call("migrate", {"vm": vm, "to": to, "options": opts},
-                                        on_event=view.event, timeout=None)
+                    return await c.call(
+                        "migrate",
+                        {"vm": vm, "to": to, "options": opts},
+                        on_event=view.event,
+                        timeout=None,
+                    )
             finally:
                 await c.close()
 
@@ -301,7 +374,8 @@ def migrate(
             return
         out.print(
             f"[green]{vm} migrated[/] {res['source']} -> {res['destination']} ({res['mode']}, "
-            f"{res['channel']} channel): {res['total_ms']} ms total, {res['downtime_ms']} ms downtime, "
+            f"{res['channel']} channel): {res['total_ms']} ms total, "
+            f"{res['downtime_ms']} ms downtime, "
             f"{res['throughput_mbps']} MB/s, attestation {res['attestation']}"
         )
 
@@ -315,10 +389,12 @@ def demo(
     dirty_rate: Annotated[float, typer.Option(help="Workload dirtying rate, MiB/s.")] = 16.0,
     postcopy: bool = False,
     multifd: int = 0,
-    dest_data_listen: Annotated[str | None, typer.Option(help="HOST:PORT the destination's "
-                                                          "data listener binds.")] = None,
-    dest_data_advertise: Annotated[str | None, typer.Option(help="HOST:PORT the destination "
-                                                             "advertises to the source.")] = None,
+    dest_data_listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT the destination's data listener binds.")
+    ] = None,
+    dest_data_advertise: Annotated[
+        str | None, typer.Option(help="HOST:PORT the destination advertises to the source.")
+    ] = None,
 ) -> None:
     """Two agents on loopback; boot a guest on one, live-migrate it to the other, measure."""
     from trustmig.cli.demo import run_demo
@@ -327,19 +403,38 @@ def demo(
         say = (lambda s: None) if as_json else (lambda s: console.print(f"[cyan]»[/] {s}"))
         with MigrationProgressView(not as_json) as view:
             res = run_demo(
-                state_dir=state_dir.resolve() if state_dir else None, memory=memory,
-                dirty_rate=dirty_rate, postcopy=postcopy, multifd=multifd,
-                dest_data_listen=dest_data_listen, dest_data_advertise=dest_data_advertise,
-                say=say, on_event=view.event,
+                state_dir=state_dir.resolve() if state_dir else None,
+                memory=memory,
+                dirty_rate=dirty_rate,
+                postcopy=postcopy,
+                multifd=multifd,
+                dest_data_listen=dest_data_listen,
+                dest_data_advertise=dest_data_advertise,
+                say=say,
+                on_event=view.event,
             )
         if as_json:
             print(json.dumps(res, default=str))
         else:
             t = Table("field", "value", title="trustmig demo")
-            for k in ("status", "mode", "channel", "attestation", "user", "total_ms",
-                      "downtime_ms", "heartbeat_gap_ms", "heartbeat_seq_continuous",
-                      "memory_checksum_match", "bytes_transferred", "throughput_mbps",
-                      "handshake_ms", "source_state", "destination_state", "error"):
+            for k in (
+                "status",
+                "mode",
+                "channel",
+                "attestation",
+                "user",
+                "total_ms",
+                "downtime_ms",
+                "heartbeat_gap_ms",
+                "heartbeat_seq_continuous",
+                "memory_checksum_match",
+                "bytes_transferred",
+                "throughput_mbps",
+                "handshake_ms",
+                "source_state",
+                "destination_state",
+                "error",
+            ):
                 t.add_row(k, str(res.get(k)))
             out.print(t)
         if res["status"] != "completed":
@@ -353,13 +448,16 @@ app.add_typer(bench_app, name="bench")
 
 @bench_app.command("migrate")
 def bench_migrate(
-    channel: Annotated[str, typer.Option(help="Comma-separated channels: plain, secure, "
-                                         "qemu-tls.")] = "plain,secure,qemu-tls",
+    channel: Annotated[
+        str, typer.Option(help="Comma-separated channels: plain, secure, qemu-tls.")
+    ] = "plain,secure,qemu-tls",
     memory: Annotated[int, typer.Option(help="Guest RAM, MiB.")] = 1024,
-    fill: Annotated[int | None, typer.Option(help="MiB the workload fills (default: memory "
-                                             "- 160).")] = None,
-    dirty_rate: Annotated[str, typer.Option(help="Comma-separated workload dirtying rates, "
-                                            "MiB/s.")] = "0",
+    fill: Annotated[
+        int | None, typer.Option(help="MiB the workload fills (default: memory - 160).")
+    ] = None,
+    dirty_rate: Annotated[
+        str, typer.Option(help="Comma-separated workload dirtying rates, MiB/s.")
+    ] = "0",
     repeat: Annotated[int, typer.Option(help="Runs per channel and dirty rate.")] = 3,
     postcopy: Annotated[bool, typer.Option(help="Also measure post-copy migrations.")] = False,
     prealloc: Annotated[bool, typer.Option(help="-mem-prealloc on every destination.")] = True,
@@ -373,16 +471,21 @@ def bench_migrate(
     with _errors(as_json):
         try:
             cfg = BenchConfig(
-                channels=parse_channels(channel), memory_mib=memory, fill_mib=fill,
-                dirty_rates=parse_dirty_rates(dirty_rate), repeat=repeat, postcopy=postcopy,
+                channels=parse_channels(channel),
+                memory_mib=memory,
+                fill_mib=fill,
+                dirty_rates=parse_dirty_rates(dirty_rate),
+                repeat=repeat,
+                postcopy=postcopy,
                 prealloc_destination=prealloc,
             )
             from trustmig.bench import run_migrate_bench
 
             say = (lambda s: None) if as_json else (lambda s: console.print(f"[cyan]»[/] {s}"))
             with BenchProgress(not as_json, console) as bar:
-                report = run_migrate_bench(cfg, on_progress=bar.update, on_run=bar.run_done,
-                                           say=say)
+                report = run_migrate_bench(
+                    cfg, on_progress=bar.update, on_run=bar.run_done, say=say
+                )
         except BenchError as e:
             raise CliError(str(e)) from None
         if output is not None:
@@ -399,6 +502,7 @@ def bench_migrate(
         if any(r["status"] != "completed" for r in report["runs"]):
             raise typer.Exit(1)
 
+
 @bench_app.command("flood")
 def bench_flood(
     memory: Annotated[int, typer.Option(help="Guest RAM, MiB.")] = 1024,
@@ -406,7 +510,8 @@ def bench_flood(
     repeat: Annotated[int, typer.Option(help="Unloaded/flooded pairs.")] = 3,
     rate: Annotated[float, typer.Option(help="Flood connection attempts per second.")] = 1000.0,
     kinds: Annotated[str, typer.Option(help="Comma-separated flood kinds.")] = ",".join(
-        ("connect", "halfopen", "garbage", "tls_anon", "tls_foreign", "data_hello")),
+        ("connect", "halfopen", "garbage", "tls_anon", "tls_foreign", "data_hello")
+    ),
     sources: Annotated[int, typer.Option(help="Flooding loopback addresses (127.0.0.2..).")] = 8,
     output: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
     as_json: JsonOpt = False,
@@ -417,9 +522,14 @@ def bench_flood(
 
     with _errors(as_json):
         try:
-            cfg = FloodBenchConfig(memory_mib=memory, dirty_rate=dirty_rate, repeat=repeat,
-                                   rate_per_s=rate, sources=sources,
-                                   kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()))
+            cfg = FloodBenchConfig(
+                memory_mib=memory,
+                dirty_rate=dirty_rate,
+                repeat=repeat,
+                rate_per_s=rate,
+                sources=sources,
+                kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
+            )
             say = (lambda s: None) if as_json else (lambda s: console.print(f"[cyan]»[/] {s}"))
             with Progress(console=console, disable=as_json) as bar:
                 task = bar.add_task("migrations", total=2 * repeat)
@@ -433,30 +543,48 @@ def bench_flood(
         else:
             t = Table("", "unloaded", "flooded", title="migration under a flood")
             for k in ("throughput_mbps", "total_ms", "downtime_ms", "completed"):
-                t.add_row(k, str(report["results"]["unloaded"].get(k)),
-                          str(report["results"]["flooded"].get(k)))
+                t.add_row(
+                    k,
+                    str(report["results"]["unloaded"].get(k)),
+                    str(report["results"]["flooded"].get(k)),
+                )
             out.print(t)
-            out.print(f"flooded/unloaded throughput: {report['ratios']['flooded/unloaded']} "
-                      f"(goal >= {report['goal']['flooded/unloaded']})")
-            out.print(f"flood: {report['flood']['attempted']} attempts at "
-                      f"{report['flood']['achieved_rate_per_s']}/s; destination agent peak RSS "
-                      f"{report['destination_agent_memory_kib']['peak_vmhwm']} KiB")
+            out.print(
+                f"flooded/unloaded throughput: {report['ratios']['flooded/unloaded']} "
+                f"(goal >= {report['goal']['flooded/unloaded']})"
+            )
+            out.print(
+                f"flood: {report['flood']['attempted']} attempts at "
+                f"{report['flood']['achieved_rate_per_s']}/s; destination agent peak RSS "
+                f"{report['destination_agent_memory_kib']['peak_vmhwm']} KiB"
+            )
         if any(r["status"] != "completed" for r in report["runs"]):
             raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------------------------- lab
-lab_app = typer.Typer(no_args_is_help=True, help="Attack lab: the survey's attacks, baseline "
-                      "vs trustmig.")
+def _verdict(compromised: bool | None, safe_word: str) -> str:
+    if compromised is None:
+        return "[yellow]error[/]"
+    return "[red]compromised[/]" if compromised else f"[green]{safe_word}[/]"
+
+
+lab_app = typer.Typer(
+    no_args_is_help=True, help="Attack lab: the survey's attacks, baseline vs trustmig."
+)
 app.add_typer(lab_app, name="lab")
 
 
 @lab_app.command("run")
 def lab_run(
-    attack: Annotated[list[str] | None, typer.Option(
-        "--attack", help="Run only this attack (repeatable); default: all.")] = None,
-    report: Annotated[Path | None, typer.Option(
-        help="Write a self-contained HTML report here (and Markdown beside it).")] = None,
+    attack: Annotated[
+        list[str] | None,
+        typer.Option("--attack", help="Run only this attack (repeatable); default: all."),
+    ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="Write a self-contained HTML report here (and Markdown beside it)."),
+    ] = None,
     output: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
     workdir: Annotated[Path | None, typer.Option(help="Keep QEMU/agent files here.")] = None,
     as_json: JsonOpt = False,
@@ -477,10 +605,10 @@ def lab_run(
                 bar.advance(task)
                 if not as_json:
                     b, t = entry["baseline_compromised"], entry["trustmig_compromised"]
-                    console.print(f"  {entry['name']}: baseline "
-                                  f"{'[red]compromised[/]' if b else '[green]held[/]' if b is False else '[yellow]error[/]'}"
-                                  f", trustmig "
-                                  f"{'[red]compromised[/]' if t else '[green]blocked[/]' if t is False else '[yellow]error[/]'}")
+                    console.print(
+                        f"  {entry['name']}: baseline {_verdict(b, 'held')}, "
+                        f"trustmig {_verdict(t, 'blocked')}"
+                    )
 
             res = run_lab([a.name for a in chosen], workdir=workdir, say=say, on_result=done)
         if output is not None:
@@ -494,12 +622,20 @@ def lab_run(
         if as_json:
             print(json.dumps(res, default=str))
         else:
-            t = Table("attack", "baseline", "trustmig", "trustmig outcome",
-                      title=f"attack lab ({res['duration_s']} s)")
+            t = Table(
+                "attack",
+                "baseline",
+                "trustmig",
+                "trustmig outcome",
+                title=f"attack lab ({res['duration_s']} s)",
+            )
             for entry in res["attacks"]:
-                t.add_row(entry["name"], str(entry["baseline_compromised"]),
-                          str(entry["trustmig_compromised"]),
-                          str(entry["trustmig"].get("outcome"))[:110])
+                t.add_row(
+                    entry["name"],
+                    str(entry["baseline_compromised"]),
+                    str(entry["trustmig_compromised"]),
+                    str(entry["trustmig"].get("outcome"))[:110],
+                )
             out.print(t)
         if res["summary"]["trustmig_compromised"] or res["summary"]["errors"]:
             raise typer.Exit(1)

@@ -20,6 +20,7 @@ from trustmig.guard.conntrack import (
     ConnState,
     ConnTable,
     PeerBuckets,
+    TokenBucket,
     TrackedConn,
 )
 from trustmig.guard.errors import GuardError, UnknownConnectionError
@@ -29,6 +30,7 @@ from trustmig.guard.rules import GuardRules, Verdict
 RULE_ACCEPT = "accept"
 RULE_NETWORK = "network"
 RULE_RATE = "rate"
+RULE_RATE_STRANGERS = "rate_strangers"
 RULE_HALF_OPEN = "half_open"
 RULE_HALF_OPEN_PEER = "half_open_per_peer"
 RULE_SESSIONS = "sessions"
@@ -78,6 +80,9 @@ class Guard:
             burst=2.0 * rules.max_conn_rate_per_peer,
             capacity=peer_capacity,
         )
+        self._strangers = TokenBucket(
+            rules.max_conn_rate_strangers, 2.0 * rules.max_conn_rate_strangers, clock()
+        )
         self._counters: Counter[str] = Counter()
         self._next_id = 1
         self._lock = threading.RLock()
@@ -121,6 +126,12 @@ class Guard:
                 f"(burst {2 * r.max_conn_rate_per_peer:g})",
             ), None
         reserved = r.is_reserved(peer_ip)
+        if not reserved and not self._strangers.take(now):
+            return self._hit(
+                RULE_RATE_STRANGERS,
+                f"peer {peer_ip}: strangers (non-cluster addresses) exceeded "
+                f"{r.max_conn_rate_strangers:g} connections/s together",
+            ), None
         if not reserved and self._table.half_open >= r.max_half_open:
             return self._hit(
                 RULE_HALF_OPEN,

@@ -61,6 +61,10 @@ class GuardRules:
     #: session caps (never from the per-peer ones), so a flood from many addresses that fills
     #: the global table cannot lock the legitimate peers out of a migration.
     reserved_peers: list[str] = field(default_factory=list)
+    #: New connections per second from addresses that are *not* cluster peers, all together.
+    #: Every admitted stranger costs a TLS or channel handshake; this caps that CPU however
+    #: many addresses a flood comes from (the per-peer rate cannot).
+    max_conn_rate_strangers: float = 20.0
 
     def __post_init__(self) -> None:
         self._networks: tuple[IPNetwork, ...] = tuple(
@@ -82,6 +86,7 @@ class GuardRules:
                     )
         for name in (
             "max_conn_rate_per_peer",
+            "max_conn_rate_strangers",
             "handshake_deadline_s",
             "idle_timeout_s",
             "stall_timeout_s",

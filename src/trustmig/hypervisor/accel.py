@@ -55,7 +55,9 @@ def choose_accel(
         else "the CPU advertises no vmx/svm (nested or paravirtual KVM cannot run stock guests)"
     )
     if requested == "kvm":
-        raise ValueError(f"qemu.accel = 'kvm' but KVM is not usable here: {why}; use 'auto' or 'tcg'")
+        raise ValueError(
+            f"qemu.accel = 'kvm' but KVM is not usable here: {why}; use 'auto' or 'tcg'"
+        )
     return AccelChoice(
         "tcg", "qemu64", f"KVM not usable ({why}): guests run under TCG emulation, much slower"
     )

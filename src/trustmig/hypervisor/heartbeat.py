@@ -7,6 +7,7 @@ consoles, and whether the sequence went on without reset or repeat.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,11 +35,17 @@ def analyse(
     split across the two consoles), and the destination produced heartbeats at all.
     """
     if not destination:
-        return Continuity(None, False, source[-1][0] if source else None, None, 0,
-                          "no heartbeat on the destination")
+        return Continuity(
+            None,
+            False,
+            source[-1][0] if source else None,
+            None,
+            0,
+            "no heartbeat on the destination",
+        )
     reason = None
     for name, hbs in (("source", source), ("destination", destination)):
-        for (a, _), (b, _) in zip(hbs, hbs[1:], strict=False):
+        for (a, _), (b, _) in itertools.pairwise(hbs):
             if b != a + 1:
                 reason = reason or f"{name} heartbeat {a} followed by {b}"
     s_last = source[-1][0] if source else None
@@ -49,7 +56,7 @@ def analyse(
         elif d_first > s_last + 2:
             reason = reason or f"heartbeats {s_last + 1}..{d_first - 1} lost at the switch"
     merged = sorted([*source, *destination], key=lambda h: h[1])
-    gaps = [b[1] - a[1] for a, b in zip(merged, merged[1:], strict=False)]
+    gaps = [b[1] - a[1] for a, b in itertools.pairwise(merged)]
     return Continuity(
         round(max(gaps) * 1000, 1) if gaps else None,
         reason is None,

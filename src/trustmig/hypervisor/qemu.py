@@ -155,7 +155,9 @@ class QemuVM:
             except Exception:
                 if time.monotonic() > deadline:
                     await self.kill()
-                    raise QemuError(f"QEMU for {self.spec.name}: no QMP socket in {timeout}s")
+                    raise QemuError(
+                        f"QEMU for {self.spec.name}: no QMP socket in {timeout}s"
+                    ) from None
                 await asyncio.sleep(0.02)
         await self.console.connect(timeout=max(1.0, deadline - time.monotonic()))
 
@@ -167,8 +169,12 @@ class QemuVM:
         return " | ".join(lines[-n:]) or "(no stderr)"
 
     async def cmd(
-        self, name: str, args: dict[str, Any] | None = None, timeout: float = 30,
-        *, oob: bool = False,
+        self,
+        name: str,
+        args: dict[str, Any] | None = None,
+        timeout: float = 30,
+        *,
+        oob: bool = False,
     ) -> Any:
         """Run a QMP command. ``oob`` uses QEMU's out-of-band execution, which still works when
         the main loop is blocked (e.g. a post-copy destination waiting for missing pages)."""

@@ -55,7 +55,7 @@ async def _one(env: LabEnv, attack: Attack, target: str) -> dict[str, Any]:
     try:
         out = await asyncio.wait_for(timed(run, env), TARGET_BUDGET_S)
         return out.to_dict()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - a broken attack is reported, the lab goes on
         line = (str(e).splitlines() or [type(e).__name__])[0]
         tb = traceback.format_exception(e)[-3:]
         return {

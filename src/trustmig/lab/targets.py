@@ -185,7 +185,7 @@ class Baseline:
                     "marker_ok": c.marker_ok,
                     "marker_total": c.marker_total,
                 }
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - a guest that cannot answer is evidence
                 checks[where] = {"error": f"no memory check answer ({type(e).__name__})"}
             await asyncio.sleep(0.3)
             beating[where] = len(vm.console.heartbeats_since(0)) > n0
