@@ -26,7 +26,9 @@ def test_throttle_admits_a_burst_per_window_and_counts_the_rest() -> None:
     assert t.admit("k") == 2  # the next admitted event reports what was suppressed
 
 
-def test_rate_limited_log_says_how_many_lines_it_suppressed(caplog: pytest.LogCaptureFixture) -> None:
+def test_rate_limited_log_says_how_many_lines_it_suppressed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     clock = Clock()
     rl = RateLimitedLog(logging.getLogger("t"), burst=2, interval_s=5, clock=clock)
     with caplog.at_level(logging.INFO, logger="t"):
