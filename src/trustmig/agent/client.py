@@ -100,8 +100,14 @@ class ControlClient:
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = (fut, on_event)
-        self._writer.write(encode({"op": op, "id": rid, "params": params or {}}))
-        await self._writer.drain()
+        try:
+            self._writer.write(encode({"op": op, "id": rid, "params": params or {}}))
+            await self._writer.drain()
+        except (ConnectionError, OSError) as e:
+            self._pending.pop(rid, None)
+            raise ControlError(
+                f"{op}: the agent closed the connection ({self.close_reason or e})"
+            ) from None
         try:
             msg = await asyncio.wait_for(fut, timeout)
         except TimeoutError:

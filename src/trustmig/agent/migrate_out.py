@@ -656,6 +656,12 @@ async def _recover_postcopy(
             }
         )
         try:
+            status = (await query(vm)).status
+            if status in ("completed", "postcopy-active", "postcopy-recover"):
+                # the stream is (again) alive: a stale failure signal, nothing to recover
+                mig.failure = None
+                mig.failure_event.clear()
+                return dp
             await _wait_status(vm, ("postcopy-paused",), 20)
             await dp.close(mig)
             res = await ctl.call("incoming.recover", {"migration_id": mig.migration_id}, timeout=30)
@@ -666,6 +672,9 @@ async def _recover_postcopy(
                 agent, mig, str(res.get("data_address") or data_addr), sock, on_failure
             )
             await vm.cmd("migrate", {"uri": f"unix:{sock}", "resume": True})
+            # QEMU leaves postcopy-paused asynchronously; do not mistake the old state for a
+            # new failure
+            await _wait_status(vm, ("postcopy-recover", "postcopy-active", "completed"), 20)
             mig.recovered_from.append(cause)
             return dp
         except (MigrationFailed, ControlError, OSError, ChannelError) as e:
