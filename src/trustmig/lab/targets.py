@@ -147,6 +147,18 @@ class Baseline:
                 return prog
             await asyncio.sleep(0.02)
 
+    async def migrate_tapped(
+        self, name: str, tap: Tap, *, binary: str = "qemu-system-x86_64"
+    ) -> tuple[QemuVM, QemuVM, MigrationProgress]:
+        """Boot ``name``, migrate it to a fresh destination through a proxy running ``tap``;
+        returns (source, destination, the source's final progress)."""
+        src = await self.boot(name)
+        dst, port = await self.destination(name, binary=binary)
+        with MitmProxy(("127.0.0.1", port), tap) as proxy:
+            prog = await self.migrate(src, proxy.address[1])
+            await self.settle(dst)
+        return src, dst, prog
+
     async def settle(self, dst: QemuVM, timeout: float = 30.0) -> str:
         """Wait until the destination finished loading (or failed/died); its run state."""
         deadline = time.monotonic() + timeout

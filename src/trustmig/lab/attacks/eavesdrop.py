@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from trustmig.hypervisor.spec import DEFAULT_SECRET
 from trustmig.lab.attack import Attack, Outcome
-from trustmig.lab.proxy import MitmProxy, Sniffer
+from trustmig.lab.proxy import Sniffer
 from trustmig.lab.targets import HONEST, LabEnv
 
 SECRET = DEFAULT_SECRET.encode()
@@ -18,12 +18,8 @@ NAME = "eavesdrop"
 
 async def baseline(env: LabEnv) -> Outcome:
     b = env.baseline
-    src = await b.boot(NAME)
-    dst, port = await b.destination(NAME)
     sniff = Sniffer(SECRET)
-    with MitmProxy(("127.0.0.1", port), sniff) as proxy:
-        prog = await b.migrate(src, proxy.address[1])
-        await b.settle(dst)
+    src, dst, prog = await b.migrate_tapped(NAME, sniff)
     guest = await b.state({"source": src, "destination": dst})
     return Outcome(
         compromised=sniff.hits > 0,

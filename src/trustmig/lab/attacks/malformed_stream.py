@@ -23,7 +23,7 @@ from trustmig.channel.identity import LocalIdentity
 from trustmig.lab.attack import Attack, Outcome
 from trustmig.lab.attacks.replay import _replay
 from trustmig.lab.flood import RssSampler
-from trustmig.lab.proxy import MitmProxy, Sniffer
+from trustmig.lab.proxy import Sniffer
 from trustmig.lab.targets import HONEST, LabEnv
 from trustmig.pki.authority import ClusterCA
 
@@ -73,12 +73,8 @@ async def _feed_qemu(env: LabEnv, name: str, data: bytes) -> dict[str, Any]:
 
 async def baseline(env: LabEnv) -> Outcome:
     b = env.baseline
-    src = await b.boot(NAME)
-    dst, port = await b.destination(NAME)
     rec = Sniffer(b"\x00never", record_limit=512 << 20)
-    with MitmProxy(("127.0.0.1", port), rec) as proxy:
-        await b.migrate(src, proxy.address[1])
-        await b.settle(dst)
+    await b.migrate_tapped(NAME, rec)
     recording = bytes(rec.recordings.get(0, b""))
     await b.close()
     rng = random.Random(SEED)

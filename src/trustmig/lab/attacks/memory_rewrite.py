@@ -13,7 +13,7 @@ from typing import Any
 
 from trustmig.hypervisor.spec import DEFAULT_SECRET
 from trustmig.lab.attack import Attack, Outcome
-from trustmig.lab.proxy import BlindTamper, MitmProxy, Rewriter
+from trustmig.lab.proxy import BlindTamper, Rewriter
 from trustmig.lab.targets import HONEST, LabEnv
 
 SECRET = DEFAULT_SECRET.encode()
@@ -29,12 +29,8 @@ def _altered(guest: dict[str, Any]) -> bool:
 
 async def baseline(env: LabEnv) -> Outcome:
     b = env.baseline
-    src = await b.boot(NAME)
-    dst, port = await b.destination(NAME)
     rw = Rewriter(SECRET, FORGED)
-    with MitmProxy(("127.0.0.1", port), rw) as proxy:
-        prog = await b.migrate(src, proxy.address[1])
-        await b.settle(dst)
+    src, dst, prog = await b.migrate_tapped(NAME, rw)
     guest = await b.state({"source": src, "destination": dst})
     chk = guest["checks"].get("destination", {})
     return Outcome(

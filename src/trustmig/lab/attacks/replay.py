@@ -15,7 +15,7 @@ import socket
 
 from trustmig.hypervisor.qemu import QemuVM
 from trustmig.lab.attack import Attack, Outcome
-from trustmig.lab.proxy import MitmProxy, Sniffer
+from trustmig.lab.proxy import Sniffer
 from trustmig.lab.targets import HONEST, LabEnv
 
 NAME = "replay"
@@ -47,12 +47,8 @@ def _replay(port: int, data: bytes, read_s: float = 5.0) -> dict[str, object]:
 
 async def baseline(env: LabEnv) -> Outcome:
     b = env.baseline
-    src = await b.boot(NAME)
-    dst, port = await b.destination(NAME)
     rec = Sniffer(b"\x00never", record_limit=RECORD_LIMIT)
-    with MitmProxy(("127.0.0.1", port), rec) as proxy:
-        await b.migrate(src, proxy.address[1])
-        await b.settle(dst)
+    src, dst, _ = await b.migrate_tapped(NAME, rec)
     await src.stop()  # the operator retires the source once the guest runs on its new host
     recording = bytes(rec.recordings.get(0, b""))
     await asyncio.sleep(1.0)  # "later": the real guest has moved on

@@ -12,7 +12,7 @@ import shutil
 
 from trustmig.hypervisor.spec import DEFAULT_SECRET
 from trustmig.lab.attack import Attack, Outcome
-from trustmig.lab.proxy import MitmProxy, Sniffer
+from trustmig.lab.proxy import Sniffer
 from trustmig.lab.targets import ROGUE, LabEnv
 
 NAME = "rogue-destination"
@@ -28,12 +28,8 @@ async def baseline(env: LabEnv) -> Outcome:
     rogue.parent.mkdir(parents=True, exist_ok=True)
     rogue.write_text(f'#!/bin/sh\n# trojaned hypervisor\nexec {real} "$@"\n')
     rogue.chmod(0o755)
-    src = await b.boot(NAME)
-    dst, port = await b.destination(NAME, binary=str(rogue))
     sniff = Sniffer(SECRET)
-    with MitmProxy(("127.0.0.1", port), sniff) as proxy:
-        prog = await b.migrate(src, proxy.address[1])
-        await b.settle(dst)
+    src, dst, prog = await b.migrate_tapped(NAME, sniff, binary=str(rogue))
     guest = await b.state({"source": src, "rogue destination": dst})
     return Outcome(
         compromised=sniff.bytes_seen > MEMORY_BYTES,
