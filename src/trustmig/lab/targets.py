@@ -300,6 +300,17 @@ class TrustmigCluster:
         finally:
             await c.close()
 
+    async def migrate_tapped(
+        self, name: str, to: str, tap: Tap, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any] | None, str | None]:
+        """Boot ``name`` on the source and migrate it to ``to`` with ``tap`` on the data path."""
+        await self.boot(name)
+        self.tap(to, tap)
+        try:
+            return await self.migrate(name, to, options)
+        finally:
+            self.tap(to, None)
+
     async def state(self, name: str) -> dict[str, Any]:
         """Copies of ``name`` running on any host, with the guest's own memory check."""
         running: list[str] = []

@@ -82,13 +82,8 @@ async def trustmig(env: LabEnv) -> Outcome:
         ),
     ):
         name = f"{NAME}-{case}"
-        await t.boot(name)
         cut = Cutter(after_bytes=CUT_AT)
-        t.tap(HONEST, cut)
-        try:
-            res, err = await t.migrate(name, HONEST, opts)
-        finally:
-            t.tap(HONEST, None)
+        res, err = await t.migrate_tapped(name, HONEST, cut, opts)
         guest = await t.state(name)
         status = res["status"] if res else "failed"
         cases[case] = {

@@ -36,13 +36,8 @@ async def baseline(env: LabEnv) -> Outcome:
 
 async def trustmig(env: LabEnv) -> Outcome:
     t = env.trustmig
-    await t.boot(NAME)
     sniff = Sniffer(SECRET)
-    t.tap(HONEST, sniff)
-    try:
-        res, err = await t.migrate(NAME, HONEST)
-    finally:
-        t.tap(HONEST, None)
+    res, err = await t.migrate_tapped(NAME, HONEST, sniff)
     guest = await t.state(NAME)
     status = res["status"] if res else f"failed: {err}"
     return Outcome(

@@ -44,13 +44,8 @@ async def baseline(env: LabEnv) -> Outcome:
 
 async def trustmig(env: LabEnv) -> Outcome:
     t = env.trustmig
-    await t.boot(NAME)
     tap = BlindTamper(SECRET, FORGED, at_offset=TAMPER_AT)
-    t.tap(HONEST, tap)
-    try:
-        res, err = await t.migrate(NAME, HONEST, {"max_bandwidth_mibps": 64})
-    finally:
-        t.tap(HONEST, None)
+    res, err = await t.migrate_tapped(NAME, HONEST, tap, {"max_bandwidth_mibps": 64})
     guest = await t.state(NAME)
     completed = res is not None and res.get("status") == "completed"
     return Outcome(

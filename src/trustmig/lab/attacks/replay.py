@@ -86,13 +86,8 @@ def _first_seq(vm: QemuVM) -> int | None:
 
 async def trustmig(env: LabEnv) -> Outcome:
     t = env.trustmig
-    await t.boot(NAME)
     rec = Sniffer(b"\x00never", record_limit=RECORD_LIMIT)
-    t.tap(HONEST, rec)
-    try:
-        res, err = await t.migrate(NAME, HONEST)
-    finally:
-        t.tap(HONEST, None)
+    res, err = await t.migrate_tapped(NAME, HONEST, rec)
     if res is None:
         raise RuntimeError(f"the migration to record failed: {err}")
     recording = bytes(rec.recordings.get(0, b""))

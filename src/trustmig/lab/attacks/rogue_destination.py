@@ -46,13 +46,8 @@ async def baseline(env: LabEnv) -> Outcome:
 
 async def trustmig(env: LabEnv) -> Outcome:
     t = env.trustmig
-    await t.boot(NAME)
     sniff = Sniffer(SECRET)
-    t.tap(ROGUE, sniff)
-    try:
-        res, err = await t.migrate(NAME, ROGUE)
-    finally:
-        t.tap(ROGUE, None)
+    res, err = await t.migrate_tapped(NAME, ROGUE, sniff)
     guest = await t.state(NAME)
     return Outcome(
         compromised=sniff.bytes_seen > MEMORY_BYTES or res is not None,
