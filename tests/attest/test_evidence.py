@@ -150,3 +150,67 @@ def test_tampered_event_log_refused(
             registry=registry(reg),
             refvalues=refs,
         )
+
+
+def _launch_with(
+    tpm_factory: TpmFactory,
+    tmp_path: Path,
+    extra: list[tuple[str, bytes, str]],
+    drop: str | None = None,
+):  # type: ignore[no-untyped-def]
+    from trustmig.attest.enroll import enroll_host
+    from trustmig.attest.measure import launch_items, measured_launch
+
+    reg = tmp_path / "registry.json"
+    tpm = tpm_factory("host-a")
+    hdir = tmp_path / "files"
+    hdir.mkdir()
+    qemu, cfg, pol = hdir / "qemu", hdir / "host.toml", hdir / "policy.bundle"
+    qemu.write_bytes(b"qemu 7.2")
+    cfg.write_text('name = "host-a"\n')
+    pol.write_text("allow: all\n")
+    enroll_host("host-a", tpm, reg)
+    items = [i for i in launch_items(qemu, cfg, pol) if i[0] != drop] + extra
+    log = measured_launch(tpm, items, hdir / "log.json")
+    return tpm, log, reg
+
+
+def test_software_cannot_pass_as_a_data_event(
+    tpm_factory: TpmFactory, tmp_path: Path, admin_key: ec.EllipticCurvePrivateKey
+) -> None:
+    from trustmig.attest.measure import data_event_digest
+    from trustmig.attest.refvalues import RefValues
+
+    # an unapproved agent config, measured under the data event's name instead of its own
+    text = 'name = "host-a"\nguard = {allowed_networks = ["0.0.0.0/0"]}\n'
+    relabel = [("host-capacity", data_event_digest("host-capacity", text), text)]
+    tpm, log, reg = _launch_with(tpm_factory, tmp_path, relabel, drop="agent-config")
+    refs = RefValues()
+    for e in log.events:
+        if e.name != "host-capacity":
+            refs.add(e.name, e.digest)
+    th = os.urandom(32)
+    ev = make_evidence(tpm, th, log, host="host-a")
+    with pytest.raises(AttestationFailed, match=r"lacks the measurements \['agent-config'\]"):
+        verify_evidence(ev, peer_name="host-a", transcript_hash=th, registry=registry(reg),
+                        refvalues=refs)  # fmt: skip
+
+
+def test_second_capacity_event_is_refused(
+    tpm_factory: TpmFactory, tmp_path: Path, admin_key: ec.EllipticCurvePrivateKey
+) -> None:
+    from trustmig.attest.measure import data_event_digest
+    from trustmig.attest.refvalues import RefValues
+
+    caps = ['{"mem_mib":4096,"vcpus":2}', '{"mem_mib":65536,"vcpus":64}']  # later: inflated
+    extra = [("host-capacity", data_event_digest("host-capacity", c), c) for c in caps]
+    tpm, log, reg = _launch_with(tpm_factory, tmp_path, extra)
+    refs = RefValues()
+    for e in log.events:
+        if e.name != "host-capacity":
+            refs.add(e.name, e.digest)
+    th = os.urandom(32)
+    ev = make_evidence(tpm, th, log, host="host-a")
+    with pytest.raises(AttestationFailed, match=r"host-capacity event .* repeated"):
+        verify_evidence(ev, peer_name="host-a", transcript_hash=th, registry=registry(reg),
+                        refvalues=refs)  # fmt: skip

@@ -209,3 +209,17 @@ def test_sign_blob_verifies_only_unaltered_data(ca: ClusterCA, tmp_path: Path) -
 def test_ca_certificate_is_not_accepted_as_peer(ca: ClusterCA) -> None:
     with pytest.raises(PeerRejected, match="CA certificate"):
         TrustBundle.load(ca.ca_path, ca.crl_path).verify(ca.ca_cert)
+
+
+def test_one_name_never_serves_as_both_host_and_user(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # QEMU's TLS checks a destination by name alone: a user named like a host could pass for it
+    from trustmig.pki.authority import ClusterCA
+    from trustmig.pki.errors import InvalidInput
+
+    ca = ClusterCA.init(tmp_path / "ca")
+    ca.issue_host("host-b", tmp_path / "b")
+    with pytest.raises(InvalidInput, match="already a host name"):
+        ca.issue_user("host-b", tmp_path / "u", roles=["operator"])
+    ca.issue_user("alice", tmp_path / "alice", roles=["operator"])
+    with pytest.raises(InvalidInput, match="already a user name"):
+        ca.issue_host("alice", tmp_path / "h")

@@ -2,7 +2,7 @@
 
 A destination tells the source how much it can still hold in a *resource claim* signed with its
 host identity key and stamped with the migration id as nonce. Its total capacity is also
-extended into PCR 12 at launch (a ``host-capacity`` event whose digest is sha256 of the JSON),
+extended into PCR 13 at launch (a ``host-capacity`` data event over the JSON),
 so the source can read the *attested* capacity from the quote's event log and refuse claims
 that exceed it: a compromised destination that inflates its free resources to attract VMs is
 caught and quarantined (see ``trustmig.guard.claims``).
@@ -11,7 +11,6 @@ caught and quarantined (see ``trustmig.guard.claims``).
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import time
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from trustmig.attest.measure import data_event_digest
 from trustmig.config import HostConfig
 from trustmig.guard.claims import AttestedCapacity, ResourceClaim, sign_claim
 
@@ -50,9 +50,9 @@ def capacity_detail(cap: AttestedCapacity) -> str:
 
 
 def capacity_measurement(cfg: HostConfig) -> tuple[str, bytes, str]:
-    """The (name, digest, detail) launch item that puts the capacity into PCR 12."""
+    """The (name, digest, detail) launch item that puts the capacity into PCR 13."""
     detail = capacity_detail(host_capacity(cfg))
-    return EVENT_NAME, hashlib.sha256(detail.encode()).digest(), detail
+    return EVENT_NAME, data_event_digest(EVENT_NAME, detail), detail
 
 
 def parse_capacity(detail: str | None) -> AttestedCapacity | None:

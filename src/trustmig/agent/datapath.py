@@ -194,6 +194,7 @@ class DataListener:
         self.sock = socket.create_server((host, port), backlog=128, reuse_port=False)
         self.address = self.sock.getsockname()[:2]
         self._sessions: dict[bytes, _InboundSession] = {}
+        self._claim_lock = threading.Lock()
         self._stop = False
         self._thread = threading.Thread(
             target=self._accept_loop, name="tm-data-accept", daemon=True
@@ -274,7 +275,19 @@ class DataListener:
                 raise ChannelError("a qemu-tls migration uses the channel for its handshake only")
         elif n_streams != inc.options.streams:
             raise ChannelError(f"expected {inc.options.streams} streams, client asked {n_streams}")
-        inc.state = "receiving"
+        # no state change here: the client is not authenticated yet (see _claim_session)
+
+    def _claim_session(self, migration_id: bytes, peer_name: str) -> IncomingMigration:
+        """After mutual authentication: the one session this prepared (or recovering)
+        migration accepts. Decided under a lock, so two handshakes cannot both win."""
+        with self._claim_lock:
+            inc = self.agent.find_incoming(migration_id)
+            if inc is None or inc.source != peer_name:
+                raise ChannelError("no migration with this id is expected from this host")
+            if inc.state not in ("prepared", "recovering"):
+                raise ChannelError(f"migration {inc.migration_id} already has a session (replay?)")
+            inc.state = "receiving"
+            return inc
 
     def _handshake(
         self, conn: socket.socket, frame: bytes, conn_id: int, dog: HandshakeWatchdog
@@ -290,8 +303,7 @@ class DataListener:
         result = _run_handshake(conn, hs, frame)
         if hs.leftover:
             raise ChannelError("client sent records before the handshake finished")
-        inc = self.agent.find_incoming(result.migration_id)
-        assert inc is not None
+        inc = self._claim_session(result.migration_id, result.peer_name)
         self.agent.guard_authenticated(conn_id, result.peer_name)
         # handed over to the migration, whose own stall detection supervises it from here
         self.agent.guard_close(conn_id)
@@ -331,6 +343,7 @@ class DataListener:
         from trustmig.agent.migrate_in import on_stream_failure
 
         inc = sess.incoming
+        generation = inc.recoveries  # failures of an older session's pumps are stale
         conn.settimeout(None)
         with sess.lock:
             qemu_sock = inc.connect_qemu()
@@ -341,7 +354,7 @@ class DataListener:
                 sess.keys.sealer(index, "s2c"),
                 sess.keys.opener(index, "c2s"),
                 max_plaintext=sess.keys.limits.max_plaintext,
-                on_failure=lambda f: on_stream_failure(self.agent, inc, f),
+                on_failure=lambda f: on_stream_failure(self.agent, inc, f, generation),
                 outbound_name="destination→source (return path)",
                 inbound_name="source→destination",
             )

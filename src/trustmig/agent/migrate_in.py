@@ -94,12 +94,10 @@ async def prepare(
     )
     if not decision.allow:
         raise IncomingError(decision.line())
+    quarantined = agent.quarantine.is_quarantined(source_host)
+    if quarantined is not None:
+        raise IncomingError(f"source {source_host} is quarantined here ({quarantined})")
     await agent.admit("in", tenant=spec.tenant, vm=spec.name, migration_id=mid)
-    # what this host has free before the arriving VM counts; the source checks it against the
-    # capacity this host attests to before sending any memory
-    resources = capacity.signed_claim(
-        capacity.current_claim(agent, mid), agent.channel_identity.private_key
-    )
     if spec.name in agent.vms and agent.vms[spec.name].state not in ("migrated", "stopped"):
         raise IncomingError(f"a VM named {spec.name} already runs on {agent.cfg.name}")
     image = await agent.get_image()
@@ -160,6 +158,12 @@ async def prepare(
         policy_json=policy_json,
         decision=decision.line(),
     )
+    # what this host has free before the arriving VM counts, signed last so that image and
+    # QEMU start-up time does not age it; the source checks it against the capacity this host
+    # attests to before sending any memory
+    resources = capacity.signed_claim(
+        capacity.current_claim(agent, mid), agent.channel_identity.private_key
+    )
     agent.incoming[mid] = inc
     agent.audit_event(
         "migration.phase",
@@ -202,7 +206,7 @@ async def _in_postcopy(inc: IncomingMigration) -> bool:
 
 
 async def _on_failure(agent: Agent, inc: IncomingMigration, reason: str) -> None:
-    if inc.state in ("running", "aborted", "postcopy-paused"):
+    if inc.state in ("running", "aborted", "postcopy-paused", "in-doubt"):
         return
     if await _in_postcopy(inc):
         inc.state = "postcopy-paused"
@@ -228,12 +232,16 @@ async def _on_failure(agent: Agent, inc: IncomingMigration, reason: str) -> None
     await abort(agent, inc, reason)
 
 
-def on_stream_failure(agent: Agent, inc: IncomingMigration, failure: StreamFailure) -> None:
+def on_stream_failure(
+    agent: Agent, inc: IncomingMigration, failure: StreamFailure, generation: int | None = None
+) -> None:
     """Called from a pump thread: the first failure of a stream kills the incoming guest, unless
     post-copy has started (then the guest is kept and the stream can be recovered)."""
 
     def _fail() -> None:
-        if inc.state not in ("running", "aborted", "postcopy-paused"):
+        if generation is not None and generation != inc.recoveries:
+            return  # a pump of a session that was already replaced by a recovery
+        if inc.state not in ("running", "aborted", "postcopy-paused", "in-doubt"):
             agent.spawn(_on_failure(agent, inc, f"data channel {failure.line()}"))
 
     agent.loop.call_soon_threadsafe(_fail)
@@ -242,6 +250,9 @@ def on_stream_failure(agent: Agent, inc: IncomingMigration, failure: StreamFailu
 async def recover(agent: Agent, inc: IncomingMigration, timeout: float = 15.0) -> dict[str, Any]:
     """Re-open a broken post-copy stream: QEMU listens again (``migrate-recover``) and the data
     listener accepts one new, freshly authenticated and attested session for this migration."""
+    if inc.state == "recovering":
+        # an earlier attempt already armed QEMU; its listener still waits for the stream
+        return {"data_address": agent.data_advertise, "attempt": inc.recoveries}
     if inc.state == "receiving" and await _in_postcopy(inc):
         # the source saw the stream break before this side did: believe it (it is an
         # authenticated peer) and drop the dead stream so QEMU pauses too
@@ -284,7 +295,21 @@ async def recover(agent: Agent, inc: IncomingMigration, timeout: float = 15.0) -
 
 
 async def abort(agent: Agent, inc: IncomingMigration, reason: str) -> None:
-    if inc.state in ("aborted", "running"):
+    if inc.state in ("aborted", "running", "in-doubt"):
+        return
+    if await _in_postcopy(inc):
+        # the guest may already run only here: never kill it automatically (an operator can
+        # still stop it with 'trustmig vm stop' once it is known which copy is current)
+        inc.state = "in-doubt"
+        inc.error = inc.error or reason
+        agent.audit_event(
+            "migration.phase",
+            vm=inc.spec.name,
+            migration_id=inc.migration_id,
+            outcome="in-doubt",
+            data={"reason": reason},
+        )
+        log.error("kept post-copy guest %s although %s", inc.spec.name, reason)
         return
     prev = inc.state
     inc.state = "aborted"

@@ -217,6 +217,7 @@ async def migrate_out(
     dp: _DataPath | None = None
     sock_path = vm.sock_dir / f"out-{mid[:8]}.sock"
     committed = False
+    in_doubt = False
     hb_start = time.time()
     managed.state = "migrating-out"
     agent.audit_event(
@@ -315,9 +316,12 @@ async def migrate_out(
         try:
             res = await ctl.call("incoming.commit", {"migration_id": mid}, timeout=90)
         except ControlError as e:
-            if "aborted" in str(e) or "failed" in str(e) or "did not" in str(e):
+            # only the destination's own answer is a refusal (its guest does not run); a lost
+            # connection or a timeout says nothing about whether it runs
+            if str(e).startswith(("commit failed:", "no incoming migration")):
                 raise MigrationFailed(f"destination refused to commit: {e}") from None
             managed.state = "in-doubt"
+            in_doubt = True
             raise MigrationFailed(
                 f"destination did not confirm its guest runs ({e}); the source guest stays "
                 "paused to avoid two running copies: check the destination, then "
@@ -394,7 +398,7 @@ async def migrate_out(
         return result
     except BaseException as e:
         reason = _reason(e, mig)
-        if not committed:
+        if not committed and not in_doubt:
             await _recover_source(agent, managed, mig)
             # after the post-copy switch the destination runs the guest: never kill it from here
             if ctl is not None and not ctl.closed.is_set() and not mig.postcopy_started:
@@ -515,6 +519,24 @@ async def _recover_source(agent: Agent, managed: ManagedVM, mig: OutgoingMigrati
     if not vm.alive():
         managed.state = "failed"
         return
+    try:
+        status = (await query(vm)).status
+    except Exception:  # noqa: BLE001 - unknown: decide by the flag alone
+        status = "unknown"
+    if mig.postcopy_started or status.startswith("postcopy"):
+        # After the switch the destination runs the guest and the source holds the pages it
+        # has not sent yet: cancelling would lose the VM, resuming would run a stale copy. Both
+        # sides stay paused; the migration can be recovered once the network is back.
+        managed.state = "in-doubt"
+        agent.audit_event(
+            "migration.phase",
+            vm=mig.vm,
+            migration_id=mig.migration_id,
+            user=mig.user,
+            outcome="in-doubt",
+            data={"reason": "post-copy stream lost; both sides kept paused"},
+        )
+        return
     with contextlib.suppress(Exception):
         await vm.cmd("migrate_cancel", timeout=10)
     deadline = time.monotonic() + 20
@@ -526,11 +548,6 @@ async def _recover_source(agent: Agent, managed: ManagedVM, mig: OutgoingMigrati
         if prog.status not in ("active", "cancelling", "setup", "device", "pre-switchover"):
             break
         await asyncio.sleep(0.05)
-    if mig.postcopy_started:
-        # After the switch the source no longer holds the whole guest: resuming it would run a
-        # stale copy. The VM is lost on this host; report it loudly.
-        managed.state = "failed"
-        return
     state = await vm.status()
     if state in ("paused", "postmigrate", "finish-migrate"):
         with contextlib.suppress(Exception):
@@ -680,8 +697,9 @@ async def _recover_postcopy(
         except (MigrationFailed, ControlError, OSError, ChannelError) as e:
             last_error = str(e).splitlines()[0] if str(e) else type(e).__name__
             await asyncio.sleep(min(2.0 * attempt, 5.0))
+    await dp.close(mig)  # the last attempt's session, if it got that far
     raise MigrationFailed(
         f"post-copy stream broke ({cause}) and could not be recovered ({last_error}); the "
-        f"guest stays paused on {mig.destination} with the missing pages on the source: "
-        "restore the network, then retry the recovery"
+        f"guest is kept paused on {mig.destination} and the pages it lacks on {agent.cfg.name} "
+        "(in doubt): neither copy is killed, do not start the VM elsewhere"
     )

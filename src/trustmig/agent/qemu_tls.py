@@ -51,6 +51,9 @@ async def enable(
                                "dir": str(tls_dir.resolve()), "endpoint": endpoint}  # fmt: skip
     if endpoint == "server":
         args["verify-peer"] = True
+    for stale in (AUTHZ_ID, TLS_ID):  # left by an earlier, failed attempt on this QEMU
+        with contextlib.suppress(Exception):
+            await vm.cmd("object-del", {"id": stale})
     try:
         await vm.cmd("object-add", args)  # QEMU reads the files now
     finally:

@@ -316,7 +316,7 @@ class Agent:
         del self.refused_data[:-100]
         # audited, but throttled: garbage thrown at the data port must not grow the audit trail
         # without bound (the guard counts every refusal)
-        suppressed = self._refusal_audit.admit("channel.refused")
+        suppressed = self._refusal_audit.admit(f"channel.refused:{peer[0]}")
         if suppressed is not None:
             self.audit_event(
                 "channel.refused",

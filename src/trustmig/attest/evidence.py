@@ -7,7 +7,6 @@ from another connection, fails the nonce check. The verifier checks with `crypto
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import socket
@@ -22,7 +21,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from trustmig.attest.enroll import AkRegistry
 from trustmig.attest.errors import AttestationFailed, AttestError
-from trustmig.attest.measure import DATA_EVENTS, LAUNCH_PCRS, EventLog
+from trustmig.attest.measure import (
+    DATA_EVENTS,
+    LAUNCH_PCRS,
+    PCR_MAP,
+    REQUIRED_EVENTS,
+    EventLog,
+    data_event_digest,
+)
 from trustmig.attest.refvalues import RefValues
 from trustmig.attest.tpm import HostTpm, Quote
 from trustmig.attest.tpmwire import (
@@ -167,15 +173,29 @@ def verify_evidence(
 
     measurements: list[dict[str, Any]] = []
     data: dict[str, str] = {}
+    names = {ev.name for ev in log.events}
+    missing = sorted(REQUIRED_EVENTS - names)
+    if missing:
+        raise _fail(
+            f"event log of {peer_name!r} lacks the measurements {missing}; every trustmig host "
+            "measures them at launch",
+            measurement=missing[0],
+        )
     for ev in log.events:
         if ev.name in DATA_EVENTS:
-            if not hmac.compare_digest(hashlib.sha256(ev.detail.encode()).digest(), ev.digest):
+            if ev.pcr != PCR_MAP[ev.name] or ev.name in data:
+                raise _fail(
+                    f"{ev.name} event of {peer_name!r} is in PCR {ev.pcr} or repeated; a host "
+                    f"records it once, in PCR {PCR_MAP[ev.name]}",
+                    measurement=ev.name,
+                )
+            if not hmac.compare_digest(data_event_digest(ev.name, ev.detail), ev.digest):
                 raise _fail(
                     f"{ev.name} event of {peer_name!r} does not match its digest; the event log "
                     "was altered",
                     measurement=ev.name,
                 )
-            data[ev.name] = ev.detail  # the last value measured is the current one
+            data[ev.name] = ev.detail
             continue
         ref = refvalues.lookup(ev.name, ev.digest)
         if ref is None:

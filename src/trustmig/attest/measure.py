@@ -32,12 +32,27 @@ PCR_MAP: dict[str, int] = {
     "trustmig-package": 11,
     "agent-config": 12,
     "policy-bundle": 13,
-    "host-capacity": 12,
+    "host-capacity": 13,
 }
-#: Events that record data rather than software: their digest is sha256 of the event's detail
-#: text, so a verifier reads the value from the log and checks it against the quoted PCRs
-#: instead of looking it up in the reference values.
+#: Events that record data rather than software: their digest is ``data_event_digest`` of the
+#: event's detail text, so a verifier reads the value from the log (checked against the quoted
+#: PCRs) instead of looking it up in the reference values. The digest is domain-separated by the
+#: event name, so a software measurement can never pass for a data event. In PCR 13, which keys
+#: are not sealed to: a host whose memory changes must not lose its keys.
 DATA_EVENTS: frozenset[str] = frozenset({"host-capacity"})
+#: Software measurements every trustmig host's log must contain (in addition to data events).
+REQUIRED_EVENTS: frozenset[str] = frozenset(
+    {"qemu-binary", "trustmig-package", "agent-config", "policy-bundle"}
+)
+
+
+def data_event_digest(name: str, detail: str) -> bytes:
+    """sha256 over a domain tag, the event name and its detail (see ``DATA_EVENTS``)."""
+    return hashlib.sha256(
+        b"trustmig-data-event\0" + name.encode() + b"\0" + detail.encode()
+    ).digest()
+
+
 LAUNCH_PCRS: tuple[int, ...] = (11, 12, 13)
 LOG_FORMAT = "trustmig-eventlog/1"
 _ZERO = bytes(32)

@@ -268,8 +268,10 @@ class GuardedServer:
                 conn, peer = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # e.g. EMFILE: keep serving, the guard caps connections
+            except OSError as exc:  # e.g. EMFILE: back off instead of spinning on a ready socket
                 rlog.log(logging.WARNING, f"accept:{self._listener}", "accept failed: %s", exc)
+                self._loop.remove_reader(self._sock.fileno())
+                self._loop.call_later(ACCEPT_BACKOFF_S, self._resume)
                 return
             verdict, conn_id = guard.on_connect(self._listener, str(peer[0]), int(peer[1]))
             if not verdict.accept or conn_id is None:
@@ -286,6 +288,10 @@ class GuardedServer:
             task = self._loop.create_task(self._adopt(conn, conn_id))
             self._adopting.add(task)
             task.add_done_callback(self._adopting.discard)
+
+    def _resume(self) -> None:
+        if self._serving:
+            self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
     async def _adopt(self, conn: socket.socket, conn_id: int) -> None:
         try:
@@ -310,6 +316,8 @@ class GuardedServer:
                 await task
 
 
+#: Pause of the accept loop after an accept error (e.g. out of file descriptors).
+ACCEPT_BACKOFF_S = 1.0
 #: SO_LINGER on, timeout 0: close() sends a reset instead of a FIN handshake.
 _RESET = struct.pack("ii", 1, 0)
 

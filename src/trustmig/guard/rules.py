@@ -124,8 +124,17 @@ class GuardRules:
         return any(addr.version == net.version and addr in net for net in self._networks)
 
     def is_reserved(self, peer_ip: str) -> bool:
-        """True when ``peer_ip`` is one of the cluster's own hosts (see ``reserved_peers``)."""
-        return peer_ip in self.reserved_peers
+        """True when ``peer_ip`` is one of the cluster's own hosts (see ``reserved_peers``);
+        IPv4-mapped IPv6 peers (``::ffff:a.b.c.d`` on dual-stack sockets) match as IPv4."""
+        if peer_ip in self.reserved_peers:
+            return True
+        try:
+            addr = ipaddress.ip_address(peer_ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped) in self.reserved_peers
+        return False
 
     def identity_allows(self, identity: str) -> bool:
         """True when ``identity`` may hold a session (None list = any authenticated identity)."""

@@ -357,6 +357,13 @@ class ClusterCA:
         tenant: str | None,
         window: tuple[datetime, datetime],
     ) -> Credentials:
+        other = "user" if kind == "host" else "host"
+        if any(r["kind"] == other and r["name"] == name for r in self._read_issued()):
+            # QEMU's TLS checks a destination by name only: a user certificate named like a
+            # host could pass for it, so one name never serves both kinds
+            raise InvalidInput(
+                f"{name!r} is already a {other} name in this cluster; pick another {kind} name"
+            )
         key = issuance.new_key()
         cert = issuance.build_leaf_cert(
             ca_key=self.ca_key,
