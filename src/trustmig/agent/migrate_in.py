@@ -355,6 +355,8 @@ async def commit(agent: Agent, inc: IncomingMigration, timeout: float = 60.0) ->
     if run_state != "running":
         raise IncomingError(f"destination guest did not start (state {run_state})")
     inc.state = "running"
+    if inc.options.channel == "qemu-tls":
+        await qemu_tls.disable(inc.qemu)
     agent.adopt_incoming(inc)
     agent.release(inc.migration_id)
     agent.gov.record_migration(inc.spec.name)

@@ -400,6 +400,8 @@ async def migrate_out(
         reason = _reason(e, mig)
         if not committed and not in_doubt:
             await _recover_source(agent, managed, mig)
+            if opts.channel == "qemu-tls" and vm.alive():
+                await qemu_tls.disable(vm)  # the guest stays here: drop the key from QEMU
             # after the post-copy switch the destination runs the guest: never kill it from here
             if ctl is not None and not ctl.closed.is_set() and not mig.postcopy_started:
                 with contextlib.suppress(Exception):

@@ -4,8 +4,8 @@ For operators who want QEMU itself to encrypt: both QEMUs get a ``tls-creds-x509
 from the host's CA-issued certificate. The source checks that the destination's certificate
 names the destination host (``tls-hostname``); the destination requires a client certificate
 (``verify-peer``) and only accepts the source host's (``tls-authz`` with an ``authz-simple``
-object naming its distinguished name). The host key exists on disk only while QEMU loads it.
-The trustmig handshake with attestation still runs first, so a destination is verified before
+object naming its distinguished name). The host key exists on disk only while QEMU loads it,
+and in QEMU only until the migration ends (``disable``). The trustmig handshake with attestation still runs first, so a destination is verified before
 QEMU opens its connection.
 """
 
@@ -70,3 +70,13 @@ async def enable(
                                     "identity": distinguished_name(peer_cert_der)})  # fmt: skip
         params["tls-authz"] = AUTHZ_ID
     await vm.cmd("migrate-set-parameters", params)
+
+
+async def disable(vm: QemuVM) -> None:
+    """Drop the TLS objects once the migration is over, so a running guest's QEMU no longer
+    holds the host key (best effort: a QEMU that already exited holds nothing)."""
+    with contextlib.suppress(Exception):
+        await vm.cmd("migrate-set-parameters", {"tls-creds": "", "tls-authz": ""})
+    for obj in (AUTHZ_ID, TLS_ID):
+        with contextlib.suppress(Exception):
+            await vm.cmd("object-del", {"id": obj})
