@@ -5,8 +5,8 @@ from the host's CA-issued certificate. The source checks that the destination's 
 names the destination host (``tls-hostname``); the destination requires a client certificate
 (``verify-peer``) and only accepts the source host's (``tls-authz`` with an ``authz-simple``
 object naming its distinguished name). The host key exists on disk only while QEMU loads it,
-and in QEMU only until the migration ends (``disable``). The trustmig handshake with attestation still runs first, so a destination is verified before
-QEMU opens its connection.
+and in QEMU only until the migration ends (``disable``). The trustmig handshake with attestation
+still runs first, so a destination is verified before QEMU opens its connection.
 """
 
 from __future__ import annotations
