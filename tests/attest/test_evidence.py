@@ -175,42 +175,40 @@ def _launch_with(
     return tpm, log, reg
 
 
-def test_software_cannot_pass_as_a_data_event(
-    tpm_factory: TpmFactory, tmp_path: Path, admin_key: ec.EllipticCurvePrivateKey
-) -> None:
-    from trustmig.attest.measure import data_event_digest
+def _verify_all_software_approved(tpm, log, reg):  # type: ignore[no-untyped-def]
+    """Verify fresh evidence with every software event of ``log`` in the reference values."""
     from trustmig.attest.refvalues import RefValues
 
-    # an unapproved agent config, measured under the data event's name instead of its own
-    text = 'name = "host-a"\nguard = {allowed_networks = ["0.0.0.0/0"]}\n'
-    relabel = [("host-capacity", data_event_digest("host-capacity", text), text)]
-    tpm, log, reg = _launch_with(tpm_factory, tmp_path, relabel, drop="agent-config")
     refs = RefValues()
     for e in log.events:
         if e.name != "host-capacity":
             refs.add(e.name, e.digest)
     th = os.urandom(32)
     ev = make_evidence(tpm, th, log, host="host-a")
+    return verify_evidence(ev, peer_name="host-a", transcript_hash=th, registry=registry(reg),
+                           refvalues=refs)  # fmt: skip
+
+
+def test_software_cannot_pass_as_a_data_event(
+    tpm_factory: TpmFactory, tmp_path: Path, admin_key: ec.EllipticCurvePrivateKey
+) -> None:
+    from trustmig.attest.measure import data_event_digest
+
+    # an unapproved agent config, measured under the data event's name instead of its own
+    text = 'name = "host-a"\nguard = {allowed_networks = ["0.0.0.0/0"]}\n'
+    relabel = [("host-capacity", data_event_digest("host-capacity", text), text)]
+    tpm, log, reg = _launch_with(tpm_factory, tmp_path, relabel, drop="agent-config")
     with pytest.raises(AttestationFailed, match=r"lacks the measurements \['agent-config'\]"):
-        verify_evidence(ev, peer_name="host-a", transcript_hash=th, registry=registry(reg),
-                        refvalues=refs)  # fmt: skip
+        _verify_all_software_approved(tpm, log, reg)
 
 
 def test_second_capacity_event_is_refused(
     tpm_factory: TpmFactory, tmp_path: Path, admin_key: ec.EllipticCurvePrivateKey
 ) -> None:
     from trustmig.attest.measure import data_event_digest
-    from trustmig.attest.refvalues import RefValues
 
     caps = ['{"mem_mib":4096,"vcpus":2}', '{"mem_mib":65536,"vcpus":64}']  # later: inflated
     extra = [("host-capacity", data_event_digest("host-capacity", c), c) for c in caps]
     tpm, log, reg = _launch_with(tpm_factory, tmp_path, extra)
-    refs = RefValues()
-    for e in log.events:
-        if e.name != "host-capacity":
-            refs.add(e.name, e.digest)
-    th = os.urandom(32)
-    ev = make_evidence(tpm, th, log, host="host-a")
     with pytest.raises(AttestationFailed, match=r"host-capacity event .* repeated"):
-        verify_evidence(ev, peer_name="host-a", transcript_hash=th, registry=registry(reg),
-                        refvalues=refs)  # fmt: skip
+        _verify_all_software_approved(tpm, log, reg)
