@@ -190,13 +190,13 @@ def test_vm_cannot_move_more_often_than_its_policy_allows(make_cluster) -> None:
 
 def test_flood_during_a_migration_does_not_stop_it_and_memory_stays_bounded(make_cluster) -> None:  # type: ignore[no-untyped-def]
     from trustmig.config import parse_hostport
-    from trustmig.lab.flood import Flood, FloodSpec, RssSampler
+    from trustmig.lab.flood import ALL_KINDS, Flood, FloodSpec, RssSampler
 
     c = make_cluster()
     hb = c.hosts["host-b"]
     spec_ = FloodSpec(
         targets=[parse_hostport(hb.control), parse_hostport(hb.data_listen)],
-        kinds=("connect", "halfopen", "garbage", "tls_anon", "tls_foreign", "data_hello"),
+        kinds=ALL_KINDS,
         rate_per_s=1000,
         max_attempts=20_000,
         duration_s=60,

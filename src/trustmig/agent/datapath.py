@@ -260,16 +260,21 @@ class DataListener:
             with contextlib.suppress(OSError):
                 conn.close()
 
-    def _accept_migration(self, migration_id: bytes, client_name: str, n_streams: int) -> None:
+    def _open_for(self, migration_id: bytes, peer_name: str) -> IncomingMigration:
+        """The incoming migration this peer may open a session for, or ChannelError."""
         inc = self.agent.find_incoming(migration_id)
         if inc is None:
             raise ChannelError("no migration with this id is expected here (replayed or forged)")
-        if inc.source != client_name:
+        if inc.source != peer_name:
             raise ChannelError(
-                f"migration {inc.migration_id} is expected from {inc.source}, not {client_name}"
+                f"migration {inc.migration_id} is expected from {inc.source}, not {peer_name}"
             )
         if inc.state not in ("prepared", "recovering"):
             raise ChannelError(f"migration {inc.migration_id} already has a session (replay?)")
+        return inc
+
+    def _accept_migration(self, migration_id: bytes, client_name: str, n_streams: int) -> None:
+        inc = self._open_for(migration_id, client_name)  # early refusal, before any crypto
         if inc.options.channel == "qemu-tls":
             if n_streams != 1:
                 raise ChannelError("a qemu-tls migration uses the channel for its handshake only")
@@ -281,11 +286,7 @@ class DataListener:
         """After mutual authentication: the one session this prepared (or recovering)
         migration accepts. Decided under a lock, so two handshakes cannot both win."""
         with self._claim_lock:
-            inc = self.agent.find_incoming(migration_id)
-            if inc is None or inc.source != peer_name:
-                raise ChannelError("no migration with this id is expected from this host")
-            if inc.state not in ("prepared", "recovering"):
-                raise ChannelError(f"migration {inc.migration_id} already has a session (replay?)")
+            inc = self._open_for(migration_id, peer_name)
             inc.state = "receiving"
             return inc
 

@@ -244,3 +244,12 @@ class LocalCluster:
         c = self.user_credentials(user)
         bundle = TrustBundle.load(c.ca_path, c.crl_path if c.crl_path.exists() else None)
         return await ControlClient.connect(self.hosts[host].control, client_context(c, bundle))
+
+    async def guard_counters(self, host: str, user: str) -> dict[str, int]:
+        """The rule hit counters of ``host``'s guard (``trustmig guard show``)."""
+        c = await self.client(host, user)
+        try:
+            res = await c.call("guard.show", timeout=30)
+            return {str(k): int(v) for k, v in res["guard"]["counters"].items()}
+        finally:
+            await c.close()

@@ -229,7 +229,7 @@ async def _on_failure(agent: Agent, inc: IncomingMigration, reason: str) -> None
         return
     inc.error = reason
     inc.failure_event.set()
-    await abort(agent, inc, reason)
+    await _kill(agent, inc, reason)  # post-copy was just ruled out: no second QMP query
 
 
 def on_stream_failure(
@@ -310,6 +310,13 @@ async def abort(agent: Agent, inc: IncomingMigration, reason: str) -> None:
             data={"reason": reason},
         )
         log.error("kept post-copy guest %s although %s", inc.spec.name, reason)
+        return
+    await _kill(agent, inc, reason)
+
+
+async def _kill(agent: Agent, inc: IncomingMigration, reason: str) -> None:
+    """Discard the incoming guest (the caller made sure it cannot be the only running copy)."""
+    if inc.state in ("aborted", "running", "in-doubt"):
         return
     prev = inc.state
     inc.state = "aborted"

@@ -15,7 +15,6 @@ machines would; it is capped in rate, count, open sockets and time, and never le
 from __future__ import annotations
 
 import asyncio
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,17 +27,16 @@ from trustmig.bench.config import BenchConfig
 from trustmig.bench.errors import BenchError
 from trustmig.bench.migrate import _prepare_cluster, guest_spec, migration_options
 from trustmig.bench.secure import DEST, run_secure
-from trustmig.bench.stats import summarize_channel
+from trustmig.bench.stats import median, summarize_channel
 from trustmig.config import parse_hostport
 from trustmig.hypervisor.accel import choose_accel
 from trustmig.hypervisor.image import build_image
 from trustmig.hypervisor.qemu import process_cpu_seconds
 from trustmig.hypervisor.spec import VMSpec
-from trustmig.lab.flood import KINDS, Flood, FloodSpec, RssSampler, peak_rss_kib
+from trustmig.lab.flood import ALL_KINDS, KINDS, Flood, FloodSpec, RssSampler, peak_rss_kib
 
 #: The ratio the issue asks for: a flooded migration keeps at least this share of throughput.
 GOAL_RATIO = 0.8
-FLOOD_KINDS = ("connect", "halfopen", "garbage", "tls_anon", "tls_foreign", "data_hello")
 
 
 @dataclass
@@ -50,7 +48,7 @@ class FloodBenchConfig:
     dirty_rate: float = 0.0
     repeat: int = 3
     rate_per_s: float = 1000.0
-    kinds: tuple[str, ...] = FLOOD_KINDS
+    kinds: tuple[str, ...] = ALL_KINDS
     sources: int = 8
     max_open: int = 256
     max_attempts_per_run: int = 200_000
@@ -94,10 +92,6 @@ def _flood_spec(cfg: FloodBenchConfig, cluster: LocalCluster) -> FloodSpec:
     )
 
 
-def _median(values: list[float]) -> float | None:
-    return round(statistics.median(values), 3) if values else None
-
-
 def _add_counts(total: dict[str, Any], rep: dict[str, Any]) -> None:
     for kind, counts in rep["kinds"].items():
         mine = total.setdefault(kind, {})
@@ -105,15 +99,6 @@ def _add_counts(total: dict[str, Any], rep: dict[str, Any]) -> None:
             if isinstance(v, int):
                 mine[k] = mine.get(k, 0) + v
     total["_attempted"] = total.get("_attempted", 0) + rep["total_attempted"]
-
-
-async def _guard_counters(cluster: LocalCluster, user: str) -> dict[str, int]:
-    c = await cluster.client(DEST, user)
-    try:
-        res = await c.call("guard.show", timeout=30)
-        return {str(k): int(v) for k, v in res["guard"]["counters"].items()}
-    finally:
-        await c.close()
 
 
 async def _one_run(
@@ -156,7 +141,7 @@ async def _run_all(
 ) -> tuple[list[dict[str, Any]], dict[str, int], dict[str, int]]:
     from trustmig.bench.secure import USER
 
-    before = await _guard_counters(cluster, USER)
+    before = await cluster.guard_counters(DEST, USER)
     runs: list[dict[str, Any]] = []
     for rep in range(cfg.repeat):
         # alternate which case goes first so drift on a shared host hits both alike
@@ -170,7 +155,7 @@ async def _run_all(
             runs.append(rec)
             if on_run:
                 on_run(rec)
-    after = await _guard_counters(cluster, USER)
+    after = await cluster.guard_counters(DEST, USER)
     return runs, before, after
 
 
@@ -232,14 +217,14 @@ def run_flood_bench(
         "guard_rule_hits": {k: after.get(k, 0) - before.get(k, 0) for k in sorted(after)},
         "cpu_s": {
             case: {
-                "destination_agent": _median(
+                "destination_agent": median(
                     [
                         r["destination_agent_cpu_s"]
                         for r in runs
                         if r["flooded"] == (case == "flooded")
                     ]
                 ),
-                "flood_generator": _median(
+                "flood_generator": median(
                     [
                         r["flood_generator_cpu_s"]
                         for r in runs

@@ -45,7 +45,8 @@ def throughput_mbps(transferred_bytes: int, total_ms: float | None) -> float | N
     return round(transferred_bytes / 1e6 / (total_ms / 1000), 1)
 
 
-def _median(values: Iterable[Any]) -> float | None:
+def median(values: Iterable[Any]) -> float | None:
+    """Median of the numbers among ``values`` (rounded to 3 places), None if there are none."""
     vals = [float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
     if not vals:
         return None
@@ -61,7 +62,7 @@ def summarize_channel(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "integrity_ok": all(r.get("integrity_ok") is True for r in runs) and bool(runs),
     }
     for m in METRICS:
-        med = _median(r.get(m) for r in ok)
+        med = median(r.get(m) for r in ok)
         if med is not None:
             out[m] = med
     return out

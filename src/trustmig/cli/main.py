@@ -22,6 +22,7 @@ from trustmig.cli.common import (
     print_json,
     run,
 )
+from trustmig.lab.flood import ALL_KINDS as ALL_FLOOD_KINDS
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -319,6 +320,19 @@ def _simple_call(
 
 
 # ---------------------------------------------------------------------------------- migrate
+
+
+def _narrator(as_json: bool) -> Any:
+    """Where long commands say what they are doing: the console, or nowhere with --json."""
+    if as_json:
+        return lambda s: None
+    return lambda s: console.print(f"[cyan]»[/] {s}")
+
+
+def _write_json(path: Path, report: Any) -> None:
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
 @app.command()
 def migrate(
     vm: str,
@@ -400,7 +414,7 @@ def demo(
     from trustmig.cli.demo import run_demo
 
     with _errors(as_json):
-        say = (lambda s: None) if as_json else (lambda s: console.print(f"[cyan]»[/] {s}"))
+        say = _narrator(as_json)
         with MigrationProgressView(not as_json) as view:
             res = run_demo(
                 state_dir=state_dir.resolve() if state_dir else None,
@@ -481,7 +495,7 @@ def bench_migrate(
             )
             from trustmig.bench import run_migrate_bench
 
-            say = (lambda s: None) if as_json else (lambda s: console.print(f"[cyan]»[/] {s}"))
+            say = _narrator(as_json)
             with BenchProgress(not as_json, console) as bar:
                 report = run_migrate_bench(
                     cfg, on_progress=bar.update, on_run=bar.run_done, say=say
@@ -489,7 +503,7 @@ def bench_migrate(
         except BenchError as e:
             raise CliError(str(e)) from None
         if output is not None:
-            output.write_text(json.dumps(report, indent=2, default=str) + "\n")
+            _write_json(output, report)
         if as_json:
             print(json.dumps(report, default=str))
         else:
@@ -510,7 +524,7 @@ def bench_flood(
     repeat: Annotated[int, typer.Option(help="Unloaded/flooded pairs.")] = 3,
     rate: Annotated[float, typer.Option(help="Flood connection attempts per second.")] = 1000.0,
     kinds: Annotated[str, typer.Option(help="Comma-separated flood kinds.")] = ",".join(
-        ("connect", "halfopen", "garbage", "tls_anon", "tls_foreign", "data_hello")
+        ALL_FLOOD_KINDS
     ),
     sources: Annotated[int, typer.Option(help="Flooding loopback addresses (127.0.0.2..).")] = 8,
     output: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
@@ -530,14 +544,14 @@ def bench_flood(
                 sources=sources,
                 kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
             )
-            say = (lambda s: None) if as_json else (lambda s: console.print(f"[cyan]»[/] {s}"))
+            say = _narrator(as_json)
             with Progress(console=console, disable=as_json) as bar:
                 task = bar.add_task("migrations", total=2 * repeat)
                 report = run_flood_bench(cfg, on_run=lambda r: bar.advance(task), say=say)
         except BenchError as e:
             raise CliError(str(e)) from None
         if output is not None:
-            output.write_text(json.dumps(report, indent=2, default=str) + "\n")
+            _write_json(output, report)
         if as_json:
             print(json.dumps(report, default=str))
         else:
@@ -597,7 +611,7 @@ def lab_run(
             chosen = select(attack)
         except ValueError as e:
             raise CliError(str(e)) from None
-        say = (lambda s: None) if as_json else (lambda s: console.print(f"[cyan]»[/] {s}"))
+        say = _narrator(as_json)
         with Progress(console=console, disable=as_json) as bar:
             task = bar.add_task("attacks", total=len(chosen))
 
@@ -612,7 +626,7 @@ def lab_run(
 
             res = run_lab([a.name for a in chosen], workdir=workdir, say=say, on_result=done)
         if output is not None:
-            output.write_text(json.dumps(res, indent=2, default=str) + "\n")
+            _write_json(output, res)
         if report is not None:
             from trustmig.lab.report import write_reports
 

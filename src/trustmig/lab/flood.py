@@ -59,7 +59,9 @@ from trustmig.channel.wire import FIELD_LENGTH, FRAME_HEADER, MsgType
 
 log = logging.getLogger(__name__)
 
-KINDS = frozenset({"connect", "halfopen", "garbage", "tls_anon", "tls_foreign", "data_hello"})
+#: Every flood kind, in the order reports list them.
+ALL_KINDS = ("connect", "halfopen", "garbage", "tls_anon", "tls_foreign", "data_hello")
+KINDS = frozenset(ALL_KINDS)
 
 #: Upper bounds that keep the generator itself bounded whatever the caller asks for.
 MAX_OPEN_LIMIT = 4096

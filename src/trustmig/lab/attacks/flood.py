@@ -16,13 +16,12 @@ from typing import Any
 
 from trustmig.config import parse_hostport
 from trustmig.lab.attack import Attack, Outcome
-from trustmig.lab.flood import Flood, FloodSpec, RssSampler
-from trustmig.lab.targets import HONEST, LabEnv
+from trustmig.lab.flood import ALL_KINDS, Flood, FloodSpec, RssSampler
+from trustmig.lab.targets import HONEST, OWNER, LabEnv
 
 NAME = "flood"
 SOURCES = tuple(f"127.0.0.{i}" for i in range(2, 10))
 KINDS_QEMU = ("connect", "halfopen", "garbage")
-KINDS_AGENT = ("connect", "halfopen", "garbage", "tls_anon", "tls_foreign", "data_hello")
 
 
 def _spec(targets: list[tuple[str, int]], kinds: tuple[str, ...]) -> FloodSpec:
@@ -96,11 +95,11 @@ async def trustmig(env: LabEnv) -> Outcome:
     hh = t.cluster.hosts[HONEST]
     assert hh.pid is not None
     targets = [parse_hostport(hh.control), parse_hostport(hh.data_listen)]
-    before = await _guard(env)
-    with RssSampler(hh.pid, interval_ms=50) as rss, Flood(_spec(targets, KINDS_AGENT)) as flood:
+    before = await t.cluster.guard_counters(HONEST, OWNER)
+    with RssSampler(hh.pid, interval_ms=50) as rss, Flood(_spec(targets, ALL_KINDS)) as flood:
         await asyncio.sleep(1.0)
         res, err = await t.migrate(NAME, HONEST)
-    after = await _guard(env)
+    after = await t.cluster.guard_counters(HONEST, OWNER)
     guest = await t.state(NAME)
     ratio = None
     if res and ref and ref.get("throughput_mbps") and res.get("throughput_mbps"):
@@ -126,14 +125,6 @@ async def trustmig(env: LabEnv) -> Outcome:
         },
         guest=guest,
     )
-
-
-async def _guard(env: LabEnv) -> dict[str, int]:
-    c = await env.trustmig.client(HONEST)
-    try:
-        return dict((await c.call("guard.show"))["guard"]["counters"])
-    finally:
-        await c.close()
 
 
 ATTACK = Attack(
