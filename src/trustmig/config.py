@@ -88,6 +88,30 @@ class CapacitySettings(BaseModel):
     max_claim_age_s: float = Field(30.0, gt=0)
 
 
+class MigrationSettings(BaseModel):
+    """How long each side waits for the other when an agent or a link goes away."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: A pre-copy whose destination agent stays unreachable this long is rolled back.
+    peer_grace_s: float = Field(60.0, gt=0)
+    #: An incoming pre-copy whose source agent stays away this long is discarded.
+    orphan_timeout_s: float = Field(300.0, gt=0)
+    #: After this long without the destination's answer to a commit, the requester is told the
+    #: migration is in doubt (the agent keeps resolving it).
+    doubt_report_s: float = Field(120.0, gt=0)
+    #: How long one commit call waits for the destination's answer.
+    commit_timeout_s: float = Field(30.0, gt=0)
+    #: A relay process whose streams ended waits this long for an agent before it exits.
+    relay_linger_s: float = Field(600.0, gt=0)
+
+
+class AgentSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    #: What stopping the agent (SIGTERM) does to the guests: ``keep`` leaves them (and
+    #: migrations in flight) running for the next agent to adopt; ``stop`` shuts them down.
+    on_shutdown: Literal["keep", "stop"] = "keep"
+
+
 class HostConfig(BaseModel):
     """Everything one agent needs to run a host."""
 
@@ -110,6 +134,8 @@ class HostConfig(BaseModel):
     )
     host_policy: Path | None = None
     capacity: CapacitySettings = Field(default_factory=CapacitySettings)
+    migration: MigrationSettings = Field(default_factory=MigrationSettings)
+    agent: AgentSettings = Field(default_factory=AgentSettings)
 
     def resolve(self, base: Path) -> HostConfig:
         """Make every relative path absolute against ``base`` (the config file's directory)."""

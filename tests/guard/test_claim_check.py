@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import time
-from types import SimpleNamespace
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -37,7 +36,7 @@ def _cert(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 KEY = ec.generate_private_key(ec.SECP256R1())
 CERT = _cert(KEY)
-AGENT = SimpleNamespace(attestation=object(), cfg=SimpleNamespace(capacity=CapacitySettings()))
+MAX_AGE_S = CapacitySettings().max_claim_age_s
 SPEC = VMSpec(name="vm1", memory_mib=512, vcpus=1)
 
 
@@ -48,7 +47,9 @@ def _claim(**over: object) -> ResourceClaim:
 
 
 def _judge(resources: object, summary: str = SUMMARY):  # type: ignore[no-untyped-def]
-    return judge_claim(AGENT, resources, CERT, summary, SPEC, MID)  # type: ignore[arg-type]
+    return judge_claim(
+        resources, CERT, summary, SPEC, MID, require_attested=True, max_age_s=MAX_AGE_S
+    )
 
 
 def test_honest_claim_is_accepted() -> None:

@@ -138,14 +138,6 @@ def test_kill_destination_qemu_mid_migration(make_cluster) -> None:  # type: ign
     assert "stream" in err or "destination" in err
 
 
-def test_kill_destination_agent_mid_migration(make_cluster) -> None:  # type: ignore[no-untyped-def]
-    def hook(cluster, pids):  # type: ignore[no-untyped-def]
-        cluster.kill_agent("host-b", signal.SIGKILL)
-
-    err, _cluster = _inject(make_cluster, hook)
-    assert err
-
-
 def test_break_tcp_stream_mid_migration(make_cluster) -> None:  # type: ignore[no-untyped-def]
     from trustmig.agent.local_cluster import free_port
     from trustmig.lab.proxy import Cutter, MitmProxy

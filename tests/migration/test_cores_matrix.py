@@ -75,6 +75,8 @@ EXPECTED_SOURCE = {
     ("transfer", "stream-failed-postcopy"): "postcopy-paused",
     ("transfer", "stream-failed-unknown"): "rolling-back",
     ("transfer", "qemu-exited"): "awaiting-peer",
+    ("transfer", "peer-status-aborted"): "rolling-back",
+    ("transfer", "peer-status-unknown"): "rolling-back",
     ("transfer", "restarted-active-no-relay"): "rolling-back",
     ("transfer", "restarted-completed"): "awaiting-peer",
     ("transfer", "restarted-postcopy"): "postcopy",

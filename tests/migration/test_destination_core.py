@@ -197,3 +197,13 @@ def test_record_round_trips_through_the_journal() -> None:
     core.handle(ev.QemuStatus("postcopy-active"), 1.0)
     back = DestinationCore.restore(core.record())
     assert back.record() == core.record() and back.switched
+
+
+def test_repeated_commits_keep_the_first_load_deadline_and_answer_the_older_one() -> None:
+    core = receiving(DestinationPlan(load_timeout_s=10))
+    core.handle(ev.CommitRequested(7), 1.0)
+    acts = core.handle(ev.CommitRequested(8), 8.0)
+    assert [a.request_id for a in acts if isinstance(a, A.Reply)] == [7]
+    acts = core.handle_timer(11.0)
+    assert core.state == D.ABORTED
+    assert [a.request_id for a in acts if isinstance(a, A.Reply)] == [8]

@@ -15,16 +15,13 @@ import json
 import os
 import time
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from trustmig.attest.measure import data_event_digest
 from trustmig.config import HostConfig
 from trustmig.guard.claims import AttestedCapacity, ResourceClaim, sign_claim
-
-if TYPE_CHECKING:
-    from trustmig.agent.server import Agent
 
 EVENT_NAME = "host-capacity"
 
@@ -69,20 +66,6 @@ def parse_capacity(detail: str | None) -> AttestedCapacity | None:
     return AttestedCapacity(mem_mib=mem, vcpus=cpus)
 
 
-def _used(agent: Agent) -> tuple[int, int]:
-    """Memory (MiB) and vCPUs held by guests running or arriving on this host."""
-    mem = cpus = 0
-    for vm in agent.vms.values():
-        if vm.state not in ("migrated", "stopped", "failed"):
-            mem += vm.spec.memory_mib
-            cpus += vm.spec.vcpus
-    for inc in agent.incoming.values():
-        if inc.state not in ("running", "aborted", "failed"):
-            mem += inc.spec.memory_mib
-            cpus += inc.spec.vcpus
-    return mem, cpus
-
-
 def _load() -> float:
     try:
         return min(1.0, max(0.0, os.getloadavg()[0] / (os.cpu_count() or 1)))
@@ -90,12 +73,14 @@ def _load() -> float:
         return 0.0
 
 
-def current_claim(agent: Agent, nonce: str) -> ResourceClaim:
-    """What this host honestly has free right now (before the arriving VM is counted)."""
-    cap = host_capacity(agent.cfg)
-    mem, cpus = _used(agent)
+def current_claim(cfg: HostConfig, used: tuple[int, int], nonce: str) -> ResourceClaim:
+    """What this host honestly has free right now (before the arriving VM is counted).
+
+    ``used``: memory (MiB) and vCPUs of the guests that run or arrive here."""
+    cap = host_capacity(cfg)
+    mem, cpus = used
     return ResourceClaim(
-        host=agent.cfg.name,
+        host=cfg.name,
         free_mem_mib=max(0, cap.mem_mib - mem),
         free_vcpus=max(0, cap.vcpus - cpus),
         load=round(_load(), 3),

@@ -28,7 +28,6 @@ from trustmig.guard.claims import (
 from trustmig.guard.errors import ClaimError
 
 if TYPE_CHECKING:
-    from trustmig.agent.server import Agent
     from trustmig.hypervisor.spec import VMSpec
 
 #: Claim rules whose failure means the destination lied (as opposed to being busy or slow).
@@ -59,14 +58,18 @@ def summary_field(summary: str, key: str) -> str | None:
 
 
 def judge_claim(
-    agent: Agent,
     resources: Any,
     peer_cert_der: bytes,
     evidence_summary: str,
     spec: VMSpec,
     migration_id: str,
+    *,
+    require_attested: bool,
+    max_age_s: float,
 ) -> ClaimJudgement:
-    """Apply every claim rule; never raises for bad input (a bad claim is a verdict)."""
+    """Apply every claim rule; never raises for bad input (a bad claim is a verdict).
+
+    ``require_attested``: this host attests, so a peer's capacity must be attested too."""
     if not isinstance(resources, dict) or "claim" not in resources:
         return ClaimJudgement(
             False, "claim_missing", "destination sent no resource claim; upgrade its agent", None
@@ -88,7 +91,7 @@ def judge_claim(
         return ClaimJudgement(False, "claim_signature", str(e), dict(raw))
     attested = parse_capacity(summary_field(evidence_summary, "capacity"))
     if attested is None:
-        if agent.attestation is not None:
+        if require_attested:
             return ClaimJudgement(False, "claim_unattested",
                                   "destination's attestation carries no capacity measurement",
                                   dict(raw))  # fmt: skip
@@ -96,7 +99,7 @@ def judge_claim(
         attested = AttestedCapacity(claim.total_mem_mib, claim.total_vcpus)
     verdict = check_claim(
         claim, attested=attested, vm_mem_mib=spec.memory_mib, vm_vcpus=spec.vcpus,
-        now=time.time(), max_age_s=agent.cfg.capacity.max_claim_age_s,
+        now=time.time(), max_age_s=max_age_s,
         expected_nonce=migration_id,
     )  # fmt: skip
     return ClaimJudgement(verdict.accept, verdict.rule, verdict.reason, dict(raw))

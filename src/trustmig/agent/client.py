@@ -15,12 +15,20 @@ from typing import Any
 
 from trustmig.agent.protocol import FrameDecoder, ProtocolError, encode
 from trustmig.config import parse_hostport
+from trustmig.timeouts import within
 
 EventCallback = Callable[[dict[str, Any]], Awaitable[None] | None]
 
 
 class ControlError(Exception):
-    """The agent answered with an error, or could not be reached; one line."""
+    """The agent answered with an error, or could not be reached; one line and a ``code``.
+
+    ``code`` is the agent's (``refused``, ``not_found``, ``aborted``...) or, when no answer
+    came, ``transport`` (unreachable, connection closed) or ``timeout``."""
+
+    def __init__(self, message: str, code: str = "transport") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class ControlClient:
@@ -39,11 +47,11 @@ class ControlClient:
     ) -> ControlClient:
         host, port = parse_hostport(address)
         try:
-            reader, writer = await asyncio.wait_for(
+            reader, writer = await within(
                 asyncio.open_connection(host, port, ssl=ctx, server_hostname=None), timeout
             )
         except (OSError, TimeoutError, ssl.SSLError) as e:
-            raise ControlError(f"cannot reach agent at {address}: {e}") from None
+            raise ControlError(f"cannot reach agent at {address}: {e}", "transport") from None
         return cls(reader, writer)
 
     @property
@@ -69,7 +77,8 @@ class ControlClient:
             self.closed.set()
             for fut, _ in self._pending.values():
                 if not fut.done():
-                    fut.set_exception(ControlError(self.close_reason or "connection closed"))
+                    reason = self.close_reason or "connection closed"
+                    fut.set_exception(ControlError(reason, "transport"))
             self._pending.clear()
 
     async def _dispatch(self, msg: dict[str, Any]) -> None:
@@ -96,7 +105,7 @@ class ControlClient:
         timeout: float | None = 60.0,
     ) -> dict[str, Any]:
         if self.closed.is_set():
-            raise ControlError(self.close_reason or "control connection is closed")
+            raise ControlError(self.close_reason or "control connection is closed", "transport")
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = (fut, on_event)
@@ -106,15 +115,19 @@ class ControlClient:
         except (ConnectionError, OSError) as e:
             self._pending.pop(rid, None)
             raise ControlError(
-                f"{op}: the agent closed the connection ({self.close_reason or e})"
+                f"{op}: the agent closed the connection ({self.close_reason or e})", "transport"
             ) from None
         try:
-            msg = await asyncio.wait_for(fut, timeout)
+            msg = await within(fut, timeout)
         except TimeoutError:
             self._pending.pop(rid, None)
-            raise ControlError(f"{op}: no answer within {timeout:.0f}s") from None
+            raise ControlError(f"{op}: no answer within {timeout:.0f}s", "timeout") from None
         if not msg.get("ok"):
-            raise ControlError(str(msg.get("error") or f"{op} failed"))
+            code = msg.get("code")
+            raise ControlError(
+                str(msg.get("error") or f"{op} failed"),
+                code if isinstance(code, str) and code else "failed",
+            )
         result = msg.get("result") or {}
         return result if isinstance(result, dict) else {"value": result}
 
@@ -124,4 +137,4 @@ class ControlClient:
             await self._task
         self._writer.close()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._writer.wait_closed(), 2)
+            await within(self._writer.wait_closed(), 2)

@@ -1,14 +1,14 @@
-"""The agents' data path: secure-channel sessions over TCP, one connection per QEMU stream.
+"""The agents' data path: handshakes here, the streams themselves in a relay process.
 
 Source: :func:`open_outbound_session` connects to the destination's data listener, runs the
 handshake on stream 0 (identities, attestation evidence bound to the transcript) and joins the
 remaining streams, all *before* QEMU is told to migrate; nothing of the guest is read before the
-peer is authenticated and attested.
+peer is authenticated and attested. :func:`hand_to_relay` then gives the relay process the
+streams and only their record keys.
 
 Destination: :class:`DataListener` accepts connections (through the guard), dispatches on the
-first frame (ClientHello or StreamJoin), and connects each authenticated stream to the incoming
-QEMU in order: stream 0 (QEMU's main channel) first, because QEMU takes the first connection as
-the main one.
+first frame (ClientHello or StreamJoin), asks the migration (on the event loop) to claim the
+session, and hands every authenticated stream to that migration's relay.
 """
 
 from __future__ import annotations
@@ -20,24 +20,68 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
 from trustmig.channel.errors import ChannelError
 from trustmig.channel.handshake import ClientHandshake, HandshakeResult, ServerHandshake
+from trustmig.channel.identity import LocalIdentity
 from trustmig.channel.join import JoinVerifier, make_join, parse_join
-from trustmig.channel.relay import StreamFailure, StreamPump, recv_exact, tune_tcp
+from trustmig.channel.relay import recv_exact, tune_tcp
 from trustmig.channel.session import SessionKeys
 from trustmig.channel.wire import FRAME_HEADER, MAX_FRAME_BODY, MsgType
 from trustmig.config import parse_hostport
 from trustmig.guard.ratelog import RateLimitedLog
-
-if TYPE_CHECKING:
-    from trustmig.agent.migrate_in import IncomingMigration
-    from trustmig.agent.server import Agent
+from trustmig.relay.client import RelayHandle
 
 log = logging.getLogger(__name__)
 rlog = RateLimitedLog(log)
 HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class ChannelSecurity:
+    """What a handshake needs of the host: its identity and how to judge a peer."""
+
+    identity: LocalIdentity
+    verify_peer: Callable[[bytes, str], object]
+    make_evidence: Callable[[bytes], bytes] | None
+    verify_evidence: Callable[[str, bytes, bytes], str] | None
+
+
+class DataGuard(Protocol):
+    """The guard's hooks around a data connection."""
+
+    @property
+    def handshake_deadline_s(self) -> float: ...
+
+    def connect(self, listener: str, ip: str, port: int) -> int | None: ...
+    def progress(self, conn_id: int, step: str) -> None: ...
+    def authenticated(self, conn_id: int, identity: str) -> None: ...
+    def close(self, conn_id: int) -> None: ...
+    def refused(self, peer: tuple[str, int], reason: str) -> None: ...
+
+
+@dataclass
+class SessionTarget:
+    """Where an accepted session goes: the migration's relay and its incoming QEMU socket."""
+
+    migration_id: str
+    relay: RelayHandle | None
+    qemu_socket: Path
+    #: ``qemu-tls``: the session only authenticates and attests; QEMU carries the data itself.
+    handshake_only: bool = False
+
+
+class IncomingSessions(Protocol):
+    """The destination's migrations, as the data listener sees them (thread-safe calls)."""
+
+    def expect(self, migration_id: bytes, peer: str, n_streams: int) -> None:
+        """Refuse (ChannelError) a session nobody expects, before any expensive crypto."""
+
+    def claim(self, migration_id: bytes, peer: str, summary: dict[str, str]) -> SessionTarget:
+        """After mutual authentication: the one session this migration accepts, or
+        ChannelError. The migration journals that it is receiving before this returns."""
 
 
 class HandshakeWatchdog:
@@ -109,7 +153,6 @@ def _run_handshake(
 class OutboundSession:
     result: HandshakeResult
     sockets: list[socket.socket]
-    max_plaintext: int
 
     @property
     def n_streams(self) -> int:
@@ -119,22 +162,6 @@ class OutboundSession:
     def peer_evidence_summary(self) -> str:
         return self.result.peer_evidence_summary
 
-    def pump(
-        self, index: int, qemu_conn: socket.socket, on_failure: Callable[[StreamFailure], None]
-    ) -> StreamPump:
-        s = self.result.session
-        return StreamPump(
-            index,
-            qemu_conn,
-            self.sockets[index],
-            s.sealer(index, "c2s"),
-            s.opener(index, "s2c"),
-            max_plaintext=self.max_plaintext,
-            on_failure=on_failure,
-            outbound_name="source→destination",
-            inbound_name="destination→source (return path)",
-        )
-
     def close(self) -> None:
         for s in self.sockets:
             with contextlib.suppress(OSError):
@@ -142,7 +169,7 @@ class OutboundSession:
 
 
 def open_outbound_session(
-    agent: Agent, address: str, server_name: str, migration_id: str, n_streams: int
+    security: ChannelSecurity, address: str, server_name: str, migration_id: str, n_streams: int
 ) -> OutboundSession:
     """Blocking: connect, handshake and join every stream; raises ChannelError/OSError."""
     host, port = parse_hostport(address, "data address")
@@ -153,13 +180,13 @@ def open_outbound_session(
         socks.append(s0)
         tune_tcp(s0)
         hs = ClientHandshake(
-            identity=agent.channel_identity,
+            identity=security.identity,
             server_name=server_name,
             migration_id=mid,
             n_streams=n_streams,
-            verify_peer=agent.verify_host_cert,
-            make_evidence=agent.make_evidence,
-            verify_evidence=agent.verify_evidence,
+            verify_peer=security.verify_peer,
+            make_evidence=security.make_evidence,
+            verify_evidence=security.verify_evidence,
         )
         s0.sendall(hs.start())
         result = _run_handshake(s0, hs, b"")
@@ -170,7 +197,7 @@ def open_outbound_session(
             si.sendall(make_join(result.session, i))
         for s in socks:
             s.settimeout(None)
-        return OutboundSession(result, socks, result.session.limits.max_plaintext)
+        return OutboundSession(result, socks)
     except BaseException:
         for s in socks:
             with contextlib.suppress(OSError):
@@ -178,23 +205,50 @@ def open_outbound_session(
         raise
 
 
+def hand_to_relay(
+    session: OutboundSession, relay: RelayHandle, qemu_socket: Path, mid: str
+) -> None:
+    """Blocking: the relay listens for QEMU on ``qemu_socket`` and carries every stream."""
+    keys = session.result.session
+    try:
+        relay.configure(
+            "source",
+            [keys.stream_keys(i, "c2s", "s2c") for i in range(session.n_streams)],
+            qemu_socket,
+            mid,
+        )
+        for i, s in enumerate(session.sockets):
+            relay.add_stream(i, s)
+    finally:
+        session.close()
+
+
 @dataclass
 class _InboundSession:
-    incoming: IncomingMigration
+    target: SessionTarget
     keys: SessionKeys
     verifier: JoinVerifier
+    peer: str
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class DataListener:
     """Destination data port: authenticates every connection before any byte reaches QEMU."""
 
-    def __init__(self, agent: Agent, host: str, port: int) -> None:
-        self.agent = agent
+    def __init__(
+        self,
+        security: ChannelSecurity,
+        guard: DataGuard,
+        sessions: IncomingSessions,
+        host: str,
+        port: int,
+    ) -> None:
+        self.security = security
+        self.guard = guard
+        self.sessions = sessions
         self.sock = socket.create_server((host, port), backlog=128, reuse_port=False)
         self.address = self.sock.getsockname()[:2]
-        self._sessions: dict[bytes, _InboundSession] = {}
-        self._claim_lock = threading.Lock()
+        self._inbound: dict[bytes, _InboundSession] = {}
         self._stop = False
         self._thread = threading.Thread(
             target=self._accept_loop, name="tm-data-accept", daemon=True
@@ -210,6 +264,12 @@ class DataListener:
         with contextlib.suppress(OSError):
             self.sock.close()
 
+    def forget(self, migration_id: str) -> None:
+        """Drop the session keys kept for stream joins (the migration ended)."""
+        for sid, sess in list(self._inbound.items()):
+            if sess.target.migration_id == migration_id:
+                self._inbound.pop(sid, None)
+
     def _accept_loop(self) -> None:
         while not self._stop:
             try:
@@ -219,19 +279,19 @@ class DataListener:
                     return
                 time.sleep(0.01)
                 continue
-            verdict = self.agent.guard_connect("data", peer[0], peer[1])
-            if verdict is None:
+            conn_id = self.guard.connect("data", peer[0], peer[1])
+            if conn_id is None:
                 with contextlib.suppress(OSError):
                     conn.close()
                 continue
             threading.Thread(
-                target=self._handle, args=(conn, peer, verdict), name="tm-data-conn", daemon=True
+                target=self._handle, args=(conn, peer, conn_id), name="tm-data-conn", daemon=True
             ).start()
 
     def _handle(self, conn: socket.socket, peer: tuple[str, int], conn_id: int) -> None:
         tune_tcp(conn)
         conn.settimeout(HANDSHAKE_TIMEOUT)
-        dog = HandshakeWatchdog(conn, self.agent.guard.rules.handshake_deadline_s)
+        dog = HandshakeWatchdog(conn, self.guard.handshake_deadline_s)
         try:
             mtype, frame = _read_frame(conn)
             if mtype == MsgType.CLIENT_HELLO:
@@ -244,8 +304,8 @@ class DataListener:
             dog.cancel()
             if dog.expired:
                 e = ChannelError(
-                    f"handshake not finished within {self.agent.guard.rules.handshake_deadline_s:g}"
-                    f" s (guard handshake deadline): {e}"
+                    f"handshake not finished within {self.guard.handshake_deadline_s:g} s "
+                    f"(guard handshake deadline): {e}"
                 )
             rlog.log(
                 logging.WARNING,
@@ -255,109 +315,66 @@ class DataListener:
                 peer[1],
                 e,
             )
-            self.agent.note_refused_data_connection(peer, str(e))
-            self.agent.guard_close(conn_id)
+            self.guard.refused(peer, str(e))
+            self.guard.close(conn_id)
             with contextlib.suppress(OSError):
                 conn.close()
-
-    def _open_for(self, migration_id: bytes, peer_name: str) -> IncomingMigration:
-        """The incoming migration this peer may open a session for, or ChannelError."""
-        inc = self.agent.find_incoming(migration_id)
-        if inc is None:
-            raise ChannelError("no migration with this id is expected here (replayed or forged)")
-        if inc.source != peer_name:
-            raise ChannelError(
-                f"migration {inc.migration_id} is expected from {inc.source}, not {peer_name}"
-            )
-        if inc.state not in ("prepared", "recovering"):
-            raise ChannelError(f"migration {inc.migration_id} already has a session (replay?)")
-        return inc
-
-    def _accept_migration(self, migration_id: bytes, client_name: str, n_streams: int) -> None:
-        inc = self._open_for(migration_id, client_name)  # early refusal, before any crypto
-        if inc.options.channel == "qemu-tls":
-            if n_streams != 1:
-                raise ChannelError("a qemu-tls migration uses the channel for its handshake only")
-        elif n_streams != inc.options.streams:
-            raise ChannelError(f"expected {inc.options.streams} streams, client asked {n_streams}")
-        # no state change here: the client is not authenticated yet (see _claim_session)
-
-    def _claim_session(self, migration_id: bytes, peer_name: str) -> IncomingMigration:
-        """After mutual authentication: the one session this prepared (or recovering)
-        migration accepts. Decided under a lock, so two handshakes cannot both win."""
-        with self._claim_lock:
-            inc = self._open_for(migration_id, peer_name)
-            inc.state = "receiving"
-            return inc
 
     def _handshake(
         self, conn: socket.socket, frame: bytes, conn_id: int, dog: HandshakeWatchdog
     ) -> None:
         hs = ServerHandshake(
-            identity=self.agent.channel_identity,
-            verify_peer=self.agent.verify_host_cert,
-            make_evidence=self.agent.make_evidence,
-            verify_evidence=self.agent.verify_evidence,
-            accept_migration=self._accept_migration,
+            identity=self.security.identity,
+            verify_peer=self.security.verify_peer,
+            make_evidence=self.security.make_evidence,
+            verify_evidence=self.security.verify_evidence,
+            accept_migration=self.sessions.expect,
         )
-        self.agent.guard_progress(conn_id, "handshake")
+        self.guard.progress(conn_id, "handshake")
         result = _run_handshake(conn, hs, frame)
         if hs.leftover:
             raise ChannelError("client sent records before the handshake finished")
-        inc = self._claim_session(result.migration_id, result.peer_name)
-        self.agent.guard_authenticated(conn_id, result.peer_name)
-        # handed over to the migration, whose own stall detection supervises it from here
-        self.agent.guard_close(conn_id)
-        inc.session_summary = {
+        summary = {
             "peer": result.peer_name,
             "evidence": result.peer_evidence_summary,
             "transcript_hash": result.transcript_hash.hex(),
         }
+        target = self.sessions.claim(result.migration_id, result.peer_name, summary)
+        self.guard.authenticated(conn_id, result.peer_name)
+        # handed over to the migration, whose own stall detection supervises it from here
+        self.guard.close(conn_id)
         dog.hand_over()
-        if inc.options.channel == "qemu-tls":
-            # identities and attestation are settled; QEMU carries the data over its own TLS
+        if target.handshake_only or target.relay is None:
             with contextlib.suppress(OSError):
                 conn.close()
             return
-        sess = _InboundSession(inc, result.session, JoinVerifier(result.session))
-        self._start_stream(sess, 0, conn)
-        self._sessions[result.session_id] = sess
+        keys = result.session
+        target.relay.configure(
+            "destination",
+            [keys.stream_keys(i, "s2c", "c2s") for i in range(keys.n_streams)],
+            target.qemu_socket,
+            target.migration_id,
+        )
+        sess = _InboundSession(target, keys, JoinVerifier(keys), result.peer_name)
+        self._inbound[result.session_id] = sess
+        conn.settimeout(None)
+        target.relay.add_stream(0, conn)
 
     def _join(
         self, conn: socket.socket, frame: bytes, conn_id: int, dog: HandshakeWatchdog
     ) -> None:
         sid = parse_join(frame).session_id
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT
-        # stream 0 registers its session once connected to QEMU; a join may arrive just before
-        while (sess := self._sessions.get(sid)) is None:
+        # stream 0 registers its session once handed to the relay; a join may arrive just before
+        while (sess := self._inbound.get(sid)) is None:
             if time.monotonic() > deadline:
                 raise ChannelError("stream join for an unknown session")
             time.sleep(0.005)
         with sess.lock:
             index = sess.verifier.verify(frame)
-        self.agent.guard_authenticated(conn_id, sess.incoming.source)
-        self.agent.guard_close(conn_id)
+        self.guard.authenticated(conn_id, sess.peer)
+        self.guard.close(conn_id)
         dog.hand_over()
-        self._start_stream(sess, index, conn)
-
-    def _start_stream(self, sess: _InboundSession, index: int, conn: socket.socket) -> None:
-        from trustmig.agent.migrate_in import on_stream_failure
-
-        inc = sess.incoming
-        generation = inc.recoveries  # failures of an older session's pumps are stale
+        assert sess.target.relay is not None
         conn.settimeout(None)
-        with sess.lock:
-            qemu_sock = inc.connect_qemu()
-            pump = StreamPump(
-                index,
-                qemu_sock,
-                conn,
-                sess.keys.sealer(index, "s2c"),
-                sess.keys.opener(index, "c2s"),
-                max_plaintext=sess.keys.limits.max_plaintext,
-                on_failure=lambda f: on_stream_failure(self.agent, inc, f, generation),
-                outbound_name="destination→source (return path)",
-                inbound_name="source→destination",
-            )
-            inc.pumps[index] = pump
-            pump.start()
+        sess.target.relay.add_stream(index, conn)

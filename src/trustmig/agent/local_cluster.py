@@ -1,9 +1,12 @@
 """A complete trustmig cluster on one machine: CA, hosts, users and real agent processes.
 
-Used by ``trustmig demo``, the benchmarks, the attack lab and the tests. Each host gets its own
-state directory (config, credentials, run sockets, logs, audit database, TPM state) under the
-cluster directory, and its agent is a separate process, so that what crosses between "hosts"
-really crosses a socket. Agents are stopped by their own PIDs.
+Used by ``trustmig cluster up``, ``trustmig demo``, the benchmarks, the attack lab and the
+tests. Each host gets its own state directory (config, credentials, run sockets, logs, audit
+database, journal, TPM state) under the cluster directory, and its agent is a separate process
+in a session of its own (it outlives the command that started it), so that what crosses between
+"hosts" really crosses a socket. ``cluster.json`` in the directory describes the cluster, so a
+later command finds it again. Agents are stopped by their own PIDs (checked against their start
+time); ``down`` then ends every guest and relay the hosts' journals name, the same way.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,20 +25,38 @@ from pathlib import Path
 from typing import Any
 
 from trustmig.agent.client import ControlClient
+from trustmig.agent.journal import Journal
 from trustmig.agent.provisioning import cluster_attestation_toml, provision_cluster
 from trustmig.pki.authority import ClusterCA, Credentials
 from trustmig.pki.tls import client_context
 from trustmig.pki.trust import TrustBundle
+from trustmig.proc import ProcessRef
+
+CLUSTER_FILE = "cluster.json"
+DEFAULT_USER = "alice"
 
 
 def _inline(d: dict[str, Any]) -> str:
     return "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in d.items()) + "}"
 
 
+#: Agents' ports are drawn below the kernel's ephemeral range (32768-60999 by default), so a
+#: port chosen at set-up cannot be taken meanwhile by some process's bind(0) or connect().
+PORT_RANGE = (20000, 32000)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on ``host`` now, outside the ephemeral range."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(*PORT_RANGE)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PORT_RANGE} on {host}")
 
 
 @dataclass
@@ -49,10 +71,38 @@ class HostHandle:
     info: dict[str, Any] = field(default_factory=dict)
     #: Python module run as ``python -m MODULE agent ...`` (the lab swaps in compromised agents).
     agent_module: str = "trustmig.cli.main"
+    ref: ProcessRef | None = None
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+        return self.ref.pid if self.ref else (self.proc.pid if self.proc else None)
+
+    @property
+    def pid_file(self) -> Path:
+        return self.dir / "agent.pid.json"
+
+    def running(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            return False
+        return self.ref is not None and self.ref.alive()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "dir": str(self.dir), "config": str(self.config_path),
+            "control": self.control, "data_listen": self.data_listen,
+            "data_advertise": self.data_advertise, "agent_module": self.agent_module,
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> HostHandle:
+        hh = cls(
+            doc["name"], Path(doc["dir"]), Path(doc["config"]), doc["control"],
+            doc["data_listen"], doc["data_advertise"],
+            agent_module=doc.get("agent_module", "trustmig.cli.main"),
+        )  # fmt: skip
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            hh.ref = ProcessRef.from_json(json.loads(hh.pid_file.read_text()))
+        return hh
 
 
 class LocalCluster:
@@ -128,6 +178,30 @@ class LocalCluster:
             )
 
         provision_cluster(self.ca, self.root, [hh.config_path for hh in self.hosts.values()])
+        self.save()
+
+    # ----------------------------------------------------------------- persistence
+    def save(self) -> None:
+        doc = {
+            "hosts": [hh.to_json() for hh in self.hosts.values()],
+            "users": {u: str(d) for u, d in self.users.items()},
+        }
+        (self.root / CLUSTER_FILE).write_text(json.dumps(doc, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, root: Path) -> LocalCluster:
+        """The cluster described by ``root/cluster.json`` (agents found by their PID files)."""
+        doc = json.loads((root / CLUSTER_FILE).read_text())
+        hosts = [HostHandle.from_json(h) for h in doc["hosts"]]
+        c = cls(root, tuple(h.name for h in hosts))
+        c.hosts = {h.name: h for h in hosts}
+        c.users = {u: Path(d) for u, d in doc.get("users", {}).items()}
+        c.ca = ClusterCA.load(c.root / "ca")
+        return c
+
+    @staticmethod
+    def exists(root: Path) -> bool:
+        return (root / CLUSTER_FILE).exists()
 
     @property
     def image_cache(self) -> Path:
@@ -143,6 +217,7 @@ class LocalCluster:
         d = self.root / "users" / name
         self.ca.issue_user(name, d, roles=roles, tenant=tenant)
         self.users[name] = d
+        self.save()
         return d
 
     def signed_policy(self, user: str, vm: str, **over: Any) -> str:
@@ -181,6 +256,7 @@ class LocalCluster:
             self.wait_ready(hh.name, timeout)
 
     def start_agent(self, name: str, *, wait: bool = True, timeout: float = 60.0) -> None:
+        """Start the host's agent in a session of its own (it outlives this process)."""
         hh = self.hosts[name]
         ready = hh.dir / "agent.ready.json"
         with contextlib.suppress(FileNotFoundError):
@@ -190,17 +266,33 @@ class LocalCluster:
             [sys.executable, "-m", hh.agent_module, "agent", "--config", str(hh.config_path),
              "--ready-file", str(ready)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=hh.dir,
+            start_new_session=True,
         )  # fmt: skip
         log.close()
+        hh.ref = ProcessRef.of(hh.proc.pid)
+        hh.pid_file.write_text(json.dumps(hh.ref.to_json()))
         if wait:
             self.wait_ready(name, timeout)
+
+    def start_missing(self, timeout: float = 60.0) -> list[str]:
+        """Start the agents that do not run (``cluster up`` on an existing directory)."""
+        started = [h for h, hh in self.hosts.items() if not hh.running()]
+        for h in started:
+            self.start_agent(h, wait=False)
+        for h in started:
+            self.wait_ready(h, timeout)
+        for hh in self.hosts.values():
+            if not hh.info:
+                with contextlib.suppress(OSError, ValueError):
+                    hh.info = json.loads((hh.dir / "agent.ready.json").read_text())
+        return started
 
     def wait_ready(self, name: str, timeout: float) -> None:
         hh = self.hosts[name]
         ready = hh.dir / "agent.ready.json"
         deadline = time.monotonic() + timeout
         while not ready.exists():
-            if hh.proc is not None and hh.proc.poll() is not None:
+            if not hh.running():
                 raise RuntimeError(f"agent {name} exited at start: {self.log_tail(name)}")
             if time.monotonic() > deadline:
                 raise RuntimeError(
@@ -217,24 +309,73 @@ class LocalCluster:
         return " | ".join(lines[-n:])
 
     def kill_agent(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal the host's agent (by PID and start time) and wait until it is gone."""
         hh = self.hosts[name]
-        if hh.proc and hh.proc.poll() is None:
-            hh.proc.send_signal(sig)
+        if hh.ref is None or not hh.running():
+            return
+        hh.ref.signal(sig)
+        if hh.proc is not None:
             try:
                 hh.proc.wait(30)
             except subprocess.TimeoutExpired:
-                hh.proc.kill()
+                hh.ref.kill()
                 hh.proc.wait()
+        elif not hh.ref.wait_gone(30):
+            hh.ref.kill()
 
     def stop(self) -> None:
+        """Stop every agent and end every guest and relay the hosts' journals name."""
+        self.down()
+
+    def down(self) -> dict[str, Any]:
+        stopped: dict[str, Any] = {}
         for hh in self.hosts.values():
             self.kill_agent(hh.name, signal.SIGTERM)
+        for hh in self.hosts.values():
+            stopped[hh.name] = self.end_guests(hh.name)
+        return stopped
+
+    def end_guests(self, name: str) -> list[int]:
+        """Kill the QEMUs and relays a host's journal names (only those very processes)."""
+        path = self.hosts[name].dir / "journal.db"
+        if not path.exists():
+            return []
+        journal = Journal(path)
+        refs: list[ProcessRef] = []
+        try:
+            for vm in journal.vms():
+                ref = ProcessRef.from_json(vm.runtime.get("process"))
+                if ref is not None:
+                    refs.append(ref)
+            for m in journal.migrations(limit=100000):
+                relay = (m.context or {}).get("relay") or {}
+                ref = ProcessRef.from_json(relay.get("process"))
+                if ref is not None:
+                    refs.append(ref)
+        finally:
+            journal.close()
+        killed = [r.pid for r in refs if r.alive()]
+        for r in refs:
+            r.kill()
+        return killed
 
     def __enter__(self) -> LocalCluster:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def summary(self, user: str = DEFAULT_USER) -> dict[str, Any]:
+        """``cluster up --json``: hosts with their control address, agent PID and state dir."""
+        return {
+            "hosts": [
+                {"name": hh.name, "control": hh.control, "pid": hh.pid if hh.running() else None,
+                 "state_dir": str(hh.dir), "running": hh.running()}
+                for hh in self.hosts.values()
+            ],
+            "credentials": str(self.users.get(user, self.root / "users" / user)),
+            "state_dir": str(self.root),
+        }  # fmt: skip
 
     # ----------------------------------------------------------------- clients
     def user_credentials(self, user: str) -> Credentials:

@@ -21,8 +21,8 @@ from cryptography import x509
 from trustmig.pki.qemu_tls import qemu_file_names, write_qemu_tls_dir
 
 if TYPE_CHECKING:
-    from trustmig.agent.server import Agent
     from trustmig.hypervisor.qemu import QemuVM
+    from trustmig.pki.authority import Credentials
 
 TLS_ID = "tm-tls0"
 AUTHZ_ID = "tm-authz0"
@@ -36,7 +36,8 @@ def distinguished_name(cert_der: bytes) -> str:
 
 
 async def enable(
-    agent: Agent,
+    creds: Credentials,
+    host_key_pem: bytes,
     vm: QemuVM,
     endpoint: Literal["server", "client"],
     *,
@@ -45,7 +46,7 @@ async def enable(
 ) -> None:
     """Give ``vm`` TLS credentials and make its migration use them (peer pinned)."""
     tls_dir = Path(vm.run_dir) / "qemu-tls"
-    write_qemu_tls_dir(None, agent.creds, tls_dir, endpoint=endpoint, key_pem=agent.host_key_pem)
+    write_qemu_tls_dir(None, creds, tls_dir, endpoint=endpoint, key_pem=host_key_pem)
     key_file = tls_dir / qemu_file_names(endpoint)[1]
     args: dict[str, object] = {"qom-type": "tls-creds-x509", "id": TLS_ID,
                                "dir": str(tls_dir.resolve()), "endpoint": endpoint}  # fmt: skip

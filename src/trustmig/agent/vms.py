@@ -1,37 +1,329 @@
-"""The VMs a host owns, and the per-VM facts the agent reports."""
+"""The VMs a host owns or receives, journaled, and re-adopted by a restarted agent.
+
+A guest's QEMU is not a child that dies with the agent: it runs in a session of its own and is
+known by PID and start time in the journal. A restarted agent attaches to every journaled QEMU
+that still runs (same process, QMP and console reconnected) and reports the ones that died while
+it was down as crashed, with an audit record. The VM manager is the only owner of the
+:class:`QemuVM` objects; migrations borrow a VM by *claiming* it, which is atomic (one event
+loop, no await between the check and the claim), so two requests cannot both take it.
+
+VM states: ``starting`` → ``running``; ``migrating-out`` while a migration holds it here;
+``incoming`` for a guest arriving (not ours yet); ``handed-over`` once another host owns it (the
+copy here is stopped and forgotten); ``discarded`` for an incoming guest given up; ``crashed``.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
-from trustmig.hypervisor.qemu import QemuVM
+from trustmig.agent.errors import Code, RequestError
+from trustmig.agent.journal import Journal, VmRow
+from trustmig.hypervisor.qemu import QemuError, QemuVM
 from trustmig.hypervisor.spec import VMSpec
+from trustmig.proc import ProcessRef
+
+log = logging.getLogger(__name__)
+
+#: States in which the guest's resources count against the host.
+HOLDING = frozenset({"starting", "running", "migrating-out", "incoming", "paused"})
+
+
+class AuditFn(Protocol):
+    def __call__(self, kind: str, **fields: Any) -> None: ...
+
+
+class QemuFactory(Protocol):
+    def __call__(
+        self,
+        spec: VMSpec,
+        *,
+        incoming: bool,
+        run_name: str,
+        sock_dir: Path | None = None,
+        prealloc: bool = False,
+    ) -> QemuVM: ...
 
 
 @dataclass
 class ManagedVM:
-    """A guest this host owns. ``state`` is the agent's view; QEMU's run state is queried live."""
+    """A guest on this host. ``state`` is the host's view; QEMU's run state is queried live."""
 
     spec: VMSpec
     qemu: QemuVM
-    state: str = "starting"  # starting | running | migrating-out | migrated | stopped | failed
+    state: str = "starting"
+    epoch: int = 1
+    migration: str | None = None
+    arrived_by: str | None = None
+    error: str | None = None
     created_at: float = field(default_factory=time.time)
-    arrived_by: str | None = None  # migration id that brought it here
-    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def row(self) -> VmRow:
+        runtime = self.qemu.runtime()
+        runtime["migration"] = self.migration
+        return VmRow(
+            name=self.spec.name,
+            tenant=self.spec.tenant,
+            owner=self.spec.owner,
+            epoch=self.epoch,
+            state=self.state,
+            definition=self.spec.model_dump(mode="json"),
+            runtime=runtime,
+            arrived_by=self.arrived_by,
+            error=self.error,
+        )
 
     async def describe(self) -> dict[str, Any]:
         hbs = self.qemu.console.heartbeats
         return {
             "name": self.spec.name,
             "state": self.state,
-            "qemu_state": await self.qemu.status(),
+            "qemu_state": await self.qemu.status() if self.state != "crashed" else "absent",
             "pid": self.qemu.pid,
+            "epoch": self.epoch,
             "memory_mib": self.spec.memory_mib,
             "vcpus": self.spec.vcpus,
             "tenant": self.spec.tenant,
             "owner": self.spec.owner,
             "last_heartbeat": hbs[-1].seq if hbs else None,
             "arrived_by": self.arrived_by,
+            "migration": self.migration,
+            "error": self.error,
         }
+
+
+class VmManager:
+    """Every VM of the host, in memory and in the journal."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        audit: AuditFn,
+        host: str,
+        make_qemu: QemuFactory,
+        prepare_image: Callable[[], Awaitable[str]],
+    ) -> None:
+        self.journal = journal
+        self.audit = audit
+        self.host = host
+        self.make_qemu = make_qemu
+        self.prepare_image = prepare_image
+        self.vms: dict[str, ManagedVM] = {}
+        self._watch: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lookup
+    def get(self, name: str) -> ManagedVM:
+        vm = self.vms.get(name)
+        if vm is None or vm.state in ("handed-over", "discarded"):
+            raise RequestError(
+                f"no VM named {name!r} on {self.host} (see 'trustmig vm list')", Code.NOT_FOUND
+            )
+        return vm
+
+    def visible(self) -> list[ManagedVM]:
+        return [v for v in self.vms.values() if v.state not in ("handed-over", "discarded")]
+
+    def used(self) -> tuple[int, int]:
+        """Memory (MiB) and vCPUs of the guests that run or arrive here."""
+        held = [v.spec for v in self.vms.values() if v.state in HOLDING]
+        return sum(s.memory_mib for s in held), sum(s.vcpus for s in held)
+
+    def persist(self, vm: ManagedVM) -> None:
+        self.journal.put_vm(vm.row())
+
+    # ------------------------------------------------------------------ life cycle
+    async def start(self, spec: VMSpec, user: str, boot_timeout: float) -> ManagedVM:
+        """Boot a guest and wait for its workload; journaled before QEMU is spawned."""
+        old = self.vms.get(spec.name)
+        if old is not None and old.state not in ("crashed", "handed-over", "discarded"):
+            raise RequestError(f"a VM named {spec.name} already exists on {self.host}", Code.BUSY)
+        image_key = await self.prepare_image()
+        spec = spec.model_copy(update={"image_key": image_key})
+        qemu = self.make_qemu(spec, incoming=False, run_name=f"vm-{spec.name}")
+        vm = ManagedVM(spec=spec, qemu=qemu, state="starting")
+        self.vms[spec.name] = vm
+        try:
+            # journaled the moment the process exists, whatever happens to us afterwards
+            await qemu.start(on_spawn=lambda: self.persist(vm))
+            await qemu.console.wait_for("READY", boot_timeout)
+        except BaseException as e:
+            self.vms.pop(spec.name, None)
+            await qemu.kill()
+            with contextlib.suppress(Exception):
+                self.journal.drop_vm(spec.name)
+            if isinstance(e, TimeoutError):
+                msg = f"VM {spec.name} did not become ready in time"
+                raise RequestError(msg, Code.FAILED) from None
+            raise
+        vm.state = "running"
+        self.persist(vm)
+        self.audit("vm.start", vm=spec.name, user=user, outcome="running",
+                   data={"pid": qemu.pid, "epoch": vm.epoch})  # fmt: skip
+        return vm
+
+    async def stop(self, name: str, user: str) -> None:
+        vm = self.get(name)
+        if vm.migration is not None:
+            raise RequestError(
+                f"VM {name} is held by migration {vm.migration}: see 'trustmig migration show "
+                f"{vm.migration}'",
+                Code.BUSY,
+            )
+        await vm.qemu.stop()
+        self.vms.pop(name, None)
+        self.journal.drop_vm(name)
+        self.audit("vm.stop", vm=name, user=user, outcome="stopped")
+
+    async def resume(self, name: str, user: str) -> ManagedVM:
+        vm = self.get(name)
+        if vm.migration is not None:
+            raise RequestError(
+                f"VM {name} is held by migration {vm.migration}, whose outcome decides where "
+                f"it runs: 'trustmig migration resolve {vm.migration}'",
+                Code.IN_DOUBT,
+            )
+        if vm.state == "crashed":
+            raise RequestError(f"VM {name} crashed; start it again", Code.INVALID)
+        await vm.qemu.cmd("cont")
+        vm.state = "running"
+        self.persist(vm)
+        self.audit("vm.resume", vm=name, user=user, outcome="running")
+        return vm
+
+    # ------------------------------------------------------------------ migrations
+    def claim(self, name: str, migration_id: str) -> ManagedVM:
+        """Take a running VM for an outgoing migration; atomic on the event loop."""
+        vm = self.get(name)
+        if vm.migration is not None:
+            raise RequestError(
+                f"VM {name} is already migrating ({vm.migration}); wait for it or see "
+                f"'trustmig migration show {vm.migration}'",
+                Code.BUSY,
+            )
+        if vm.state != "running":
+            raise RequestError(f"VM {name} is {vm.state}, not running", Code.INVALID)
+        vm.migration = migration_id
+        vm.state = "migrating-out"
+        return vm
+
+    def release(self, vm: ManagedVM, state: str) -> None:
+        """The migration that held ``vm`` is over; ``state`` is what it left (journaled)."""
+        vm.migration = None
+        vm.state = state
+        if state in ("handed-over", "discarded"):
+            self.vms.pop(vm.name, None)
+            self.journal.drop_vm(vm.name)
+        else:
+            self.persist(vm)
+
+    def add_incoming(self, spec: VMSpec, qemu: QemuVM, migration_id: str, epoch: int) -> ManagedVM:
+        old = self.vms.get(spec.name)
+        if old is not None and old.state not in ("crashed", "handed-over", "discarded"):
+            raise RequestError(f"a VM named {spec.name} already runs on {self.host}", Code.BUSY)
+        vm = ManagedVM(
+            spec=spec, qemu=qemu, state="incoming", epoch=epoch, migration=migration_id,
+            arrived_by=migration_id,
+        )  # fmt: skip
+        self.vms[spec.name] = vm
+        return vm
+
+    # ------------------------------------------------------------------ restart
+    async def load(self) -> None:
+        """Re-adopt every journaled QEMU that still runs; report the dead ones."""
+        for row in self.journal.vms():
+            spec = VMSpec.model_validate(row.definition)
+            rt = row.runtime
+            qemu = self.make_qemu(
+                spec, incoming=bool(rt.get("incoming")), run_name=Path(rt["run_dir"]).name,
+                sock_dir=Path(rt["sock_dir"]),
+            )  # fmt: skip
+            vm = ManagedVM(
+                spec=spec, qemu=qemu, state=row.state, epoch=row.epoch,
+                migration=rt.get("migration"), arrived_by=row.arrived_by, error=row.error,
+            )  # fmt: skip
+            ref = ProcessRef.from_json(rt.get("process"))
+            self.vms[spec.name] = vm
+            if row.state in ("handed-over", "discarded"):
+                await self._finish_dead_copy(vm, ref)
+                continue
+            if row.state == "crashed":
+                continue
+            try:
+                if ref is None:
+                    raise QemuError("no process was journaled")
+                await qemu.attach(ref, float(rt.get("started_at") or 0.0))
+            except QemuError as e:
+                self._crashed(vm, f"QEMU gone while the agent was down ({e})")
+                continue
+            if vm.state == "starting":
+                vm.state = "running"
+            self.persist(vm)
+            self.audit("vm.adopt", vm=spec.name, outcome=vm.state,
+                       data={"pid": qemu.pid, "epoch": vm.epoch})  # fmt: skip
+            if vm.state == "running" and vm.migration is None:
+                await self._run_if_paused(vm)
+
+    async def _run_if_paused(self, vm: ManagedVM) -> None:
+        """A guest journaled as running here must run: the agent may have been stopped between
+        journaling a handover (or a roll-back) and telling QEMU to continue."""
+        state = await vm.qemu.status()
+        if state not in ("paused", "prelaunch", "postmigrate"):
+            return
+        with contextlib.suppress(Exception):
+            await vm.qemu.cmd("cont")
+        reason = f"journaled as running, found {state} at agent start"
+        outcome = await vm.qemu.status()
+        self.audit("vm.resume", vm=vm.name, outcome=outcome, data={"reason": reason})
+
+    async def _finish_dead_copy(self, vm: ManagedVM, ref: ProcessRef | None) -> None:
+        """A copy another host owns (or that was given up): it must not run; forget it."""
+        if ref is not None and ref.alive():
+            ref.kill()
+        self.vms.pop(vm.name, None)
+        self.journal.drop_vm(vm.name)
+        self.audit("vm.stop", vm=vm.name, outcome="stopped",
+                   data={"reason": f"stale {vm.state} copy found at start"})  # fmt: skip
+
+    def _crashed(self, vm: ManagedVM, reason: str) -> None:
+        vm.state = "crashed"
+        vm.error = reason
+        self.persist(vm)
+        self.audit("vm.crashed", vm=vm.name, outcome="crashed", data={"reason": reason})
+        log.error("VM %s crashed: %s", vm.name, reason)
+
+    # ------------------------------------------------------------------ watching
+    def start_watching(self, interval: float = 1.0) -> None:
+        self._watch = asyncio.ensure_future(self._watch_loop(interval))
+
+    async def _watch_loop(self, interval: float) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            while True:
+                await asyncio.sleep(interval)
+                for vm in list(self.vms.values()):
+                    if vm.migration is None and vm.state == "running" and not vm.qemu.alive():
+                        self._crashed(vm, f"QEMU exited: {vm.qemu.stderr_tail()}")
+
+    async def detach_all(self) -> None:
+        """The agent stops: leave every guest running, drop only our connections to them."""
+        if self._watch is not None:
+            self._watch.cancel()
+        for vm in self.vms.values():
+            await vm.qemu.detach()
+
+    async def stop_all(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        for vm in list(self.vms.values()):
+            await vm.qemu.stop()
+            self.journal.drop_vm(vm.name)
+        self.vms.clear()

@@ -34,6 +34,7 @@ from tpm2_pytss import (
     TPM2_ALG,
     TPM2_CAP,
     TPM2_HC,
+    TPM2_PT,
     TPM2_RC,
     TPM2_SE,
     TPM2B_ENCRYPTED_SECRET,
@@ -65,13 +66,23 @@ EK_HANDLE = 0x81010001
 AK_HANDLE = 0x81010002
 EK_CERT_NV_RSA2048 = 0x01C00002
 AK_TEMPLATE = "ecc256:ecdsa-sha256:null"
+#: Every object trustmig creates is exempt from the dictionary-attack logic (``NODA``): their
+#: authorisation is a PCR policy or the empty password of a key that never leaves the TPM, so
+#: there is nothing to guess, and an unclean TPM stop (an agent killed, a power cut) must never
+#: count towards a lockout that would keep the host from starting its agent.
 AK_ATTRS = (
-    TPMA_OBJECT.RESTRICTED
+    TPMA_OBJECT.NODA
+    | TPMA_OBJECT.RESTRICTED
     | TPMA_OBJECT.SIGN_ENCRYPT
     | TPMA_OBJECT.FIXEDTPM
     | TPMA_OBJECT.FIXEDPARENT
     | TPMA_OBJECT.SENSITIVEDATAORIGIN
     | TPMA_OBJECT.USERWITHAUTH
+)
+LOCKOUT_MSG = (
+    "the TPM is in dictionary-attack lockout (too many failed authorisations or unclean "
+    "restarts of objects without NODA): wait for its recovery time, or reset it with the "
+    "lockout authorisation (tpm2_dictionarylockout --clear-lockout)"
 )
 MAX_QUALIFYING_DATA = 64
 MAX_SEALED_SECRET = 128  # MAX_SYM_DATA of the reference TPM
@@ -175,6 +186,8 @@ class HostTpm:
         self._lock = threading.RLock()
         self._closed = False
         self._flush_transients()
+        #: Failed authorisations the TPM had counted when it was opened (reset on a swtpm).
+        self.lockout_reset = self._clear_swtpm_lockout()
 
     # --- housekeeping ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -223,6 +236,28 @@ class HostTpm:
                     self._ectx.flush_context(self._ectx.tr_from_tpmpublic(h))
                 except TSS2_Exception:
                     continue
+
+    def lockout_counter(self) -> int:
+        """How many failures the dictionary-attack logic currently counts."""
+        _, data = self._ectx.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT.LOCKOUT_COUNTER, 1)
+        for prop in data.data.tpmProperties:
+            if prop.property == TPM2_PT.LOCKOUT_COUNTER:
+                return int(prop.value)
+        return 0
+
+    def _clear_swtpm_lockout(self) -> int:
+        """A supervised swtpm belongs to this host's agent, whose lockout authorisation is the
+        empty one: counted failures (older objects without NODA, unclean stops) are cleared at
+        open, and their number is returned for the audit trail. A hardware TPM is left alone."""
+        if self.kind != "swtpm":
+            return 0
+        try:
+            n = self.lockout_counter()
+            if n:
+                self._ectx.dictionary_attack_lock_reset(ESYS_TR.LOCKOUT)
+            return n
+        except TSS2_Exception:
+            return 0
 
     def _persistent_handles(self) -> list[int]:
         _, data = self._ectx.get_capability(TPM2_CAP.HANDLES, TPM2_HC.PERSISTENT_FIRST, 64)
@@ -408,7 +443,8 @@ class HostTpm:
         template = TPM2B_PUBLIC(
             publicArea=TPMT_PUBLIC.parse(
                 "ecc256:aes128cfb",
-                objectAttributes=TPMA_OBJECT.DEFAULT_TPM2_TOOLS_CREATEPRIMARY_ATTRS,
+                objectAttributes=TPMA_OBJECT.DEFAULT_TPM2_TOOLS_CREATEPRIMARY_ATTRS
+                | TPMA_OBJECT.NODA,
             )
         )
         handle, *_ = self._ectx.create_primary(None, template, ESYS_TR.OWNER)
@@ -437,7 +473,7 @@ class HostTpm:
             policy = pcr_policy_digest(values)
             template = TPMT_PUBLIC.parse(
                 "keyedhash",
-                objectAttributes=TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT,
+                objectAttributes=TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.NODA,
                 authPolicy=policy,
             )  # no USERWITHAUTH: only the PCR policy can authorize unsealing
             sensitive = TPM2B_SENSITIVE_CREATE(
@@ -478,7 +514,9 @@ class HostTpm:
             with self._flushing(srk):
                 try:
                     obj = self._ectx.load(srk, priv, pub)
-                except TSS2_Exception:
+                except TSS2_Exception as exc:
+                    if exc.error == TPM2_RC.LOCKOUT:
+                        raise AttestError(LOCKOUT_MSG) from None
                     raise AttestError(
                         "sealed blob cannot be loaded by this TPM (sealed on another host or TPM "
                         "cleared); seal the secret again on this host"

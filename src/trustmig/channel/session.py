@@ -6,6 +6,9 @@ means the relay code can only obtain per-stream keys, each bound to its stream a
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from typing import Any
+
 from trustmig.channel.errors import ChannelError
 from trustmig.channel.keyschedule import (
     HASH_SIZE,
@@ -74,3 +77,79 @@ class SessionKeys:
             direction=direction,
             limits=limits or self.limits,
         )
+
+    def stream_keys(self, stream: int, send: str, receive: str) -> StreamKeys:
+        """The keys of one stream as a relay needs them: nothing else of the session.
+
+        A relay process gets these for the streams it carries; it cannot derive other
+        streams' keys, make stream joins or read the master secret."""
+        return StreamKeys(
+            cipher=self.cipher,
+            stream=stream,
+            send_direction=send,
+            send_secret=self._secret(stream, send),
+            receive_direction=receive,
+            receive_secret=self._secret(stream, receive),
+            limits=self.limits,
+        )
+
+
+@dataclass(frozen=True)
+class StreamKeys:
+    """Per-stream record keys, handed to the process that carries the stream."""
+
+    cipher: str
+    stream: int
+    send_direction: str
+    send_secret: bytes
+    receive_direction: str
+    receive_secret: bytes
+    limits: RecordLimits
+
+    def __repr__(self) -> str:
+        return f"StreamKeys(stream={self.stream}, cipher={self.cipher!r})"
+
+    def sealer(self) -> RecordSealer:
+        return RecordSealer(
+            cipher=self.cipher,
+            secret=self.send_secret,
+            stream=self.stream,
+            direction=self.send_direction,
+            limits=self.limits,
+        )
+
+    def opener(self) -> RecordOpener:
+        return RecordOpener(
+            cipher=self.cipher,
+            secret=self.receive_secret,
+            stream=self.stream,
+            direction=self.receive_direction,
+            limits=self.limits,
+        )
+
+    def to_wire(self) -> dict[str, object]:
+        """JSON-able form (secrets hex) for a private local socket, never for a file."""
+        return {
+            "cipher": self.cipher,
+            "stream": self.stream,
+            "send_direction": self.send_direction,
+            "send_secret": self.send_secret.hex(),
+            "receive_direction": self.receive_direction,
+            "receive_secret": self.receive_secret.hex(),
+            "limits": asdict(self.limits),
+        }
+
+    @classmethod
+    def from_wire(cls, doc: dict[str, Any]) -> StreamKeys:
+        try:
+            return cls(
+                cipher=str(doc["cipher"]),
+                stream=int(doc["stream"]),
+                send_direction=str(doc["send_direction"]),
+                send_secret=bytes.fromhex(doc["send_secret"]),
+                receive_direction=str(doc["receive_direction"]),
+                receive_secret=bytes.fromhex(doc["receive_secret"]),
+                limits=RecordLimits(**doc["limits"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ChannelError(f"malformed stream keys: {e}") from None

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from trustmig.agent.client import ControlClient
@@ -32,7 +33,8 @@ def fail(msg: str, *, as_json: bool = False, code: int = 1) -> NoReturn:
     if as_json:
         print(json.dumps({"status": "error", "error": msg}))
     else:
-        console.print(f"[bold red]error:[/] {msg}")
+        # one line, whatever the terminal width, and the message's brackets shown as they are
+        console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
     raise SystemExit(code)
 
 

@@ -45,6 +45,11 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
 app.add_typer(guard_app, name="guard")
 from trustmig.cli.attest_cmds import register as _register_attest  # noqa: E402
+from trustmig.cli.cluster_cmds import cluster_app  # noqa: E402
+from trustmig.cli.migration_cmds import migration_app  # noqa: E402
+
+app.add_typer(cluster_app, name="cluster")
+app.add_typer(migration_app, name="migration")
 
 _register_attest(app, host_app)
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from trustmig.guard.errors import AdmissionError
+from trustmig.timeouts import within
 
 Direction = Literal["in", "out"]
 _DIRECTIONS: tuple[Direction, ...] = ("in", "out")
@@ -306,7 +307,7 @@ class Admission:
             queue_left = entry.enqueued + self.limits.queue_timeout_s - self._clock()
             entry.event.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(entry.event.wait(), max(0.0, min(left, queue_left)))
+                await within(entry.event.wait(), max(0.0, min(left, queue_left)))
 
     def release(self, migration_id: str) -> None:
         """A migration finished (or was abandoned while queued): free its slot."""

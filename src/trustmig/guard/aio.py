@@ -29,6 +29,7 @@ from typing import Any, cast
 from trustmig.guard.errors import GuardError
 from trustmig.guard.guard import Guard
 from trustmig.guard.ratelog import RateLimitedLog
+from trustmig.timeouts import within
 
 log = logging.getLogger(__name__)
 rlog = RateLimitedLog(log)
@@ -175,7 +176,7 @@ class _GateProtocol(asyncio.Protocol):
         try:
             if self._ssl_ctx is not None:
                 guard.on_handshake_progress(conn_id, "tls-started")
-                tls = await asyncio.wait_for(
+                tls = await within(
                     loop.start_tls(
                         conn.raw,
                         protocol,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TextIO
 
 from trustmig.hypervisor.console_protocol import CheckResult, Heartbeat, parse_console_line
+from trustmig.timeouts import within
 
 MAX_LINES = 20000
 MAX_HEARTBEATS = 200000
@@ -103,7 +104,7 @@ class Console:
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._waiters.append((prefix, fut))
         try:
-            return await asyncio.wait_for(fut, timeout)
+            return await within(fut, timeout)
         finally:
             if (prefix, fut) in self._waiters:
                 self._waiters.remove((prefix, fut))
@@ -117,7 +118,7 @@ class Console:
         self._writer.write(cmd.encode() + b"\n")
         await self._writer.drain()
         try:
-            return await asyncio.wait_for(fut, timeout)
+            return await within(fut, timeout)
         finally:
             if (reply_prefix, fut) in self._waiters:
                 self._waiters.remove((reply_prefix, fut))

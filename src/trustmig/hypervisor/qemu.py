@@ -1,9 +1,12 @@
 """One QEMU process, driven over QMP (QEMU's own `qemu.qmp` library).
 
-The driver owns the process by PID and never by name: it starts QEMU, connects QMP and the serial
-console over unix sockets in the VM's run directory, and stops it with ``quit`` falling back to
-SIGKILL of its own child. Incoming (not yet committed) QEMUs get PR_SET_PDEATHSIG so that a
-destination agent that dies mid-migration cannot leave a half-received guest behind.
+The driver knows the process by PID *and* start time, never by name: it starts QEMU in a session
+of its own (a guest outlives the agent that started it), connects QMP and the serial console over
+unix sockets, and stops it with ``quit`` falling back to SIGKILL of that very process. A
+restarted agent re-attaches to a running QEMU with :meth:`QemuVM.attach` from what it journaled
+(:meth:`QemuVM.runtime`). QMP events are dispatched to callbacks (no unbounded event queue).
+Harnesses that must not leave guests behind (benchmarks, lab targets) ask for
+``die_with_parent``; agents never do.
 """
 
 from __future__ import annotations
@@ -17,23 +20,36 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from qemu.qmp import QMPClient
+from qemu.qmp.events import EventListener
 
 from trustmig.hypervisor.accel import AccelChoice
 from trustmig.hypervisor.console import Console
 from trustmig.hypervisor.image import GuestImage
 from trustmig.hypervisor.spec import VMSpec
+from trustmig.proc import ProcessRef
+from trustmig.proc import cpu_seconds as _cpu_seconds
+from trustmig.timeouts import within
 
 log = logging.getLogger(__name__)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG = 1
+EventCallback = Callable[[str, dict[str, Any]], None]
 
 
 class QemuError(Exception):
     """QEMU could not be started or driven; the message says what and why."""
+
+
+class _CallbackListener(EventListener):
+    """An event listener without the unbounded history of the library's one."""
+
+    async def put(self, event: Any) -> None:
+        if self.accept(event):
+            await self._queue.put(event)
 
 
 def _pdeathsig() -> None:  # runs in the child between fork and exec
@@ -52,11 +68,7 @@ def find_qemu(binary: str = "qemu-system-x86_64") -> str:
 
 def process_cpu_seconds(pid: int) -> float:
     """user+system CPU seconds of a process (all threads), from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return 0.0
+    return _cpu_seconds(pid)
 
 
 class QemuVM:
@@ -92,7 +104,15 @@ class QemuVM:
         self.qmp_path = self.sock_dir / "qmp.sock"
         self.serial_path = self.sock_dir / "serial.sock"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.ref: ProcessRef | None = None
         self.qmp = QMPClient(spec.name)
+        # the library's listeners keep every event forever: the default one is told to accept
+        # none, and ours hands each event to the callbacks without keeping a history
+        self.qmp.events.event_filter = lambda _event: False
+        self._listener = _CallbackListener()
+        self.qmp.register_listener(self._listener)
+        self._event_task: asyncio.Task[None] | None = None
+        self._callbacks: list[EventCallback] = []
         self.console = Console(self.serial_path, run_dir / "console.log")
         self.started_at = 0.0
 
@@ -123,12 +143,43 @@ class QemuVM:
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+        return self.ref.pid if self.ref else None
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return self.ref is not None and self.ref.alive()
 
-    async def start(self, timeout: float = 20.0) -> None:
+    def runtime(self) -> dict[str, Any]:
+        """What the journal keeps to find this QEMU again after an agent restart."""
+        return {
+            "process": self.ref.to_json() if self.ref else None,
+            "run_dir": str(self.run_dir),
+            "sock_dir": str(self.sock_dir),
+            "incoming": self.incoming,
+            "started_at": self.started_at,
+        }
+
+    def on_event(self, callback: EventCallback) -> Callable[[], None]:
+        """Call ``callback(name, data)`` for every QMP event; returns the unsubscriber."""
+        self._callbacks.append(callback)
+        return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
+
+    async def _dispatch_events(self) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            async for ev in self._listener:
+                for cb in list(self._callbacks):
+                    try:
+                        raw = ev.get("data")
+                        cb(str(ev.get("event")), dict(raw) if isinstance(raw, dict) else {})
+                    except Exception:  # noqa: BLE001 - a callback bug must not stop the others
+                        log.exception("QMP event callback failed")
+
+    async def start(
+        self, timeout: float = 20.0, on_spawn: Callable[[], None] | None = None
+    ) -> None:
+        """Spawn QEMU and connect to it; ``on_spawn`` runs as soon as the process exists (the
+        agent journals it there, so no QEMU is ever unknown to a restarted agent)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for p in (self.qmp_path, self.serial_path):
@@ -145,10 +196,30 @@ class QemuVM:
         )
         stderr.close()
         self.started_at = time.time()
+        try:
+            self.ref = ProcessRef.of(self.proc.pid)
+        except ProcessLookupError:
+            msg = f"QEMU for {self.spec.name} exited at start: {self.stderr_tail()}"
+            raise QemuError(msg) from None
+        if on_spawn is not None:
+            on_spawn()
+        await self._connect(timeout)
+
+    async def attach(self, ref: ProcessRef, started_at: float = 0.0, timeout: float = 10.0) -> None:
+        """Re-attach to a QEMU started earlier (by this agent before it restarted).
+
+        Raises QemuError if the process is gone or its sockets do not answer."""
+        if not ref.alive():
+            raise QemuError(f"QEMU for {self.spec.name} (pid {ref.pid}) is gone")
+        self.ref = ref
+        self.started_at = started_at
+        await self._connect(timeout)
+
+    async def _connect(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            if self.proc.poll() is not None:
-                raise QemuError(f"QEMU for {self.spec.name} exited at start: {self.stderr_tail()}")
+            if not self.alive():
+                raise QemuError(f"QEMU for {self.spec.name} exited: {self.stderr_tail()}")
             try:
                 await self.qmp.connect(str(self.qmp_path))
                 break
@@ -159,6 +230,7 @@ class QemuVM:
                         f"QEMU for {self.spec.name}: no QMP socket in {timeout}s"
                     ) from None
                 await asyncio.sleep(0.02)
+        self._event_task = asyncio.create_task(self._dispatch_events())
         await self.console.connect(timeout=max(1.0, deadline - time.monotonic()))
 
     def stderr_tail(self, n: int = 3) -> str:
@@ -180,7 +252,7 @@ class QemuVM:
         the main loop is blocked (e.g. a post-copy destination waiting for missing pages)."""
         if not self.alive():
             raise QemuError(f"QEMU for {self.spec.name} is not running")
-        return await asyncio.wait_for(self.qmp.execute(name, args or {}, oob=oob), timeout)
+        return await within(self.qmp.execute(name, args or {}, oob=oob), timeout)
 
     async def status(self) -> str:
         """QEMU run state ('running', 'paused', 'inmigrate', 'postmigrate'...) or 'absent'."""
@@ -193,38 +265,42 @@ class QemuVM:
             return "absent" if not self.alive() else "unresponsive"
 
     def cpu_seconds(self) -> float:
-        return process_cpu_seconds(self.proc.pid) if self.proc else 0.0
+        return _cpu_seconds(self.ref.pid) if self.ref else 0.0
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Quit QEMU, politely first; always reap the child."""
-        if self.proc is None:
+        """Quit QEMU, politely first; make sure that very process is gone."""
+        if self.ref is None:
             return
         if self.alive():
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.qmp.execute("quit"), 2)
+                await within(self.qmp.execute("quit"), 2)
         await self._reap(timeout)
 
     async def kill(self) -> None:
         """Kill QEMU at once (a half-received guest must never run)."""
-        if self.proc and self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGKILL)
+        if self.ref is not None and self.alive():
+            self.ref.signal(signal.SIGKILL)
         await self._reap(5)
 
     async def _reap(self, timeout: float) -> None:
-        assert self.proc is not None
         deadline = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < deadline:
+        while self.alive() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGKILL)
-            while self.proc.poll() is None:
+        if self.alive() and self.ref is not None:
+            self.ref.signal(signal.SIGKILL)
+            while self.alive():
                 await asyncio.sleep(0.02)
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(self.qmp.disconnect(), 2)
-        await self.console.close()
+        await self.detach()
         if self.sock_dir != self.run_dir:
-            import shutil as _sh
+            shutil.rmtree(self.sock_dir, ignore_errors=True)
 
-            _sh.rmtree(self.sock_dir, ignore_errors=True)
+    async def detach(self) -> None:
+        """Drop QMP and the console but leave QEMU running (the agent is stopping)."""
+        if self._event_task is not None:
+            self._event_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._event_task
+            self._event_task = None
+        with contextlib.suppress(BaseException):
+            await within(self.qmp.disconnect(), 2)
+        await self.console.close()

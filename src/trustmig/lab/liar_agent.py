@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import TYPE_CHECKING
 
 from trustmig.agent import capacity
+from trustmig.config import HostConfig
 from trustmig.guard.claims import ResourceClaim
-
-if TYPE_CHECKING:
-    from trustmig.agent.server import Agent
 
 LIE_FACTOR = 8
 _honest = capacity.current_claim
 
 
-def inflated_claim(agent: Agent, nonce: str) -> ResourceClaim:
-    real = _honest(agent, nonce)
+def inflated_claim(cfg: HostConfig, used: tuple[int, int], nonce: str) -> ResourceClaim:
+    real = _honest(cfg, used, nonce)
     return dataclasses.replace(
         real,
         total_mem_mib=real.total_mem_mib * LIE_FACTOR,

@@ -257,9 +257,16 @@ class DestinationCore(MigrationCore[DestinationState]):
         if st == D.LOADED:
             return self._commit(now, e.request_id)
         if st == D.RECEIVING:
+            # a repeated commit (the source lost our silence) replaces the earlier request,
+            # which is told so; the load deadline counts from the first one
+            superseded = self.pending_commit
             self.pending_commit = e.request_id
-            self.timers.set("load", now + self.plan.load_timeout_s)
-            return []
+            if "load" not in self.timers.deadlines:
+                self.timers.set("load", now + self.plan.load_timeout_s)
+            if superseded is None:
+                return []
+            msg = "superseded by a newer commit request"
+            return [Reply(superseded, False, "in_doubt", msg, self._status())]
         if st in (D.POSTCOPY, D.POSTCOPY_PAUSED, D.RECOVERING):
             return [Reply(e.request_id, True, result=self._status())]
         if st == D.COMMITTED:

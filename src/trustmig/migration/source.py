@@ -179,12 +179,19 @@ class SourceCore(MigrationCore[SourceState]):
         self._track = _Track()
 
     # ------------------------------------------------------------------ helpers
-    def _end(self, new: SourceState, now: float, error: str | None = None) -> list[Action]:
-        """Enter a terminal state: journal, audit, release, report once."""
+    def _end(
+        self,
+        new: SourceState,
+        now: float,
+        error: str | None = None,
+        before_finish: tuple[Action, ...] = (),
+    ) -> list[Action]:
+        """Enter a terminal state: journal, audit, release, report once (``before_finish``:
+        what must be done before the requester hears the outcome)."""
         if error and self.error is None:
             self.error = error
         acts = self._enter(new, now, error or "")
-        acts.append(ReleaseAdmission())
+        acts += [*before_finish, ReleaseAdmission()]
         acts += self._finish(new.value, self.error)
         return acts
 
@@ -205,9 +212,11 @@ class SourceCore(MigrationCore[SourceState]):
         acts += [ResumeGuest(), CallPeer("abort", reason)]
         return acts
 
-    def _abandon(self, now: float, reason: str) -> list[Action]:
+    def _abandon(
+        self, now: float, reason: str, before_finish: tuple[Action, ...] = ()
+    ) -> list[Action]:
         """Before QEMU sent anything: nothing to undo here, tell the destination."""
-        return [*self._end(S.ROLLED_BACK, now, reason), CallPeer("abort", reason)]
+        return [*self._end(S.ROLLED_BACK, now, reason, before_finish), CallPeer("abort", reason)]
 
     def _lost(self, now: float, reason: str) -> list[Action]:
         """The source copy is gone before the handover could complete."""
@@ -343,8 +352,8 @@ class SourceCore(MigrationCore[SourceState]):
         if not e.accept:
             what = "refused and quarantined" if e.lie else "refused"
             line = f"destination {self.peer} {what}: {e.reason} ({e.rule}); no memory was sent"
-            acts = self._abandon(now, line)
-            return [*acts, Quarantine(self.peer, f"{e.rule}: {e.reason}")] if e.lie else acts
+            quarantine = (Quarantine(self.peer, f"{e.rule}: {e.reason}"),) if e.lie else ()
+            return self._abandon(now, line, quarantine)
         acts = self._enter(S.TRANSFER, now)
         self.timers.set("overall", now + self.plan.timeout_s)
         self.timers.set("stall", now + self.plan.stall_timeout_s)
@@ -492,11 +501,12 @@ class SourceCore(MigrationCore[SourceState]):
         self.peer_reachable = True
         self.retry_delay = self.plan.retry_s
         self.timers.cancel("peer", "retry")
-        if self.state in (S.AWAITING_PEER, S.COMMITTING):
-            return [CallPeer("status")]
         if self.state == S.POSTCOPY_PAUSED:
             return self._start_recovery(now)
-        return []
+        if self.state in TERMINAL or self.state in (S.REQUESTED, S.ROLLING_BACK):
+            return []
+        # asking is also what renews the destination's lease on this migration
+        return [CallPeer("status")]
 
     def _on_recovery_done(self, e: ev.RecoveryDone, now: float) -> list[Action]:
         self.recovering = False
@@ -539,6 +549,8 @@ class SourceCore(MigrationCore[SourceState]):
                 *self._schedule_retry(now)]  # fmt: skip
 
     def _on_peer_status(self, e: ev.PeerStatus, now: float) -> list[Action]:
+        if self.state == S.TRANSFER and (e.state is None or e.state == "aborted"):
+            return self._rollback(now, f"destination reports {e.state or 'no such migration'}")
         if self.state not in (S.COMMITTING, S.AWAITING_PEER):
             return []
         if e.state in PEER_OWNS:

@@ -1,0 +1,142 @@
+"""Control API: the host itself (ping, status), VM policies, the audit trail and the guard."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from trustmig import __version__
+from trustmig.agent.control import Operations, Request
+from trustmig.agent.errors import Code, RequestError
+from trustmig.agent.governance import Governance
+from trustmig.agent.migrations import MigrationRegistry
+from trustmig.agent.vms import VmManager
+from trustmig.guard import Admission, Guard, GuardError
+from trustmig.guard.claims import Quarantine
+
+AUDITORS = ("auditor", "security-admin")
+
+
+class AdminApi:
+    def __init__(
+        self,
+        host: str,
+        gov: Governance,
+        vms: VmManager,
+        registry: MigrationRegistry,
+        guard: Guard,
+        admission: Admission,
+        quarantine: Quarantine,
+        status_extra: Callable[[], dict[str, Any]],
+        attestation_status: Callable[[], Any] | None,
+    ) -> None:
+        self.host = host
+        self.gov = gov
+        self.vms = vms
+        self.registry = registry
+        self.guard = guard
+        self.admission = admission
+        self.quarantine = quarantine
+        self.status_extra = status_extra
+        self.attestation_status = attestation_status
+
+    def register(self, ops: Operations) -> None:
+        ops.add("ping", self.ping, kinds=("user", "host"))
+        ops.add("host.status", self.host_status)
+        ops.add("policy.set", self.policy_set, roles=("owner", "security-admin"))
+        ops.add("policy.show", self.policy_show)
+        ops.add("audit.show", self.audit_show, roles=AUDITORS)
+        ops.add("audit.export", self.audit_export, roles=AUDITORS)
+        ops.add("audit.verify", self.audit_verify, roles=AUDITORS)
+        ops.add("guard.show", self.guard_show)
+        ops.add("guard.quarantine", self.guard_quarantine)
+        ops.add("guard.clear", self.guard_clear, roles=("security-admin",))
+
+    async def ping(self, req: Request) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "version": __version__,
+            "peer": req.peer.name,
+            "peer_kind": req.peer.kind,
+            "roles": list(req.peer.roles),
+        }
+
+    async def host_status(self, req: Request) -> dict[str, Any]:
+        att = await asyncio.to_thread(self.attestation_status) if self.attestation_status else None
+        incoming = [
+            {
+                "migration_id": d.migration_id,
+                "vm": d.core.vm,
+                "source": d.source,
+                "state": d.core.state.value,
+                "error": d.core.error,
+                "pid": d.vm.qemu.pid if d.vm.qemu.alive() else None,
+            }
+            for d in self.registry.incoming.values()
+            if not d.core.terminal
+        ]
+        return {
+            "host": self.host,
+            "version": __version__,
+            **self.status_extra(),
+            "vms": [await m.describe() for m in self.vms.visible()],
+            "attestation": att,
+            "incoming": incoming,
+        }
+
+    async def policy_set(self, req: Request) -> dict[str, Any]:
+        vm = req.param("vm")
+        pol = self.gov.set_vm_policy(vm, req.param("policy"))
+        self.gov.event("policy.set", vm=vm, user=req.peer.name, outcome="set",
+                       data={"signed_by": pol.signed_by})  # fmt: skip
+        return {"vm": vm, "signed_by": pol.signed_by, "policy": pol.model_dump(mode="json")}
+
+    async def policy_show(self, req: Request) -> dict[str, Any]:
+        vm = req.param("vm")
+        sj = self.gov.vm_policy_json(vm)
+        if sj is None:
+            return {"vm": vm, "policy": None, "note": "no policy: every migration is denied"}
+        _, pol = self.gov.verify_policy(sj)
+        return {"vm": vm, "signed_by": pol.signed_by, "policy": pol.model_dump(mode="json")}
+
+    async def audit_show(self, req: Request) -> dict[str, Any]:
+        evs = self.gov.audit.events(
+            vm=req.params.get("vm"),
+            migration_id=req.params.get("migration_id"),
+            limit=int(req.params.get("limit", 200)),
+        )
+        return {"host": self.host, "events": [e.to_json() for e in evs]}
+
+    async def audit_export(self, req: Request) -> dict[str, Any]:
+        return {"host": self.host, "events": [e.to_json() for e in self.gov.audit.events()]}
+
+    async def audit_verify(self, req: Request) -> dict[str, Any]:
+        self.gov.audit.flush()
+        rep = self.gov.audit.verify(self.gov.audit_key.public_key())
+        return {"host": self.host, **rep.__dict__}
+
+    async def guard_show(self, req: Request) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "guard": self.guard.snapshot(),
+            "admission": self.admission.snapshot(),
+            "quarantine": self.quarantine.snapshot(),
+        }
+
+    async def guard_quarantine(self, req: Request) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "quarantined": self.quarantine.snapshot(),
+            "cleared": self.quarantine.cleared(),
+        }
+
+    async def guard_clear(self, req: Request) -> dict[str, Any]:
+        host = req.param("host")
+        try:
+            self.quarantine.clear(host, by_user=req.peer.name)
+        except GuardError as e:
+            raise RequestError(str(e), Code.INVALID) from None
+        self.gov.event("guard.quarantine", user=req.peer.name, outcome="cleared",
+                       data={"host": host})  # fmt: skip
+        return {"host": self.host, "cleared": host, "by": req.peer.name}

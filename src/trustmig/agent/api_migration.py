@@ -1,0 +1,93 @@
+"""Control API: migrations, as users see them (migrate, list, show, resolve) and as peers do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trustmig.agent.control import Operations, Request
+from trustmig.agent.errors import Code, RequestError
+from trustmig.agent.governance import Governance
+from trustmig.agent.migrations import MigrationRegistry
+from trustmig.hypervisor.migration import MigrationOptions
+
+RESOLVERS = ("operator", "security-admin")
+RESOLVE_CHOICES = ("destination", "source", "retry")
+
+
+class MigrationApi:
+    def __init__(self, host: str, registry: MigrationRegistry, gov: Governance) -> None:
+        self.host = host
+        self.registry = registry
+        self.gov = gov
+
+    def register(self, ops: Operations) -> None:
+        ops.add("migrate", self.migrate)
+        ops.add("migration.list", self.list)
+        ops.add("migration.show", self.show)
+        ops.add("migration.resolve", self.resolve, roles=RESOLVERS)
+        host = ("host",)
+        ops.add("incoming.prepare", self.prepare, kinds=host)
+        ops.add("incoming.commit", self.commit, kinds=host)
+        ops.add("incoming.abort", self.abort, kinds=host)
+        ops.add("incoming.status", self.status, kinds=host)
+        ops.add("incoming.receipt", self.receipt, kinds=host)
+        ops.add("incoming.recover", self.recover, kinds=host)
+
+    # ------------------------------------------------------------------ users
+    async def migrate(self, req: Request) -> dict[str, Any]:
+        opts = MigrationOptions.model_validate(req.params.get("options") or {})
+        return await self.registry.migrate_out(
+            req.param("vm"), req.param("to"), opts, req.peer, req.emit
+        )
+
+    async def list(self, req: Request) -> dict[str, Any]:
+        limit = int(req.params.get("limit") or 100)
+        return {"host": self.host, "migrations": self.registry.describe_all(limit)}
+
+    async def show(self, req: Request) -> dict[str, Any]:
+        return {"host": self.host, **self.registry.describe(req.param("migration_id"))}
+
+    async def resolve(self, req: Request) -> dict[str, Any]:
+        keep = req.param("keep")
+        if keep not in RESOLVE_CHOICES:
+            raise RequestError(
+                f"keep must be one of {', '.join(RESOLVE_CHOICES)}, not {keep!r}", Code.INVALID
+            )
+        mid = req.param("migration_id")
+        res = await self.registry.resolve(mid, keep, req.peer.name)
+        return {"host": self.host, "migration_id": mid, "keep": keep, **res}
+
+    # ------------------------------------------------------------------ peers
+    async def prepare(self, req: Request) -> dict[str, Any]:
+        return await self.registry.prepare_in(
+            req.params, req.peer.name, req.conn.peer_cert_der(), req.conn.closed
+        )
+
+    async def commit(self, req: Request) -> dict[str, Any]:
+        return await self.registry.commit_in(req.param("migration_id"), req.peer.name,
+                                             req.conn.closed)  # fmt: skip
+
+    async def abort(self, req: Request) -> dict[str, Any]:
+        reason = str(req.params.get("reason") or "source aborted")
+        return await self.registry.abort_in(
+            req.param("migration_id"), req.peer.name, reason, req.conn.closed
+        )
+
+    async def status(self, req: Request) -> dict[str, Any]:
+        return self.registry.status_in(req.param("migration_id"), req.peer.name, req.conn.closed)
+
+    async def recover(self, req: Request) -> dict[str, Any]:
+        return await self.registry.recover_in(
+            req.param("migration_id"), req.peer.name, req.conn.closed
+        )
+
+    async def receipt(self, req: Request) -> dict[str, Any]:
+        mid = req.param("migration_id")
+        _vm, peer_pub = self.registry.incoming_for_receipt(mid, req.peer.name)
+        fields = dict(req.param("fields", dict))
+        if fields.get("migration_id") != mid or fields.get("destination") != self.host:
+            raise RequestError("receipt does not describe this migration", Code.INVALID)
+        own = self.gov.sign_receipt(fields)
+        self.gov.check_and_store_receipt(fields, own, req.peer.name, req.param("signature"),
+                                         peer_pub)  # fmt: skip
+        return {"signature": own}

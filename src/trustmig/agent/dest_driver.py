@@ -1,0 +1,462 @@
+"""The asyncio code around a :class:`~trustmig.migration.destination.DestinationCore`.
+
+Requests of the source (commit, abort, recover) become events with a request id; the core's
+``Reply`` action answers them. The control connection the source calls on is the lease: when it
+closes, the core starts its orphan timer; any later call for this migration (on a new
+connection, from a restarted source agent) renews it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trustmig.agent import qemu_tls
+from trustmig.agent.datapath import SessionTarget
+from trustmig.agent.errors import Code, RequestError
+from trustmig.agent.journal import JournalError, MigrationRow
+from trustmig.agent.runtime import HostServices
+from trustmig.agent.vms import ManagedVM
+from trustmig.channel.errors import ChannelError
+from trustmig.hypervisor.migration import MigrationOptions, query
+from trustmig.migration import actions as A
+from trustmig.migration import events as ev
+from trustmig.migration.destination import (
+    OWNER,
+    DestinationCore,
+    DestinationState,
+)
+from trustmig.relay.client import RelayHandle, RelayRecord
+from trustmig.timeouts import cancel_and_wait, within
+
+log = logging.getLogger("trustmig.agent.destination")
+D = DestinationState
+
+
+@dataclass
+class DestinationContext:
+    options: MigrationOptions
+    user: dict[str, Any]
+    policy_json: str | None
+    spec: dict[str, Any] = field(default_factory=dict)
+    decision_in: str = ""
+    peer_audit_pub: str = ""
+    relay: RelayRecord | None = None
+    qemu_socket: str = ""
+    session: dict[str, str] = field(default_factory=dict)
+    recoveries: int = 0
+    #: The VM's policy and migration count were installed here (done once, with ownership).
+    installed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["options"] = self.options.model_dump(mode="json")
+        d["relay"] = self.relay.to_json() if self.relay else None
+        return d
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> DestinationContext:
+        doc = dict(doc)
+        doc["options"] = MigrationOptions.model_validate(doc["options"])
+        doc["relay"] = RelayRecord.from_json(doc["relay"]) if doc.get("relay") else None
+        return cls(**doc)
+
+
+def vm_state_for(core: DestinationCore) -> str:
+    if core.state == D.ABORTED:
+        return "discarded"
+    return "running" if core.state in OWNER else "incoming"
+
+
+class DriverGone(Exception):
+    """The migration ended while a request waited: the journal answers it."""
+
+
+class DestinationDriver:
+    """One incoming migration."""
+
+    def __init__(
+        self,
+        svc: HostServices,
+        core: DestinationCore,
+        vm: ManagedVM,
+        ctx: DestinationContext,
+        forget_session: Callable[[str], None],
+    ) -> None:
+        self.svc = svc
+        self.core = core
+        self.vm = vm
+        self.ctx = ctx
+        self.forget_session = forget_session
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[ev.Event] = asyncio.Queue()
+        self.effects: asyncio.Queue[A.Action] = asyncio.Queue()
+        self.relay: RelayHandle | None = None
+        self._ids = itertools.count(1)
+        self._waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._main: asyncio.Future[None] | None = None
+        self._busy = False
+        self._lease: asyncio.Event | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self.t0 = time.monotonic()
+        self.done = asyncio.Event()
+
+    @property
+    def migration_id(self) -> str:
+        return self.core.migration_id
+
+    @property
+    def source(self) -> str:
+        return self.core.peer
+
+    # ------------------------------------------------------------------ running
+    def start(self, first: ev.Event | None = None) -> None:
+        self._main = asyncio.ensure_future(self._run(first))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        """The agent stops: this driver stops acting; QEMU and the relay go on."""
+        await cancel_and_wait(self._main, *self._tasks)
+
+    def post(self, event: ev.Event) -> None:
+        self.queue.put_nowait(event)
+
+    async def _run(self, first: ev.Event | None) -> None:
+        self._unsubscribe = self.vm.qemu.on_event(self._on_qmp_event)
+        worker = asyncio.ensure_future(self._effect_worker())
+        watcher = asyncio.ensure_future(self._watch_qemu())
+        try:
+            if first is not None:
+                self._apply(self.core.handle(first, time.monotonic()))
+            while not (self.core.terminal and self.effects.empty() and not self._busy):
+                timer = self.core.get_timer()
+                timeout = 0.5 if timer is None else min(0.5, max(0.0, timer - time.monotonic()))
+                try:
+                    # asyncio.timeout, not wait_for: wait_for (3.11) can swallow a cancellation
+                    # that arrives as the queue yields, and the driver would never stop
+                    async with asyncio.timeout(timeout):
+                        event = await self.queue.get()
+                except TimeoutError:
+                    self._apply(self.core.handle_timer(time.monotonic()))
+                    continue
+                self._apply(self.core.handle(event, time.monotonic()))
+            # requests still queued (a repeated commit) are answered by the terminal core
+            while not self.queue.empty():
+                self._apply(self.core.handle(self.queue.get_nowait(), time.monotonic()))
+            while not self.effects.empty() or self._busy:
+                await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # noqa: BLE001
+            log.exception("incoming migration %s driver failed", self.migration_id)
+        finally:
+            await cancel_and_wait(worker, watcher)
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+            self.done.set()
+            for fut in self._waiters.values():
+                if not fut.done():
+                    fut.set_exception(DriverGone(self.migration_id))
+
+    def _apply(self, actions: list[A.Action]) -> None:
+        for a in actions:
+            if isinstance(a, A.Persist):
+                self._persist()
+            elif isinstance(a, A.Audit):
+                self.svc.safe_audit(a.kind, vm=self.core.vm, migration_id=self.migration_id,
+                                    user=self.ctx.user.get("name"), outcome=a.outcome,
+                                    data=a.data)  # fmt: skip
+            elif isinstance(a, A.Emit):
+                pass
+            else:
+                self.effects.put_nowait(a)
+
+    def _persist(self) -> None:
+        row = MigrationRow(
+            id=self.migration_id, role="destination", vm=self.core.vm, peer=self.core.peer,
+            state=self.core.state.value, epoch=self.core.epoch, core=self.core.record(),
+            context=self.ctx.to_json(), terminal=self.core.terminal,
+        )  # fmt: skip
+        self.vm.state = vm_state_for(self.core)
+        if self.core.owns:
+            self.vm.epoch = self.core.owner_epoch
+        if self.core.state == D.COMMITTED:
+            self.vm.migration = None
+        if self.core.owns and not self.ctx.installed:
+            self._install()
+            row.context = self.ctx.to_json()
+        try:
+            self.svc.journal.put_migration(row, self.vm.row())
+        except JournalError as e:
+            log.error("%s", e)
+
+    def _install(self) -> None:
+        """Ownership comes with the VM's signed policy and its place in the rate limits; both
+        are written with the journal record that makes this host the owner."""
+        self.ctx.installed = True
+        with contextlib.suppress(Exception):
+            self.svc.gov.record_migration(self.core.vm)
+        if self.ctx.policy_json:
+            try:
+                self.svc.gov.set_vm_policy(self.core.vm, self.ctx.policy_json)
+            except Exception as e:  # noqa: BLE001 - the guest is ours anyway; say why
+                log.error("incoming %s: VM policy not installed: %s", self.migration_id, e)
+
+    async def _effect_worker(self) -> None:
+        while True:
+            action = await self.effects.get()
+            self._busy = True
+            try:
+                await self._carry_out(action)
+            except Exception:  # noqa: BLE001
+                log.exception("incoming %s: %s failed", self.migration_id, type(action).__name__)
+            finally:
+                self._busy = self.effects.qsize() > 0
+
+    # ------------------------------------------------------------------ facts -> events
+    def _on_qmp_event(self, name: str, data: dict[str, Any]) -> None:
+        if name == "MIGRATION" and "status" in data:
+            status = str(data["status"])
+            if status in ("failed", "cancelled") and self.relay is not None:
+                # QEMU only says the load failed; the relay knows which record was refused
+                self._spawn(self._qemu_failed(status))
+            else:
+                self.post(ev.QemuStatus(status))
+
+    async def _qemu_failed(self, status: str) -> None:
+        relay, failure = self.relay, None
+        if relay is not None:
+            with contextlib.suppress(Exception):
+                for _ in range(10):
+                    failure = (await asyncio.to_thread(relay.status)).get("failure")
+                    if failure:
+                        break
+                    await asyncio.sleep(0.05)
+        if failure:
+            self.post(ev.StreamFailed(_failure_line(failure), status))
+        else:
+            self.post(ev.QemuStatus(status))
+
+    async def _watch_qemu(self) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            last = ""
+            while not self.core.terminal:
+                if not self.vm.qemu.alive():
+                    self.post(ev.QemuExited(self.vm.qemu.stderr_tail()))
+                    return
+                if self.core.state in (D.RECEIVING, D.POSTCOPY, D.RECOVERING):
+                    st = await self.qemu_status(timeout=2.0)
+                    if st != last and st not in ("unknown", "active", "setup"):
+                        self.post(ev.QemuStatus(st))
+                    last = st
+                await asyncio.sleep(0.5)
+
+    async def qemu_status(self, timeout: float = 2.0) -> str:
+        try:
+            return (await within(query(self.vm.qemu), timeout)).status
+        except Exception:  # noqa: BLE001 - a post-copy QEMU blocked on a page does not answer
+            return "unknown"
+
+    def _on_relay_event(self, msg: dict[str, Any]) -> None:
+        if msg.get("event") == "failure":
+            line = _failure_line(msg.get("failure") or {})
+            asyncio.run_coroutine_threadsafe(self._stream_failed(line), self.loop)
+
+    async def _stream_failed(self, line: str) -> None:
+        self.post(ev.StreamFailed(line, await self.qemu_status()))
+
+    def lease(self, closed: asyncio.Event) -> None:
+        """A call of the source arrived on a connection: that connection is the lease now."""
+        if self._lease is closed:
+            return
+        self._lease = closed
+        self.post(ev.ControlRestored())
+
+        async def watch() -> None:
+            await closed.wait()
+            if self._lease is closed:
+                self.post(ev.ControlLost("source control connection closed"))
+
+        self._spawn(watch())
+
+    # ------------------------------------------------------------------ requests
+    async def request(
+        self, make: Callable[[int], ev.Event], timeout: float = 120
+    ) -> dict[str, Any]:
+        """Post a request event and wait for the core's reply (DriverGone if it ended)."""
+        if self.done.is_set():
+            raise DriverGone(self.migration_id)
+        rid = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        self._waiters[rid] = fut
+        self.post(make(rid))
+        try:
+            return await within(fut, timeout)
+        except TimeoutError:
+            raise RequestError(f"migration {self.migration_id}: no outcome in {timeout:.0f}s",
+                               Code.IN_DOUBT) from None  # fmt: skip
+        finally:
+            self._waiters.pop(rid, None)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": self.core.state.value,
+            "epoch": self.core.owner_epoch if self.core.owns else 0,
+            "error": self.core.error,
+            "session": self.ctx.session,
+            "pid": self.vm.qemu.pid,
+        }
+
+    async def claim_session(self, summary: dict[str, str]) -> SessionTarget:
+        """The data listener authenticated a session for this migration: accept it once."""
+        if not self.core.may_claim_session():
+            raise ChannelError(f"migration {self.migration_id} already has a session (replay?)")
+        if self.ctx.options.channel != "qemu-tls" and self.relay is None:
+            raise ChannelError(f"migration {self.migration_id} has no relay to carry it")
+        self.ctx.session = summary
+        self._apply(self.core.handle(ev.SessionClaimed(), time.monotonic()))
+        return SessionTarget(
+            self.migration_id, self.relay, Path(self.ctx.qemu_socket),
+            handshake_only=self.ctx.options.channel == "qemu-tls",
+        )  # fmt: skip
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "migration_id": self.migration_id,
+            "role": "destination",
+            "vm": self.core.vm,
+            "peer": self.core.peer,
+            "state": self.core.state.value,
+            "epoch": self.core.epoch,
+            "error": self.core.error,
+            "user": self.ctx.user.get("name"),
+            "mode": self.ctx.options.mode,
+            "channel": self.ctx.options.channel,
+            "pid": self.vm.qemu.pid,
+            "history": [{"t": round(t - self.t0, 3), "state": s} for t, s in self.core.history],
+        }
+
+    # ------------------------------------------------------------------ actions
+    async def _carry_out(self, a: A.Action) -> None:
+        if isinstance(a, A.KillIncoming):
+            await self._discard(a.reason)
+        elif isinstance(a, A.ResumeGuest):
+            await self._resume(a.request_id)
+        elif isinstance(a, A.AdoptGuest):
+            await self._adopt(a.epoch)
+        elif isinstance(a, A.ArmRecover):
+            await self._arm_recover(a.request_id)
+        elif isinstance(a, A.ReleaseAdmission):
+            self.svc.admission.release(self.migration_id)
+        elif isinstance(a, A.Reply):
+            fut = self._waiters.get(a.request_id)
+            if fut is not None and not fut.done():
+                if a.ok:
+                    fut.set_result({"state": self.core.state.value, "error": self.core.error,
+                                    **a.result, "pid": self.vm.qemu.pid})  # fmt: skip
+                else:
+                    fut.set_exception(RequestError(a.message, a.code or Code.FAILED))
+
+    async def _discard(self, reason: str) -> None:
+        await self.vm.qemu.kill()
+        await self.close_relay()
+        self.forget_session(self.migration_id)
+        self.svc.vms.release(self.vm, "discarded")
+        log.warning("incoming migration %s of %s discarded: %s", self.migration_id,
+                    self.core.vm, reason)  # fmt: skip
+
+    async def _resume(self, rid: int | None) -> None:
+        qemu = self.vm.qemu
+        if not qemu.alive():
+            self.post(ev.GuestResumed(False, "incoming QEMU is gone", rid))
+            return
+        state = await qemu.status()
+        if state != "running":
+            with contextlib.suppress(Exception):
+                await qemu.cmd("cont", timeout=10)
+            state = await qemu.status()
+        if state in ("unresponsive", "absent") and qemu.alive():
+            # no answer is not a "no": the guest may run; only a definite state counts
+            log.error("incoming %s: QEMU does not answer after cont", self.migration_id)
+            return
+        self.post(ev.GuestResumed(state == "running", f"QEMU is {state}", rid))
+
+    async def _adopt(self, epoch: int) -> None:
+        self.vm.epoch = epoch
+        self.svc.vms.release(self.vm, "running")
+        if self.ctx.options.channel == "qemu-tls":
+            await qemu_tls.disable(self.vm.qemu)
+        await self.close_relay()
+        self.forget_session(self.migration_id)
+
+    async def close_relay(self) -> None:
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            await asyncio.to_thread(relay.close)
+
+    async def new_relay(self) -> None:
+        record = await self.svc.spawn_relay("in")
+        handle = RelayHandle(record, on_event=self._on_relay_event)
+        await asyncio.to_thread(handle.connect)
+        self.relay = handle
+        self.ctx.relay = record
+        self._persist()  # the journal names every relay, so nothing is ever left behind
+
+    async def _arm_recover(self, rid: int) -> None:
+        """QEMU listens again (``migrate-recover``, out-of-band: the main loop may be blocked
+        on a missing page) and a fresh relay waits for the new, re-attested session."""
+        try:
+            await self.close_relay()
+            self.forget_session(self.migration_id)
+            await self.new_relay()
+            self.ctx.recoveries += 1
+            path = self.vm.qemu.sock_dir / f"recover-{self.ctx.recoveries}.sock"
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    await self.vm.qemu.cmd("migrate-recover", {"uri": f"unix:{path}"},
+                                           timeout=5, oob=True)  # fmt: skip
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.1)
+            self.ctx.qemu_socket = str(path)
+        except Exception as e:  # noqa: BLE001
+            self.post(ev.RecoverArmFailed(rid, str(e).splitlines()[0] or type(e).__name__))
+            return
+        self.post(ev.RecoverArmed(rid))
+
+    # ------------------------------------------------------------------ restart
+    async def attach_relay(self) -> bool:
+        if self.ctx.relay is None:
+            return False
+        handle = RelayHandle(self.ctx.relay, on_event=self._on_relay_event)
+        if not handle.alive():
+            return False
+        try:
+            await asyncio.to_thread(handle.connect)
+        except Exception:  # noqa: BLE001
+            return False
+        self.relay = handle
+        st = await asyncio.to_thread(handle.status)
+        return st.get("state") in ("running", "idle")
+
+
+def _failure_line(f: dict[str, Any]) -> str:
+    rec = f" record {f['record']}" if f.get("record") is not None else ""
+    return f"stream {f.get('stream')}{rec} ({f.get('direction')}): {f.get('reason')}"

@@ -1,0 +1,263 @@
+"""The host journal: what the agent must know again after it was killed, written before it acts.
+
+Two tables in the host's own SQLite database (WAL, ``synchronous=FULL``: a committed write is on
+disk when the call returns):
+
+- ``vms``: every VM this host owns or is receiving, with its definition, owner, tenant, epoch,
+  state and the QEMU process (PID *and* start time) with its sockets;
+- ``migrations``: every migration this host takes part in, with the core's record (state, epoch,
+  error) and the context the agent needs to drive it again (peer, relay process, sockets).
+
+Each write is one transaction. The agent writes the new state, then does what the state allows:
+an agent killed at any instant restarts from a journal that is never ahead of the facts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+
+metadata = MetaData()
+
+vms_table = Table(
+    "vms",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("tenant", String(64), nullable=False),
+    Column("owner", String(255), nullable=True),
+    Column("epoch", Integer, nullable=False),
+    Column("state", String(32), nullable=False),
+    Column("definition", Text, nullable=False),
+    Column("runtime", Text, nullable=False),
+    Column("arrived_by", String(64), nullable=True),
+    Column("error", Text, nullable=True),
+    Column("updated_at", Float, nullable=False),
+)
+
+migrations_table = Table(
+    "migrations",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("role", String(16), nullable=False),
+    Column("vm", String(64), nullable=False),
+    Column("peer", String(255), nullable=False),
+    Column("state", String(32), nullable=False),
+    Column("epoch", Integer, nullable=False),
+    Column("core", Text, nullable=False),
+    Column("context", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("terminal", Integer, nullable=False),
+)
+
+
+class JournalError(Exception):
+    """The journal cannot be opened or written (one line naming the file and the cause)."""
+
+
+@dataclass
+class VmRow:
+    """One VM as journaled. ``runtime`` holds the QEMU process and its socket paths."""
+
+    name: str
+    tenant: str
+    owner: str | None
+    epoch: int
+    state: str
+    definition: dict[str, Any]
+    runtime: dict[str, Any] = field(default_factory=dict)
+    arrived_by: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class MigrationRow:
+    id: str
+    role: str
+    vm: str
+    peer: str
+    state: str
+    epoch: int
+    core: dict[str, Any]
+    context: dict[str, Any]
+    terminal: bool
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+def _engine(path: Path) -> Engine:
+    engine = create_engine(f"sqlite:///{path}", future=True)
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA busy_timeout=10000")
+        cur.close()
+
+    return engine
+
+
+class Journal:
+    """The host journal (one per agent state dir)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not path.exists():
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            self.engine = _engine(path)
+            metadata.create_all(self.engine)
+        except Exception as e:  # noqa: BLE001 - any cause is reported as one line
+            raise JournalError(f"host journal {path} cannot be opened: {e}") from None
+        for suffix in ("", "-wal", "-shm"):
+            p = Path(f"{path}{suffix}")
+            if p.exists():
+                os.chmod(p, 0o600)
+
+    def _write(self, stmt: Any) -> None:
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(stmt)
+        except Exception as e:  # noqa: BLE001 - a full disk, a read-only file...
+            raise JournalError(f"host journal {self.path}: write failed: {e}") from None
+
+    # ------------------------------------------------------------------ VMs
+    def put_vm(self, row: VmRow) -> None:
+        try:
+            with self.engine.begin() as conn:
+                self._put_vm(conn, row)
+        except Exception as e:  # noqa: BLE001
+            raise JournalError(f"host journal {self.path}: write failed: {e}") from None
+
+    @staticmethod
+    def _put_vm(conn: Any, row: VmRow) -> None:
+        values = {
+            "tenant": row.tenant,
+            "owner": row.owner,
+            "epoch": row.epoch,
+            "state": row.state,
+            "definition": json.dumps(row.definition, sort_keys=True),
+            "runtime": json.dumps(row.runtime, sort_keys=True),
+            "arrived_by": row.arrived_by,
+            "error": row.error,
+            "updated_at": time.time(),
+        }
+        n = conn.execute(
+            update(vms_table).where(vms_table.c.name == row.name).values(**values)
+        ).rowcount
+        if not n:
+            conn.execute(insert(vms_table).values(name=row.name, **values))
+
+    def drop_vm(self, name: str) -> None:
+        self._write(delete(vms_table).where(vms_table.c.name == name))
+
+    def vms(self) -> list[VmRow]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(vms_table).order_by(vms_table.c.name)).mappings().all()
+        return [
+            VmRow(
+                name=r["name"],
+                tenant=r["tenant"],
+                owner=r["owner"],
+                epoch=r["epoch"],
+                state=r["state"],
+                definition=json.loads(r["definition"]),
+                runtime=json.loads(r["runtime"]),
+                arrived_by=r["arrived_by"],
+                error=r["error"],
+            )
+            for r in rows
+        ]
+
+    # ------------------------------------------------------------------ migrations
+    def put_migration(
+        self, row: MigrationRow, vm: VmRow | None = None, *, drop_vm: str | None = None
+    ) -> None:
+        """Write a migration and, in the same transaction, the VM it changes (or drop it)."""
+        now = time.time()
+        values = {
+            "role": row.role,
+            "vm": row.vm,
+            "peer": row.peer,
+            "state": row.state,
+            "epoch": row.epoch,
+            "core": json.dumps(row.core, sort_keys=True),
+            "context": json.dumps(row.context, sort_keys=True),
+            "terminal": int(row.terminal),
+            "updated_at": now,
+        }
+        try:
+            with self.engine.begin() as conn:
+                n = conn.execute(
+                    update(migrations_table).where(migrations_table.c.id == row.id).values(**values)
+                ).rowcount
+                if not n:
+                    conn.execute(
+                        insert(migrations_table).values(id=row.id, created_at=now, **values)
+                    )
+                if vm is not None:
+                    self._put_vm(conn, vm)
+                if drop_vm is not None:
+                    conn.execute(delete(vms_table).where(vms_table.c.name == drop_vm))
+        except Exception as e:  # noqa: BLE001
+            raise JournalError(f"host journal {self.path}: write failed: {e}") from None
+
+    def migrations(self, *, active_only: bool = False, limit: int = 200) -> list[MigrationRow]:
+        q = select(migrations_table).order_by(migrations_table.c.created_at.desc()).limit(limit)
+        if active_only:
+            q = q.where(migrations_table.c.terminal == 0)
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).mappings().all()
+        return [_migration_row(r) for r in rows]
+
+    def migration(self, migration_id: str) -> MigrationRow | None:
+        with self.engine.connect() as conn:
+            r = (
+                conn.execute(select(migrations_table).where(migrations_table.c.id == migration_id))
+                .mappings()
+                .first()
+            )
+        return _migration_row(r) if r is not None else None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _migration_row(r: Any) -> MigrationRow:
+    return MigrationRow(
+        id=r["id"],
+        role=r["role"],
+        vm=r["vm"],
+        peer=r["peer"],
+        state=r["state"],
+        epoch=r["epoch"],
+        core=json.loads(r["core"]),
+        context=json.loads(r["context"]),
+        terminal=bool(r["terminal"]),
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+    )

@@ -1,0 +1,835 @@
+"""The asyncio code around a :class:`~trustmig.migration.source.SourceCore`.
+
+It only moves facts and carries out actions: QMP events, ``query-migrate`` samples, relay
+reports and peer answers become events; the core's actions become QMP commands, control calls,
+relay set-up and journal writes. ``Persist`` and ``Audit`` are carried out at once (the journal
+holds a state before anything that state allows is done); every other action is queued and run
+in order by one worker, and what it observes is fed back to the core as an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from trustmig.agent import qemu_tls
+from trustmig.agent.claim_check import judge_claim, summary_field
+from trustmig.agent.client import ControlClient, ControlError
+from trustmig.agent.datapath import hand_to_relay, open_outbound_session
+from trustmig.agent.errors import Code, RequestError
+from trustmig.agent.journal import JournalError, MigrationRow
+from trustmig.agent.runtime import HostServices
+from trustmig.agent.vms import ManagedVM
+from trustmig.hypervisor.migration import MigrationOptions, configure_source, query
+from trustmig.migration import actions as A
+from trustmig.migration import events as ev
+from trustmig.migration.source import (
+    QEMU_MIGRATING,
+    SourceCore,
+    SourcePlan,
+    SourceState,
+)
+from trustmig.relay.client import RelayHandle, RelayRecord
+from trustmig.timeouts import cancel_and_wait, within
+
+log = logging.getLogger("trustmig.agent.source")
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+S = SourceState
+#: Codes of the destination's answers; anything else is "no answer".
+PEER_ANSWERS = frozenset({"refused", "denied", "not_found", "invalid", "busy", "aborted",
+                          "committed", "in_doubt", "failed", "internal"})  # fmt: skip
+ACTIVE_QEMU = ("active", "setup", "device", "pre-switchover", "cancelling")
+
+
+def source_plan(opts: MigrationOptions, host: Any) -> SourcePlan:
+    m = host.migration
+    return SourcePlan(
+        postcopy=opts.mode == "postcopy",
+        postcopy_after_rounds=opts.postcopy_after_rounds,
+        postcopy_if_not_converging=opts.postcopy_if_not_converging,
+        timeout_s=opts.timeout_s,
+        stall_timeout_s=opts.stall_timeout_s,
+        peer_grace_s=m.peer_grace_s,
+        doubt_report_s=m.doubt_report_s,
+    )
+
+
+@dataclass
+class SourceContext:
+    """What the driver needs besides the core; journaled with it."""
+
+    options: MigrationOptions
+    user: dict[str, Any]
+    data_address: str = ""
+    qemu_tls_address: str | None = None
+    decision_out: str = ""
+    decision_in: str = ""
+    peer_audit_pub: str = ""
+    resources: Any = None
+    relay: RelayRecord | None = None
+    qemu_socket: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["options"] = self.options.model_dump(mode="json")
+        d["relay"] = self.relay.to_json() if self.relay else None
+        return d
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> SourceContext:
+        doc = dict(doc)
+        doc["options"] = MigrationOptions.model_validate(doc["options"])
+        doc["relay"] = RelayRecord.from_json(doc["relay"]) if doc.get("relay") else None
+        return cls(**doc)
+
+
+class MigrationFailed(RequestError):
+    """The migration ended without the handover (one line, with its code)."""
+
+
+def vm_state_for(core: SourceCore) -> str:
+    """The VM's journaled state that goes with the migration's."""
+    if core.state == S.COMPLETED:
+        return "handed-over"
+    if core.state in (S.ROLLED_BACK, S.REFUSED):
+        return "running"
+    if core.state == S.FAILED:
+        return "crashed" if core.source_gone or core.postcopy_switched else "paused"
+    return "migrating-out"
+
+
+class SourceDriver:
+    """One outgoing migration."""
+
+    def __init__(
+        self,
+        svc: HostServices,
+        core: SourceCore,
+        vm: ManagedVM,
+        ctx: SourceContext,
+        emit: Emit | None = None,
+    ) -> None:
+        self.svc = svc
+        self.core = core
+        self.vm = vm
+        self.ctx = ctx
+        self.emit = emit
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[ev.Event] = asyncio.Queue()
+        self.effects: asyncio.Queue[A.Action] = asyncio.Queue()
+        self.outcome: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        self.ctl: ControlClient | None = None
+        self.relay: RelayHandle | None = None
+        self._relay_spawn: asyncio.Task[RelayRecord] | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._main: asyncio.Future[None] | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._resolve_waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._rids = 1
+        self.t_request = time.monotonic()
+        self.t_transfer: float | None = None
+        self.warnings: list[str] = []
+        self.last_failure = ""
+        #: QEMU accepted this migration's ``migrate``: from now on its status is this one's.
+        self.transfer_running = bool(ctx.info.get("migrate_sent"))
+        self.done = asyncio.Event()
+        ctx.info.setdefault("t_start_wall", time.time())
+
+    @property
+    def migration_id(self) -> str:
+        return self.core.migration_id
+
+    # ------------------------------------------------------------------ running
+    def start(self, first: ev.Event) -> None:
+        self._main = asyncio.ensure_future(self._run(first))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        """The agent stops: this driver stops acting; QEMU and the relay go on."""
+        await cancel_and_wait(self._main, *self._tasks)
+
+    def post(self, event: ev.Event) -> None:
+        self.queue.put_nowait(event)
+
+    def post_threadsafe(self, event: ev.Event) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    async def _run(self, first: ev.Event) -> None:
+        self._unsubscribe = self.vm.qemu.on_event(self._on_qmp_event)
+        worker = asyncio.ensure_future(self._effect_worker())
+        watcher = asyncio.ensure_future(self._watch_qemu())
+        try:
+            self._apply(self.core.handle(first, time.monotonic()))
+            while not (self.core.terminal and self.effects.empty() and not self._busy):
+                timer = self.core.get_timer()
+                timeout = None if timer is None else max(0.0, timer - time.monotonic())
+                try:
+                    # asyncio.timeout, not wait_for: wait_for (3.11) can swallow a cancellation
+                    # that arrives as the queue yields, and the driver would never stop
+                    async with asyncio.timeout(min(timeout or 0.5, 0.5)):
+                        event = await self.queue.get()
+                except TimeoutError:
+                    self._apply(self.core.handle_timer(time.monotonic()))
+                    continue
+                self._apply(self.core.handle(event, time.monotonic()))
+        except Exception as e:  # noqa: BLE001 - a driver bug must still leave a record
+            log.exception("migration %s driver failed", self.migration_id)
+            if not self.outcome.done():
+                self.outcome.set_exception(
+                    MigrationFailed(f"migration driver failed: {e}", Code.INTERNAL)
+                )
+        finally:
+            await cancel_and_wait(worker, watcher)
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+            if self.core.terminal:
+                with contextlib.suppress(Exception):
+                    await self._close_relay()
+            if self.ctl is not None:
+                await self.ctl.close()
+            self.done.set()
+
+    _busy = False
+
+    def _apply(self, actions: list[A.Action]) -> None:
+        for a in actions:
+            if isinstance(a, A.Persist):
+                self._persist()
+            elif isinstance(a, A.Audit):
+                self.svc.safe_audit(a.kind, vm=self.core.vm, migration_id=self.migration_id,
+                                    user=self.ctx.user.get("name"), outcome=a.outcome,
+                                    data=a.data)  # fmt: skip
+            elif isinstance(a, A.Emit):
+                self._emit(a.event)
+            else:
+                self.effects.put_nowait(a)
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        if self.emit is None:
+            return
+        if event.get("event") == "phase":
+            event = {**event, "migration_id": self.migration_id}
+        self._spawn(self._safe_emit(event))
+
+    async def _safe_emit(self, event: dict[str, Any]) -> None:
+        assert self.emit is not None
+        with contextlib.suppress(Exception):
+            await self.emit(event)
+
+    def _persist(self) -> None:
+        row = MigrationRow(
+            id=self.migration_id, role="source", vm=self.core.vm, peer=self.core.peer,
+            state=self.core.state.value, epoch=self.core.epoch, core=self.core.record(),
+            context=self.ctx.to_json(), terminal=self.core.terminal,
+        )  # fmt: skip
+        self.vm.state = vm_state_for(self.core)
+        if self.core.terminal and self.core.state != S.COMPLETED:
+            self.vm.migration = None  # the migration is over and the guest stayed here
+        try:
+            self.svc.journal.put_migration(row, self.vm.row())
+        except JournalError as e:
+            # the facts go on (a commit cannot be unsent); a restart asks QEMU and the peer
+            log.error("%s", e)
+            self.warnings.append(str(e))
+
+    async def _effect_worker(self) -> None:
+        while True:
+            action = await self.effects.get()
+            self._busy = True
+            try:
+                await self._carry_out(action)
+            except Exception as e:  # noqa: BLE001
+                log.exception("migration %s: %s failed", self.migration_id, type(action).__name__)
+                self.warnings.append(f"{type(action).__name__}: {e}")
+            finally:
+                self._busy = self.effects.qsize() > 0
+
+    # ------------------------------------------------------------------ facts -> events
+    def _on_qmp_event(self, name: str, data: dict[str, Any]) -> None:
+        if name == "MIGRATION" and "status" in data:
+            status = str(data["status"])
+            if status in ("failed", "cancelled") and self.relay is not None:
+                # QEMU only says it failed; the relay knows which stream broke and why
+                self._spawn(self._qemu_failed(status))
+            else:
+                self.post(ev.QemuStatus(status))
+
+    async def _qemu_failed(self, status: str) -> None:
+        relay = self.relay
+        failure = None
+        if relay is not None:
+            with contextlib.suppress(Exception):
+                for _ in range(10):  # the relay may notice a moment after QEMU
+                    failure = (await asyncio.to_thread(relay.status)).get("failure")
+                    if failure:
+                        break
+                    await asyncio.sleep(0.05)
+        if failure:
+            self.last_failure = _failure_line(failure)
+            self.post(ev.StreamFailed(self.last_failure, status))
+        else:
+            self.post(ev.QemuStatus(status))
+
+    async def _watch_qemu(self) -> None:
+        """Progress samples while QEMU sends, and QEMU's death."""
+        with contextlib.suppress(asyncio.CancelledError):
+            last_status = ""
+            while True:
+                if not self.vm.qemu.alive():
+                    if self.core.state not in (S.COMPLETED,) and not self.core.terminal:
+                        self.post(ev.QemuExited(self.vm.qemu.stderr_tail()))
+                    return
+                if self.core.state in QEMU_MIGRATING and self.transfer_running:
+                    with contextlib.suppress(Exception):
+                        p = await query(self.vm.qemu)
+                        self.post(ev.Progress(p.status, p.transferred, p.remaining, p.total,
+                                              p.rounds, p.dirty_rate_pps,
+                                              p.expected_downtime_ms))  # fmt: skip
+                        # a failure comes as a QMP event, with the relay's reason attached
+                        if p.status != last_status and p.status not in (*ACTIVE_QEMU, "failed",
+                                                                        "cancelled"):  # fmt: skip
+                            self.post(ev.QemuStatus(p.status))
+                        last_status = p.status
+                    await asyncio.sleep(0.05)
+                else:
+                    await asyncio.sleep(0.25)
+
+    def _on_relay_event(self, msg: dict[str, Any]) -> None:
+        if msg.get("event") == "failure":
+            f = msg.get("failure") or {}
+            line = _failure_line(f)
+            asyncio.run_coroutine_threadsafe(self._stream_failed(line), self.loop)
+
+    async def _stream_failed(self, line: str) -> None:
+        self.last_failure = line
+        self.post(ev.StreamFailed(line, await self._qemu_status()))
+
+    async def _qemu_status(self) -> str:
+        try:
+            return (await within(query(self.vm.qemu), 3.0)).status
+        except Exception:  # noqa: BLE001
+            return "unknown"
+
+    def _watch_control(self, ctl: ControlClient) -> None:
+        async def watch() -> None:
+            await ctl.closed.wait()
+            if self.ctl is ctl:
+                self.post(ev.ControlLost(ctl.close_reason or "closed"))
+
+        self._spawn(watch())
+
+    # ------------------------------------------------------------------ actions
+    async def _carry_out(self, a: A.Action) -> None:  # noqa: PLR0911, C901 - a dispatch table
+        if isinstance(a, A.CallPeer):
+            await self._call_peer(a)
+        elif isinstance(a, A.Reconnect):
+            await self._reconnect()
+        elif isinstance(a, A.OpenDataPath):
+            await self._open_data_path()
+        elif isinstance(a, A.StartTransfer):
+            await self._start_transfer()
+        elif isinstance(a, A.StartPostcopy):
+            try:
+                await self.vm.qemu.cmd("migrate-start-postcopy")
+            except Exception as e:  # noqa: BLE001
+                self.post(ev.PostcopySwitchRefused(str(e).splitlines()[0]))
+        elif isinstance(a, A.CancelTransfer):
+            await self._cancel_transfer()
+        elif isinstance(a, A.ResumeGuest):
+            await self._resume()
+        elif isinstance(a, A.KeepPaused):
+            log.warning("migration %s: %s", self.migration_id, a.reason)
+        elif isinstance(a, A.Conclude):
+            await self._conclude()
+        elif isinstance(a, A.RecoverStream):
+            await self._recover(a.attempt)
+        elif isinstance(a, A.Quarantine):
+            self.svc.quarantine.add(a.host, a.reason)
+            self.svc.safe_audit("guard.quarantine", vm=self.core.vm,
+                                migration_id=self.migration_id, outcome="quarantined",
+                                data={"host": a.host, "reason": a.reason})  # fmt: skip
+        elif isinstance(a, A.ReleaseAdmission):
+            self.svc.admission.release(self.migration_id)
+        elif isinstance(a, A.Reply):
+            fut = self._resolve_waiters.pop(a.request_id, None)
+            if fut is not None and not fut.done():
+                if a.ok:
+                    fut.set_result(a.result)
+                else:
+                    fut.set_exception(RequestError(a.message, a.code or Code.INVALID))
+        elif isinstance(a, A.Finish):
+            self._finish(a)
+
+    async def _ensure_ctl(self) -> ControlClient:
+        if self.ctl is not None and not self.ctl.closed.is_set():
+            return self.ctl
+        ctl = await self.svc.connect_peer(self.core.peer)
+        self.ctl = ctl
+        self._watch_control(ctl)
+        return ctl
+
+    async def _reconnect(self) -> None:
+        try:
+            await self._ensure_ctl()
+        except (ControlError, RequestError, OSError) as e:
+            self.post(ev.PeerUnreachable(str(e).splitlines()[0]))
+            return
+        self.post(ev.ControlRestored())
+
+    async def _call(self, op: str, params: dict[str, Any], timeout: float) -> dict[str, Any]:
+        ctl = await self._ensure_ctl()
+        return await ctl.call(op, {"migration_id": self.migration_id, **params}, timeout=timeout)
+
+    async def _call_peer(self, a: A.CallPeer) -> None:
+        try:
+            if a.op == "prepare":
+                self._on_prepared(await self._call("incoming.prepare", self._prepare_params(), 120))
+            elif a.op == "commit":
+                wait = self.svc.cfg.migration.commit_timeout_s
+                res = await self._call("incoming.commit", {}, wait)
+                self.ctx.info["destination_pid"] = res.get("pid")
+                self.post(ev.CommitAnswered(res.get("pid"), int(res.get("epoch") or 0)))
+            elif a.op == "status":
+                res = await self._call("incoming.status", {}, 15)
+                self.post(ev.PeerStatus(res.get("state"), int(res.get("epoch") or 0)))
+            elif a.op == "abort":
+                with contextlib.suppress(ControlError, RequestError, OSError):
+                    st = await self._call("incoming.abort", {"reason": a.reason}, 10)
+                    if st.get("error") and self.core.error and st["error"] not in self.core.error:
+                        self.ctx.info["destination_error"] = st["error"]
+        except (ControlError, RequestError, OSError) as e:
+            self._peer_failed(a.op, e)
+
+    def _peer_failed(self, op: str, e: Exception) -> None:
+        code = str(getattr(e, "code", "transport"))
+        line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        answered = code in PEER_ANSWERS and isinstance(e, ControlError)
+        if op == "prepare":
+            self.post(ev.PeerRefused(code, line) if answered else ev.PeerUnreachable(line))
+        elif op == "commit":
+            self.post(ev.CommitRefused(code, line) if answered else ev.CommitLost(line))
+        elif op == "status":
+            if answered and code == "not_found":
+                self.post(ev.PeerStatus(None))
+            else:
+                self.post(ev.PeerUnreachable(line))
+
+    def _prepare_params(self) -> dict[str, Any]:
+        self._relay_spawn = asyncio.ensure_future(self.svc.spawn_relay("out"))
+        return {
+            "spec": self.vm.spec.model_dump(mode="json"),
+            "options": self.ctx.options.model_dump(mode="json"),
+            "user": self.ctx.user,
+            "policy": self.svc.gov.vm_policy_json(self.core.vm),
+            "audit_pub": self.svc.gov.audit_public_pem,
+            "epoch": self.core.epoch,
+        }
+
+    def _on_prepared(self, prep: dict[str, Any]) -> None:
+        self.ctx.data_address = str(prep["data_address"])
+        self.ctx.decision_in = str(prep.get("decision", ""))
+        self.ctx.peer_audit_pub = str(prep.get("audit_pub", ""))
+        self.ctx.qemu_tls_address = prep.get("qemu_tls_address")
+        self.ctx.resources = prep.get("resources")
+        self.post(ev.Prepared(self.ctx.data_address, self.ctx.decision_in))
+
+    async def _new_relay(self) -> RelayHandle:
+        task, self._relay_spawn = self._relay_spawn, None
+        record = await task if task is not None else await self.svc.spawn_relay("out")
+        self.ctx.relay = record
+        self._persist()  # the journal names every relay, so nothing is ever left behind
+        handle = RelayHandle(record, on_event=self._on_relay_event)
+        await asyncio.to_thread(handle.connect)
+        return handle
+
+    async def _open_data_path(self) -> None:
+        opts = self.ctx.options
+        t0 = time.monotonic()
+        try:
+            if opts.channel == "qemu-tls":
+                if not self.ctx.qemu_tls_address:
+                    raise RequestError(f"{self.core.peer} did not open a QEMU TLS port")
+                session = await asyncio.to_thread(
+                    open_outbound_session, self.svc.security, self.ctx.data_address,
+                    self.core.peer, self.migration_id, 1,
+                )  # fmt: skip
+                session.close()
+            else:
+                self.relay = await self._new_relay()
+                sock = self.relay.record.control.parent / "qemu-out.sock"
+                self.ctx.qemu_socket = str(sock)
+                session = await asyncio.to_thread(
+                    open_outbound_session, self.svc.security, self.ctx.data_address,
+                    self.core.peer, self.migration_id, opts.streams,
+                )  # fmt: skip
+                await asyncio.to_thread(hand_to_relay, session, self.relay, sock, self.migration_id)
+        except Exception as e:  # noqa: BLE001 - every failure is a verdict on this peer
+            await self._close_relay()
+            self.post(ev.DataPathFailed(str(e).splitlines()[0] if str(e) else type(e).__name__))
+            return
+        ms = (time.monotonic() - t0) * 1000
+        summary = session.peer_evidence_summary
+        self.ctx.info.update(handshake_ms=round(ms, 2), attestation_detail=summary)
+        self.post(ev.Attested(summary, ms))
+        self.post(self._judge(summary))
+
+    def _judge(self, summary: str) -> ev.ClaimJudged:
+        ssl_obj = self.ctl.ssl_object if self.ctl is not None else None
+        cert = ssl_obj.getpeercert(binary_form=True) if ssl_obj is not None else None
+        if not cert:
+            return ev.ClaimJudged(False, False, "claim_unverifiable",
+                                  "destination control session has no certificate")  # fmt: skip
+        j = judge_claim(
+            self.ctx.resources, cert, summary, self.vm.spec, self.migration_id,
+            require_attested=self.svc.attesting,
+            max_age_s=self.svc.cfg.capacity.max_claim_age_s,
+        )  # fmt: skip
+        self.svc.safe_audit(
+            "guard.claim", vm=self.core.vm, migration_id=self.migration_id,
+            user=self.ctx.user.get("name"),
+            outcome="accepted" if j.accept else ("lie" if j.lie else "refused"),
+            data={"host": self.core.peer, "rule": j.rule, "reason": j.reason, "claim": j.claim},
+        )  # fmt: skip
+        if j.accept:
+            self.ctx.info["destination_claim"] = {"rule": j.rule, "claim": j.claim}
+        return ev.ClaimJudged(j.accept, j.lie, j.rule, j.reason)
+
+    async def _start_transfer(self) -> None:
+        opts, qemu = self.ctx.options, self.vm.qemu
+        try:
+            await configure_source(qemu, opts)
+            if opts.channel == "qemu-tls":
+                await qemu_tls.enable(self.svc.creds, self.svc.host_key_pem, qemu, "client",
+                                      peer_host=self.core.peer)  # fmt: skip
+                uri = f"tcp:{self.ctx.qemu_tls_address}"
+            else:
+                uri = f"unix:{self.ctx.qemu_socket}"
+            self.t_transfer = time.monotonic()
+            self.ctx.info["cpu0"] = qemu.cpu_seconds()
+            self.ctx.info["migrate_sent"] = True
+            self._persist()  # journaled before QEMU is told: a restart knows it may have begun
+            await qemu.cmd("migrate", {"uri": uri})
+        except Exception as e:  # noqa: BLE001
+            self.post(ev.TransferStartFailed(str(e).splitlines()[0] or type(e).__name__))
+            return
+        self.transfer_running = True
+        self.post(ev.TransferStarted())
+
+    async def _cancel_transfer(self) -> None:
+        qemu = self.vm.qemu
+        if qemu.alive():
+            with contextlib.suppress(Exception):
+                await qemu.cmd("migrate_cancel", timeout=10)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and qemu.alive():
+                if await self._qemu_status() not in ACTIVE_QEMU:
+                    break
+                await asyncio.sleep(0.05)
+        await self._close_relay()
+
+    async def _resume(self) -> None:
+        qemu = self.vm.qemu
+        if not qemu.alive():
+            self.post(ev.GuestResumed(False, "source QEMU is gone"))
+            return
+        state = await qemu.status()
+        if state in ("paused", "postmigrate", "finish-migrate", "prelaunch"):
+            with contextlib.suppress(Exception):
+                await qemu.cmd("cont")
+            state = await qemu.status()
+        if self.ctx.options.channel == "qemu-tls":
+            await qemu_tls.disable(qemu)  # the guest stays here: drop the key from QEMU
+        self.post(ev.GuestResumed(state == "running", f"QEMU is {state}"))
+
+    async def _close_relay(self, stop: bool = True) -> None:
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            self.ctx.info["relay_status"] = await asyncio.to_thread(relay.status)
+            await asyncio.to_thread(relay.close, stop=stop)
+
+    async def _recover(self, attempt: int) -> None:
+        """One attempt to re-establish a broken post-copy stream over a new attested session."""
+        qemu = self.vm.qemu
+        try:
+            if self.ctx.options.channel == "qemu-tls":
+                raise RequestError("QEMU TLS streams cannot be recovered by trustmig")
+            status = await self._qemu_status()
+            live = self.relay is not None and self.relay.alive()
+            if live and status in ("postcopy-active", "postcopy-recover", "completed"):
+                self.post(ev.RecoveryDone())  # a stale failure signal
+                return
+            deadline = time.monotonic() + 20
+            while status != "postcopy-paused":
+                if time.monotonic() > deadline:
+                    raise RequestError(f"source QEMU is {status}, expected postcopy-paused")
+                await asyncio.sleep(0.05)
+                status = await self._qemu_status()
+            await self._close_relay()
+            res = await self._call("incoming.recover", {}, 30)
+            self.relay = await self._new_relay()
+            sock = self.relay.record.control.parent / "qemu-out.sock"
+            self.ctx.qemu_socket = str(sock)
+            address = str(res.get("data_address") or self.ctx.data_address)
+            session = await asyncio.to_thread(
+                open_outbound_session, self.svc.security, address, self.core.peer,
+                self.migration_id, 1,
+            )  # fmt: skip
+            await asyncio.to_thread(hand_to_relay, session, self.relay, sock, self.migration_id)
+            await qemu.cmd("migrate", {"uri": f"unix:{sock}", "resume": True})
+            deadline = time.monotonic() + 20
+            while (st := await self._qemu_status()) not in (
+                "postcopy-recover", "postcopy-active", "completed",
+            ):  # fmt: skip
+                if time.monotonic() > deadline:
+                    raise RequestError(f"source QEMU stayed {st} after migrate resume")
+                await asyncio.sleep(0.05)
+            cause = self.last_failure or "post-copy stream paused"
+            self.ctx.info.setdefault("stream_recoveries", []).append(cause)
+            self._persist()
+        except Exception as e:  # noqa: BLE001 - each attempt's failure is reported, then retried
+            self.post(ev.RecoveryFailed(str(e).splitlines()[0] if str(e) else type(e).__name__))
+            return
+        self.post(ev.RecoveryDone())
+
+    async def _conclude(self) -> None:
+        """After the handover: stop the source copy, settle receipts, build the result."""
+        qemu = self.vm.qemu
+        prog = None
+        if qemu.alive():
+            with contextlib.suppress(Exception):
+                prog = await query(qemu)
+                if prog.status == "completed" and not prog.total_ms:
+                    await asyncio.sleep(0.1)  # QEMU 7.2: the first 'completed' may carry zeros
+                    prog = await query(qemu)
+        if self.core.postcopy_switched:
+            with contextlib.suppress(ControlError, RequestError, OSError):
+                res = await self._call("incoming.commit", {}, 30)
+                self.ctx.info["destination_pid"] = res.get("pid")
+        await asyncio.sleep(0.05)  # let the console drain its last heartbeats
+        t_start = float(self.ctx.info.get("t_start_wall") or 0)
+        src_hbs = [(h.seq, h.host_ts) for h in qemu.console.heartbeats_since(t_start - 1)]
+        cpu_src = qemu.cpu_seconds() - float(self.ctx.info.get("cpu0") or 0.0)
+        await qemu.stop()
+        relay_status = self.ctx.info.get("relay_status")
+        if self.relay is not None:
+            relay_status = await asyncio.to_thread(self.relay.status)
+            await asyncio.to_thread(self.relay.close)
+            self.relay = None
+        # bookkeeping: each step may fail (a full disk) without changing what happened
+        self._step("forget the VM", lambda: self.svc.vms.release(self.vm, "handed-over"))
+        self._step("count the migration", lambda: self.svc.gov.record_migration(self.core.vm))
+        receipt = await self._exchange_receipt(relay_status or {})
+        self._step("drop the VM policy", lambda: self.svc.gov.drop_vm_policy(self.core.vm))
+        self.ctx.info["result"] = self._result(prog, src_hbs, cpu_src, relay_status or {}, receipt)
+        self.svc.safe_audit(
+            "migration.complete", vm=self.core.vm, migration_id=self.migration_id,
+            user=self.ctx.user.get("name"), outcome="completed",
+            data={k: self.ctx.info["result"].get(k) for k in
+                  ("destination", "mode", "total_ms", "downtime_ms", "bytes_transferred")},
+        )  # fmt: skip
+
+    def _step(self, what: str, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - reported with the result, the facts stand
+            log.error("migration %s: could not %s: %s", self.migration_id, what, e)
+            self.warnings.append(f"could not {what}: {str(e).splitlines()[0]}")
+
+    async def _exchange_receipt(self, relay_status: dict[str, Any]) -> dict[str, Any]:
+        """Both hosts sign the same receipt; each keeps both signatures."""
+        fields = {
+            "migration_id": self.migration_id, "vm": self.core.vm,
+            "user": self.ctx.user.get("name"), "source": self.svc.name,
+            "destination": self.core.peer, "stream_digest": stream_digest(relay_status),
+            "outcome": "completed", "ts": datetime.now(UTC).isoformat(timespec="seconds"),
+        }  # fmt: skip
+        try:
+            own = self.svc.gov.sign_receipt(fields)
+            res = await self._call("incoming.receipt", {"fields": fields, "signature": own}, 30)
+            self.svc.gov.check_and_store_receipt(
+                fields, own, self.core.peer, res["signature"], self.ctx.peer_audit_pub
+            )
+        except Exception as e:  # noqa: BLE001 - the VM moved; a missing receipt is reported
+            self.svc.safe_audit("receipt", vm=self.core.vm, migration_id=self.migration_id,
+                                outcome="missing", data={"error": str(e)})  # fmt: skip
+            return {"migration_id": self.migration_id, "error": f"receipt not countersigned: {e}"}
+        return {**fields, "source_signature": own, "destination_signature": res["signature"]}
+
+    def _result(
+        self,
+        prog: Any,
+        src_hbs: list[tuple[int, float]],
+        cpu_src: float,
+        relay: dict[str, Any],
+        receipt: dict[str, Any],
+    ) -> dict[str, Any]:
+        info, opts = self.ctx.info, self.ctx.options
+        streams = relay.get("streams") or []
+        first = min((s["first_byte_at"] for s in streams if s.get("first_byte_at")), default=None)
+        total_ms = getattr(prog, "total_ms", None)
+        transferred = getattr(prog, "transferred", None)
+        summary = str(info.get("attestation_detail", ""))
+        return {
+            "status": "completed",
+            "migration_id": self.migration_id,
+            "vm": self.core.vm,
+            "source": self.svc.name,
+            "destination": self.core.peer,
+            "epoch": self.core.handover_epoch,
+            "mode": "postcopy" if self.core.postcopy_switched else "precopy",
+            "requested_mode": opts.mode,
+            "channel": opts.channel,
+            "streams": opts.streams,
+            "total_ms": total_ms,
+            "wall_ms": round((time.monotonic() - self.t_transfer) * 1000, 1)
+            if self.t_transfer
+            else None,
+            "downtime_ms": getattr(prog, "downtime_ms", None),
+            "setup_ms": getattr(prog, "setup_ms", None),
+            "bytes_transferred": transferred,
+            "bytes_on_channel": sum(int(s.get("bytes_out", 0)) for s in streams),
+            "records_on_channel": sum(int(s.get("records_out", 0)) for s in streams),
+            "ram_total": getattr(prog, "total", None),
+            "rounds": getattr(prog, "rounds", None),
+            "postcopy_requests": getattr(prog, "postcopy_requests", None),
+            "stream_recoveries": info.get("stream_recoveries", []),
+            "throughput_mbps": round(transferred / 1e6 / (total_ms / 1000), 1)
+            if total_ms and transferred
+            else None,
+            "handshake_ms": info.get("handshake_ms"),
+            "time_to_first_byte_ms": round((first - self.t_request) * 1000, 2)
+            if first and first > self.t_request
+            else None,
+            "attestation": summary.split(" ")[0] if summary else None,
+            "attestation_detail": summary,
+            "attestation_pcr_digest": summary_field(summary, "pcr_digest"),
+            "destination_claim": info.get("destination_claim"),
+            "cpu_s_source": round(cpu_src, 3),
+            "cpu_s_relay": relay.get("cpu_s"),
+            "destination_pid": info.get("destination_pid"),
+            "source_heartbeats": src_hbs,
+            "user": self.ctx.user.get("name"),
+            "decisions": {"migrate_out": self.ctx.decision_out, "migrate_in": self.ctx.decision_in},
+            "receipt_id": receipt.get("migration_id"),
+            "receipt": receipt,
+            "warnings": self.warnings,
+            "error": None,
+        }
+
+    def _finish(self, a: A.Finish) -> None:
+        if self.outcome.done():
+            return
+        if a.outcome == "completed":
+            self.outcome.set_result(self.ctx.info.get("result") or {"status": "completed"})
+            return
+        code = {"refused": Code.REFUSED, "in-doubt": Code.IN_DOUBT}.get(a.outcome, Code.FAILED)
+        line = a.error or f"migration {a.outcome}"
+        extra = self.ctx.info.get("destination_error")
+        if extra and extra not in line:
+            line = f"{line}; destination: {extra}"
+        self.outcome.set_exception(MigrationFailed(line, code))
+
+    # ------------------------------------------------------------------ operators
+    async def resolve(self, keep: str, user: str) -> dict[str, Any]:
+        rid = self._rids = self._rids + 1
+        fut: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        self._resolve_waiters[rid] = fut
+        self.post(ev.ResolveRequested(keep, user, rid))
+        return await within(fut, 60)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "migration_id": self.migration_id,
+            "role": "source",
+            "vm": self.core.vm,
+            "peer": self.core.peer,
+            "state": self.core.state.value,
+            "epoch": self.core.epoch,
+            "error": self.core.error,
+            "user": self.ctx.user.get("name"),
+            "mode": self.ctx.options.mode,
+            "channel": self.ctx.options.channel,
+            "history": [
+                {"t": round(t - self.t_request, 3), "state": s} for t, s in self.core.history
+            ],
+        }
+
+    # ------------------------------------------------------------------ restart
+    async def attach_relay(self) -> bool:
+        """After a restart: re-attach to the journaled relay; whether it still carries data."""
+        if self.ctx.relay is None:
+            return False
+        handle = RelayHandle(self.ctx.relay, on_event=self._on_relay_event)
+        if not handle.alive():
+            self.ctx.info["relay_status"] = await asyncio.to_thread(handle.status)
+            return False
+        try:
+            await asyncio.to_thread(handle.connect)
+        except Exception:  # noqa: BLE001
+            return False
+        self.relay = handle
+        st = await asyncio.to_thread(handle.status)
+        self.ctx.info["relay_status"] = st
+        return st.get("state") == "running"
+
+    async def restart_status(self) -> str:
+        """QEMU's migration status *of this migration* after a restart.
+
+        ``query-migrate`` reports the last migration of the process, which may be an earlier
+        one (the incoming migration that brought the guest here says ``completed``). Only a
+        ``migrate`` this migration journaled as sent, whose stream QEMU opened on the relay,
+        makes QEMU's status this migration's."""
+        if not self.vm.qemu.alive():
+            return "unknown"
+        if not self.ctx.info.get("migrate_sent"):
+            return "none"
+        status = await self._qemu_status()
+        if self.ctx.options.channel != "qemu-tls":
+            streams = (self.ctx.info.get("relay_status") or {}).get("streams") or []
+            if not streams:
+                return "none"  # QEMU never connected to this migration's relay
+        return status
+
+
+def _failure_line(f: dict[str, Any]) -> str:
+    rec = f" record {f['record']}" if f.get("record") is not None else ""
+    return f"stream {f.get('stream')}{rec} ({f.get('direction')}): {f.get('reason')}"
+
+
+def stream_digest(relay_status: dict[str, Any]) -> str:
+    """Commit to every stream's authenticated record chain (the channel's running tag digest)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for s in sorted(relay_status.get("streams") or [], key=lambda s: int(s["index"])):
+        h.update(int(s["index"]).to_bytes(2, "big"))
+        h.update(bytes.fromhex(s.get("sealer_digest", "")))
+        h.update(int(s.get("bytes_out", 0)).to_bytes(8, "big"))
+    return h.hexdigest()
+
+
+def restore_source(svc: HostServices, row: MigrationRow, vm: ManagedVM) -> SourceDriver:
+    core = SourceCore.restore(row.core)
+    return SourceDriver(svc, core, vm, SourceContext.from_json(row.context))
+
+
+__all__ = [
+    "MigrationFailed",
+    "SourceContext",
+    "SourceDriver",
+    "restore_source",
+    "source_plan",
+    "stream_digest",
+    "vm_state_for",
+]

@@ -1,0 +1,163 @@
+"""Relay processes carry a stream between two unix sockets through sealed TCP, on their own.
+
+Two real relay processes (source and destination roles) move bytes from a "QEMU" unix socket
+on one side to a "QEMU" listener on the other, with the record keys of a real session. The
+agent's handle is dropped in the middle and re-attached: the data path does not notice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from trustmig.channel.session import SessionKeys
+from trustmig.relay.client import RelayHandle, RelayRecord, read_status, spawn
+
+PAYLOAD = os.urandom(3 * 1024 * 1024 + 123)
+
+
+@pytest.fixture
+def relays(tmp_path: Path) -> Iterator[tuple[RelayRecord, RelayRecord]]:
+    src = spawn(tmp_path / "src", tmp_path / "src.log", linger_s=30)
+    dst = spawn(tmp_path / "dst", tmp_path / "dst.log", linger_s=30)
+    yield src, dst
+    for r in (src, dst):
+        r.process.kill()
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    lsock = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(lsock.getsockname())
+    b, _ = lsock.accept()
+    lsock.close()
+    return a, b
+
+
+def _wait(pred, timeout: float = 15.0) -> bool:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _set_up(
+    tmp_path: Path, relays: tuple[RelayRecord, RelayRecord], keys: SessionKeys
+) -> tuple[RelayHandle, RelayHandle, socket.socket, Path]:
+    src_rec, dst_rec = relays
+    qemu_in = tmp_path / "incoming.sock"
+    incoming = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    incoming.bind(str(qemu_in))
+    incoming.listen(1)
+    src, dst = RelayHandle(src_rec), RelayHandle(dst_rec)
+    src.connect()
+    dst.connect()
+    a, b = _tcp_pair()
+    dst.configure("destination", [keys.stream_keys(0, "s2c", "c2s")], qemu_in, "m1")
+    res = src.configure("source", [keys.stream_keys(0, "c2s", "s2c")], tmp_path / "out.sock", "m1")
+    assert res["listening"] == str(tmp_path / "out.sock")
+    src.add_stream(0, a)
+    dst.add_stream(0, b)
+    return src, dst, incoming, tmp_path / "out.sock"
+
+
+def test_stream_crosses_two_relays_and_survives_the_agent_going_away(
+    tmp_path: Path, relays: tuple[RelayRecord, RelayRecord]
+) -> None:
+    keys = SessionKeys(master_secret=os.urandom(32), cipher="aes-256-gcm", n_streams=1)
+    src, dst, incoming, out_path = _set_up(tmp_path, relays, keys)
+    received = bytearray()
+
+    def qemu_destination() -> None:
+        conn, _ = incoming.accept()
+        while chunk := conn.recv(65536):
+            received.extend(chunk)
+        conn.close()
+
+    t = threading.Thread(target=qemu_destination)
+    t.start()
+    qemu_source = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    qemu_source.connect(str(out_path))
+    qemu_source.sendall(PAYLOAD[: len(PAYLOAD) // 2])
+    # the agent disconnects (as if killed) and a new one attaches in the middle of the stream
+    src.close(stop=False)
+    dst.close(stop=False)
+    qemu_source.sendall(PAYLOAD[len(PAYLOAD) // 2 :])
+    qemu_source.shutdown(socket.SHUT_WR)
+    src2, dst2 = RelayHandle(relays[0]), RelayHandle(relays[1])
+    src2.connect()
+    dst2.connect()
+    t.join(20)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(PAYLOAD).digest()
+    qemu_source.close()
+    assert _wait(lambda: src2.status()["state"] == "done")
+    st = src2.status()
+    assert st["streams"][0]["bytes_out"] == len(PAYLOAD) and st["failure"] is None
+    assert st["cpu_s"] >= 0
+    src2.close()
+    dst2.close()
+    assert not relays[0].process.alive()
+    assert read_status(relays[0])["state"] == "done", "the status outlives the relay"
+
+
+def test_tampered_record_fails_the_stream_on_the_destination(
+    tmp_path: Path, relays: tuple[RelayRecord, RelayRecord]
+) -> None:
+    keys = SessionKeys(master_secret=os.urandom(32), cipher="aes-256-gcm", n_streams=1)
+    wrong = SessionKeys(master_secret=os.urandom(32), cipher="aes-256-gcm", n_streams=1)
+    src_rec, dst_rec = relays
+    qemu_in = tmp_path / "incoming.sock"
+    incoming = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    incoming.bind(str(qemu_in))
+    incoming.listen(1)
+    events: list[dict] = []
+    src, dst = RelayHandle(src_rec), RelayHandle(dst_rec, on_event=events.append)
+    src.connect()
+    dst.connect()
+    a, b = _tcp_pair()
+    dst.configure("destination", [wrong.stream_keys(0, "s2c", "c2s")], qemu_in, "m1")
+    src.configure("source", [keys.stream_keys(0, "c2s", "s2c")], tmp_path / "out.sock", "m1")
+    src.add_stream(0, a)
+    dst.add_stream(0, b)
+    qs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    qs.connect(str(tmp_path / "out.sock"))
+    qs.sendall(b"x" * 100_000)
+    assert _wait(lambda: dst.status()["state"] == "failed")
+    assert any(e.get("event") == "failure" for e in events)
+    failure = dst.status()["failure"]
+    assert failure["direction"] == "source→destination"
+    qs.close()
+    src.close()
+    dst.close()
+
+
+def test_spare_relay_exits_when_its_agent_goes_away(tmp_path: Path) -> None:
+    rec = spawn(tmp_path / "spare", tmp_path / "spare.log")
+    h = RelayHandle(rec)
+    h.connect()
+    assert h.status()["state"] == "idle"
+    h.close(stop=False)
+    assert rec.process.wait_gone(10), "an unconfigured relay must not linger"
+
+
+def test_relay_refuses_streams_it_has_no_keys_for(tmp_path: Path) -> None:
+    rec = spawn(tmp_path / "r", tmp_path / "r.log")
+    h = RelayHandle(rec)
+    h.connect()
+    try:
+        from trustmig.relay.client import RelayError
+
+        a, b = _tcp_pair()
+        with pytest.raises(RelayError, match="configure the relay"):
+            h.add_stream(0, a)
+        b.close()
+    finally:
+        h.close()
