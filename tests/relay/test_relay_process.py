@@ -131,7 +131,8 @@ def test_tampered_record_fails_the_stream_on_the_destination(
     qs.connect(str(tmp_path / "out.sock"))
     qs.sendall(b"x" * 100_000)
     assert _wait(lambda: dst.status()["state"] == "failed")
-    assert any(e.get("event") == "failure" for e in events)
+    # the push comes on the control socket's reader thread, a moment after the status
+    assert _wait(lambda: any(e.get("event") == "failure" for e in events))
     failure = dst.status()["failure"]
     assert failure["direction"] == "source→destination"
     qs.close()

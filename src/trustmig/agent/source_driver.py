@@ -196,6 +196,7 @@ class SourceDriver:
             if self.core.terminal:
                 with contextlib.suppress(Exception):
                     await self._close_relay()
+            await self._discard_spare_relay()
             if self.ctl is not None:
                 await self.ctl.close()
             self.done.set()
@@ -443,6 +444,15 @@ class SourceDriver:
         self.ctx.qemu_tls_address = prep.get("qemu_tls_address")
         self.ctx.resources = prep.get("resources")
         self.post(ev.Prepared(self.ctx.data_address, self.ctx.decision_in))
+
+    async def _discard_spare_relay(self) -> None:
+        """End a relay spawned for a prepare that never led to a data path (refused, failed)."""
+        task, self._relay_spawn = self._relay_spawn, None
+        if task is None:
+            return
+        with contextlib.suppress(Exception):
+            record = await task
+            await asyncio.to_thread(record.process.kill)
 
     async def _new_relay(self) -> RelayHandle:
         task, self._relay_spawn = self._relay_spawn, None

@@ -85,14 +85,33 @@ class BitFlipper(Tap):
 
 @dataclass
 class Cutter(Tap):
-    """Cuts a connection once it has carried ``after_bytes``."""
+    """Cuts a connection once it has carried ``after_bytes``.
+
+    A cutter made with ``armed=False`` forwards everything until :meth:`arm` is called and
+    then cuts ``after_bytes`` later: a cut "after the post-copy switch" must not depend on how
+    fast the switch came on a loaded machine.
+    """
 
     after_bytes: int
     conn_index: int = 0
+    armed: bool = True
     cut: bool = False
+    _base: int | None = 0
+
+    def __post_init__(self) -> None:
+        if not self.armed:
+            self._base = None
+
+    def arm(self) -> None:
+        """Count ``after_bytes`` from the next chunk on (called from another thread)."""
+        self.armed = True
 
     def on_data(self, conn_index: int, offset: int, data: bytes) -> bytes | None:
-        if conn_index == self.conn_index and offset + len(data) >= self.after_bytes:
+        if conn_index != self.conn_index or not self.armed:
+            return data
+        if self._base is None:
+            self._base = offset
+        if offset + len(data) - self._base >= self.after_bytes:
             self.cut = True
             return None
         return data

@@ -115,8 +115,11 @@ class Baseline:
         dst: QemuVM | None = None,
         max_bandwidth_mibps: int | None = None,
         timeout: float = MIGRATION_TIMEOUT_S,
+        on_postcopy: Callable[[], None] | None = None,
     ) -> MigrationProgress:
-        """Plain ``migrate tcp:`` as an operator would type it; waits for the source's end."""
+        """Plain ``migrate tcp:`` as an operator would type it; waits for the source's end.
+
+        ``on_postcopy`` is called once the source reports post-copy active."""
         if postcopy_after_rounds is not None:
             for vm in (src, dst):
                 if vm is not None:
@@ -135,6 +138,9 @@ class Baseline:
             prog = await query(src)
             if prog.status in ("completed", "failed", "cancelled", "postcopy-paused"):
                 return prog
+            if on_postcopy is not None and prog.status == "postcopy-active":
+                on_postcopy()
+                on_postcopy = None
             if (
                 postcopy_after_rounds is not None
                 and not switched

@@ -42,7 +42,8 @@ async def baseline(env: LabEnv) -> Outcome:
         name = f"{NAME}-{case}"
         src = await b.boot(name)
         dst, port = await b.destination(name)
-        cut = Cutter(after_bytes=CUT_AT)
+        # the post-copy case cuts after the switch, however long the switch took to come
+        cut = Cutter(after_bytes=CUT_AT, armed=postcopy is None)
         with MitmProxy(("127.0.0.1", port), cut) as proxy:
             prog = await b.migrate(
                 src,
@@ -51,6 +52,7 @@ async def baseline(env: LabEnv) -> Outcome:
                 dst=dst,
                 max_bandwidth_mibps=BANDWIDTH_MIBPS,
                 timeout=30,
+                on_postcopy=cut.arm,
             )
             await b.settle(dst, timeout=5)
         guest = await b.state({"source": src, "destination": dst})
