@@ -65,7 +65,7 @@ def test_per_vm_hourly_limit() -> None:
         assert adm.request("out", tenant="t", vm="web-1", migration_id=f"m{i}").status == (
             "admitted"
         )
-        adm.release(f"m{i}")
+        adm.release(f"m{i}", completed=True)
         clock.t += 60
     r = adm.request("out", tenant="t", vm="web-1", migration_id="m5")
     assert r.status == "refused"
@@ -74,6 +74,29 @@ def test_per_vm_hourly_limit() -> None:
     )
     clock.t += 3600 - 4 * 60 + 1  # the first migration left the window
     assert adm.request("out", tenant="t", vm="web-1", migration_id="m5").status == "admitted"
+
+
+def test_aborted_migrations_do_not_use_up_the_hourly_limit() -> None:
+    """A peer's refused or failed prepares must not lock the owner out for an hour."""
+    adm = Admission(AdmissionLimits(), Clock())
+    for i in range(10):
+        assert adm.request("in", tenant="t", vm="web-1", migration_id=f"x{i}").status == (
+            "admitted"
+        )
+        adm.release(f"x{i}")  # aborted: not completed
+    assert adm.request("in", tenant="t", vm="web-1", migration_id="ok").status == "admitted"
+
+
+def test_running_migrations_count_towards_the_hourly_limit() -> None:
+    adm = Admission(AdmissionLimits(max_per_vm_per_hour=2, max_outbound_per_host=5), Clock())
+    adm.request("out", tenant="t", vm="v", migration_id="a")
+    adm.release("a", completed=True)
+    adm.request("out", tenant="t", vm="v", migration_id="b")
+    r = adm.request("out", tenant="t", vm="v", migration_id="c")
+    assert r.status == "refused"
+    assert r.reason == (
+        "refused because VM v already migrated 1 times in the last hour, 1 more under way (limit 2)"
+    )
 
 
 def test_tenant_cap_queues_only_that_tenant() -> None:

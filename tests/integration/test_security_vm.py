@@ -141,10 +141,12 @@ def test_user_without_role_is_denied_and_audited(make_cluster) -> None:  # type:
             await bob.close()
 
     err = arun(go())
-    assert err.startswith("DENY migrate-out vm1"), err
+    assert err.startswith("migrate denied: bob has roles [auditor]"), err
+    assert "(rule role.migrate)" in err
     log = _audit(cluster.hosts["host-a"].dir, "host-a")
-    denials = [e for e in log.events(kind="policy.decision") if e.outcome == "deny"]
+    denials = [e for e in log.events(kind="access.denied") if e.outcome == "denied"]
     assert denials and denials[-1].user == "bob"
+    assert denials[-1].data["rule"] == "role.migrate" and denials[-1].data["op"] == "migrate"
     log.close()
 
 

@@ -114,7 +114,10 @@ def test_user_roles_and_tenant_round_trip(ca: ClusterCA, tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("roles", "message"),
     [
-        (["admin"], "unknown role 'admin': valid roles are owner, operator, security-admin"),
+        (
+            ["admin"],
+            "unknown role 'admin': valid roles are owner, operator, tenant-admin, cluster-admin",
+        ),
         (["owner", "Owner"], "unknown role 'Owner'"),
         ([], "at least one role"),
         ("owner", "must be a list of role names"),

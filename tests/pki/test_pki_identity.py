@@ -43,5 +43,6 @@ def test_check_roles_messages() -> None:
     with pytest.raises(InvalidInput) as info:
         check_roles(["owner", "superuser"])
     assert str(info.value) == (
-        "unknown role 'superuser': valid roles are owner, operator, security-admin, auditor"
+        "unknown role 'superuser': valid roles are owner, operator, tenant-admin, "
+        "cluster-admin, security-admin, auditor"
     )

@@ -17,6 +17,7 @@ VM_TOML = """\
 vm = "web-1"
 tenant = "acme"
 owner = "alice"
+serial = 1
 
 [migrate]
 allowed_users = ["alice"]
@@ -39,6 +40,7 @@ VM_YAML = """\
 vm: web-1
 tenant: acme
 owner: alice
+serial: 1
 migrate:
   allowed_users: [alice]
   allowed_roles: [operator]

@@ -198,7 +198,7 @@ def test_first_failing_rule_decides() -> None:
     # Operator, post-copy, wrong country: post-copy comes before destinations.
     d = decide(OPS, postcopy=True, labels=HostLabels(country="US"))
     assert d.rule == "migrate.postcopy"
-    assert d.checks == ("policy.vm", "role-gate", "migrate.allowed_roles")
+    assert d.checks == ("policy.vm", "policy.validity", "role-gate", "migrate.allowed_roles")
 
 
 def test_request_validation() -> None:
@@ -209,3 +209,14 @@ def test_request_validation() -> None:
     with pytest.raises(InvalidRequestError, match="destination must be a non-empty name"):
         make_request(ALICE, destination="")
     assert decide(ALICE, labels=DE3).allow
+
+
+def test_a_policy_outside_its_validity_period_allows_nothing() -> None:
+    expired = vm_policy(("serial = 1\n", "serial = 1\nvalid_until = 2024-06-01T00:00:00Z\n"))
+    d = decide(ALICE, expired)  # MONDAY_NIGHT is 2024-06-03
+    assert not d.allow and d.rule == "policy.validity"
+    assert d.reason == (
+        "the policy of web-1: serial 1 expired on 2024-06-01T00:00:00+00:00; sign a new one"
+    )
+    future = vm_policy(("serial = 1\n", "serial = 1\nvalid_from = 2024-07-01T00:00:00Z\n"))
+    assert decide(ALICE, future).rule == "policy.validity"

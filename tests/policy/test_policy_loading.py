@@ -47,7 +47,7 @@ def test_host_policy_parses() -> None:
 
 
 def test_defaults_are_restrictive() -> None:
-    p = parse_vm_policy('vm = "v"\ntenant = "t"\nowner = "o"\n')
+    p = parse_vm_policy('vm = "v"\ntenant = "t"\nowner = "o"\nserial = 1\n')
     assert p.migrate.allowed_users == [] and p.migrate.allowed_roles == []
     assert p.migrate.postcopy is False
     assert p.attestation.profile == "strict"
@@ -214,3 +214,32 @@ def test_models_are_immutable() -> None:
     p = parse_vm_policy(VM_TOML)
     with pytest.raises(Exception, match="frozen"):
         p.owner = "mallory"
+
+
+def test_serial_and_validity_period() -> None:
+    from datetime import UTC, datetime
+
+    base = 'vm = "v"\ntenant = "t"\nowner = "o"\n'
+    with pytest.raises(PolicyError, match="serial"):
+        parse_vm_policy(base)
+    p = parse_vm_policy(
+        base + "serial = 7\nvalid_from = 2027-01-01T00:00:00Z\n"
+        'valid_until = "2027-02-01T00:00:00+00:00"\n'
+    )
+    assert p.serial == 7
+    assert p.validity_problem(datetime(2026, 12, 31, tzinfo=UTC)) == (
+        "serial 7 is valid only from 2027-01-01T00:00:00+00:00"
+    )
+    assert p.validity_problem(datetime(2027, 1, 15, tzinfo=UTC)) is None
+    assert p.validity_problem(datetime(2027, 2, 1, tzinfo=UTC)) == (
+        "serial 7 expired on 2027-02-01T00:00:00+00:00"
+    )
+    with pytest.raises(PolicyError, match="timezone offset"):
+        parse_vm_policy(base + "serial = 1\nvalid_until = 2027-01-01T00:00:00\n")
+    with pytest.raises(PolicyError, match="valid_until must come after valid_from"):
+        parse_vm_policy(
+            base + "serial = 1\nvalid_from = 2027-01-02T00:00:00Z\n"
+            "valid_until = 2027-01-01T00:00:00Z\n"
+        )
+    with pytest.raises(PolicyError, match="serial"):
+        parse_vm_policy(base + "serial = 0\n")

@@ -10,6 +10,7 @@ from trustmig.policy import (
     PolicyError,
     PolicySignatureError,
     SignedPolicy,
+    VmOwnership,
     sign_policy,
     verify_signed_policy,
 )
@@ -129,3 +130,43 @@ def test_refuses_to_sign_malformed_policy_or_with_wrong_key(pki: MiniPki) -> Non
 def test_from_json_rejects_garbage(text: str) -> None:
     with pytest.raises(PolicyError, match="signed policy"):
         SignedPolicy.from_json(text)
+
+
+# ------------------------------------------------------------------ recorded ownership
+RECORDED = VmOwnership("web-1", "acme", "alice")
+
+
+def test_a_policy_naming_a_new_owner_changes_nothing(pki: MiniPki) -> None:
+    """Mallory signs a policy that names herself owner: the host's record says alice."""
+    mallory = pki.issue("mallory", ("owner",))
+    text = VM_TOML.replace('owner = "alice"', 'owner = "mallory"')
+    sp = sign_policy(text, "toml", "mallory", mallory.cert_der, mallory.key)
+    verify_signed_policy(sp, pki.verifier())  # self-consistent, so only the record can tell
+    with pytest.raises(PolicySignatureError) as err:
+        verify_signed_policy(sp, pki.verifier(), RECORDED)
+    assert str(err.value) == (
+        "policy for web-1: names owner 'mallory' but the VM's owner here is 'alice'; "
+        "ownership moves only by 'trustmig vm transfer'"
+    )
+
+
+def test_the_recorded_owner_and_a_tenant_admin_may_sign(pki: MiniPki) -> None:
+    alice = pki.issue("alice", ("owner",))
+    tia = pki.issue("tia", ("tenant-admin",))
+    for who, cred in (("alice", alice), ("tia", tia)):
+        sp = sign_policy(VM_TOML, "toml", who, cred.cert_der, cred.key)
+        assert verify_signed_policy(sp, pki.verifier(), RECORDED).signed_by == who
+
+
+def test_a_tenant_admin_of_another_tenant_may_not_sign(pki: MiniPki) -> None:
+    tia = pki.issue("tia", ("tenant-admin",), tenant="evil")
+    sp = sign_policy(VM_TOML, "toml", "tia", tia.cert_der, tia.key)
+    with pytest.raises(PolicySignatureError, match="neither the VM's owner"):
+        verify_signed_policy(sp, pki.verifier(), RECORDED)
+
+
+def test_a_policy_for_another_tenant_is_refused(pki: MiniPki) -> None:
+    sam = pki.issue("sam", ("security-admin",), tenant=None)
+    sp = sign_policy(VM_TOML, "toml", "sam", sam.cert_der, sam.key)
+    with pytest.raises(PolicySignatureError, match="names tenant 'acme' but the VM's tenant"):
+        verify_signed_policy(sp, pki.verifier(), VmOwnership("web-1", "evil", "alice"))

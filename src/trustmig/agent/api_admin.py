@@ -11,11 +11,15 @@ from trustmig.agent.control import Operations, Request
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.governance import Governance
 from trustmig.agent.migrations import MigrationRegistry
+from trustmig.agent.tenancy import Tenancy, ownership_of
 from trustmig.agent.vms import VmManager
 from trustmig.guard import Admission, Guard, GuardError
 from trustmig.guard.claims import Quarantine
+from trustmig.policy import PolicySignatureError, PolicyStaleError, VmAction
 
 AUDITORS = ("auditor", "security-admin")
+#: Who reaches ``audit.show`` at all; tenant roles then see only their own VM's events.
+AUDIT_READERS = (*AUDITORS, "tenant-admin", "owner")
 
 
 class AdminApi:
@@ -30,7 +34,9 @@ class AdminApi:
         quarantine: Quarantine,
         status_extra: Callable[[], dict[str, Any]],
         attestation_status: Callable[[], Any] | None,
+        tenancy: Tenancy,
     ) -> None:
+        self.tenancy = tenancy
         self.host = host
         self.gov = gov
         self.vms = vms
@@ -44,9 +50,9 @@ class AdminApi:
     def register(self, ops: Operations) -> None:
         ops.add("ping", self.ping, kinds=("user", "host"))
         ops.add("host.status", self.host_status)
-        ops.add("policy.set", self.policy_set, roles=("owner", "security-admin"))
+        ops.add("policy.set", self.policy_set)
         ops.add("policy.show", self.policy_show)
-        ops.add("audit.show", self.audit_show, roles=AUDITORS)
+        ops.add("audit.show", self.audit_show, roles=AUDIT_READERS)
         ops.add("audit.export", self.audit_export, roles=AUDITORS)
         ops.add("audit.verify", self.audit_verify, roles=AUDITORS)
         ops.add("guard.show", self.guard_show)
@@ -74,35 +80,51 @@ class AdminApi:
                 "pid": d.vm.qemu.pid if d.vm.qemu.alive() else None,
             }
             for d in self.registry.incoming.values()
-            if not d.core.terminal
+            if not d.core.terminal and self.tenancy.may_view(req.peer, ownership_of(d.vm))
         ]
+        visible = self.tenancy.visible(req.peer, self.vms.visible())
         return {
             "host": self.host,
             "version": __version__,
             **self.status_extra(),
-            "vms": [await m.describe() for m in self.vms.visible()],
+            "vms": [await m.describe() for m in visible],
             "attestation": att,
             "incoming": incoming,
         }
 
     async def policy_set(self, req: Request) -> dict[str, Any]:
-        vm = req.param("vm")
-        pol = self.gov.set_vm_policy(vm, req.param("policy"))
-        self.gov.event("policy.set", vm=vm, user=req.peer.name, outcome="set",
-                       data={"signed_by": pol.signed_by})  # fmt: skip
-        return {"vm": vm, "signed_by": pol.signed_by, "policy": pol.model_dump(mode="json")}
+        """Install a newer signed policy for a VM of this host, signed by who may sign it."""
+        vm = self.tenancy.vm(req.peer, req.op, VmAction.POLICY_SIGN, req.param("vm"))
+        try:
+            pol = self.gov.set_vm_policy(req.param("policy"), ownership_of(vm))
+        except (PolicySignatureError, PolicyStaleError) as e:
+            rule = "policy.serial" if isinstance(e, PolicyStaleError) else "policy.signature"
+            self.tenancy.deny(req.peer, req.op, vm.name, rule, str(e))
+            raise
+        self.gov.event("policy.set", vm=vm.name, user=req.peer.name, outcome="set",
+                       data={"signed_by": pol.signed_by, "serial": pol.serial})  # fmt: skip
+        return {"vm": vm.name, "signed_by": pol.signed_by, "serial": pol.serial,
+                "policy": pol.model_dump(mode="json")}  # fmt: skip
 
     async def policy_show(self, req: Request) -> dict[str, Any]:
-        vm = req.param("vm")
-        sj = self.gov.vm_policy_json(vm)
+        vm = self.tenancy.vm(req.peer, req.op, VmAction.POLICY_VIEW, req.param("vm"))
+        sj = self.gov.vm_policy_json(vm.name)
         if sj is None:
-            return {"vm": vm, "policy": None, "note": "no policy: every migration is denied"}
-        _, pol = self.gov.verify_policy(sj)
-        return {"vm": vm, "signed_by": pol.signed_by, "policy": pol.model_dump(mode="json")}
+            return {"vm": vm.name, "policy": None, "note": "no policy: every migration is denied"}
+        _, pol = self.gov.verify_policy(sj, ownership_of(vm))
+        return {"vm": vm.name, "signed_by": pol.signed_by, "serial": pol.serial,
+                "policy": pol.model_dump(mode="json")}  # fmt: skip
 
     async def audit_show(self, req: Request) -> dict[str, Any]:
+        vm = req.params.get("vm")
+        if not set(req.peer.roles) & set(AUDITORS):
+            if not vm:
+                self.tenancy.deny(req.peer, req.op, None, "role.audit-view",
+                                  f"{req.peer.name} reads only the events of a VM of its own "
+                                  "tenant: pass --vm")  # fmt: skip
+            self.tenancy.vm(req.peer, req.op, VmAction.AUDIT_VIEW, str(vm))
         evs = self.gov.audit.events(
-            vm=req.params.get("vm"),
+            vm=vm,
             migration_id=req.params.get("migration_id"),
             limit=int(req.params.get("limit", 200)),
         )

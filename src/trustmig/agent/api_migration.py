@@ -8,23 +8,27 @@ from trustmig.agent.control import Operations, Request
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.governance import Governance
 from trustmig.agent.migrations import MigrationRegistry
+from trustmig.agent.tenancy import Tenancy
 from trustmig.hypervisor.migration import MigrationOptions
+from trustmig.policy import VmAction, VmOwnership
 
-RESOLVERS = ("operator", "security-admin")
 RESOLVE_CHOICES = ("destination", "source", "retry")
 
 
 class MigrationApi:
-    def __init__(self, host: str, registry: MigrationRegistry, gov: Governance) -> None:
+    def __init__(
+        self, host: str, registry: MigrationRegistry, gov: Governance, tenancy: Tenancy
+    ) -> None:
         self.host = host
         self.registry = registry
         self.gov = gov
+        self.tenancy = tenancy
 
     def register(self, ops: Operations) -> None:
         ops.add("migrate", self.migrate)
         ops.add("migration.list", self.list)
         ops.add("migration.show", self.show)
-        ops.add("migration.resolve", self.resolve, roles=RESOLVERS)
+        ops.add("migration.resolve", self.resolve)
         host = ("host",)
         ops.add("incoming.prepare", self.prepare, kinds=host)
         ops.add("incoming.commit", self.commit, kinds=host)
@@ -36,16 +40,23 @@ class MigrationApi:
     # ------------------------------------------------------------------ users
     async def migrate(self, req: Request) -> dict[str, Any]:
         opts = MigrationOptions.model_validate(req.params.get("options") or {})
-        return await self.registry.migrate_out(
-            req.param("vm"), req.param("to"), opts, req.peer, req.emit
-        )
+        name = req.param("vm")
+        self.tenancy.vm(req.peer, req.op, VmAction.MIGRATE, name)
+        return await self.registry.migrate_out(name, req.param("to"), opts, req.peer, req.emit)
+
+    def _seen(self, req: Request, mid: str, action: VmAction) -> dict[str, Any]:
+        row = self.registry.describe(mid)
+        own = VmOwnership(str(row["vm"]), str(row.get("tenant") or ""), row.get("owner"))
+        self.tenancy.check(req.peer, req.op, action, own)
+        return row
 
     async def list(self, req: Request) -> dict[str, Any]:
         limit = int(req.params.get("limit") or 100)
-        return {"host": self.host, "migrations": self.registry.describe_all(limit)}
+        rows = self.tenancy.visible_rows(req.peer, self.registry.describe_all(limit))
+        return {"host": self.host, "migrations": rows}
 
     async def show(self, req: Request) -> dict[str, Any]:
-        return {"host": self.host, **self.registry.describe(req.param("migration_id"))}
+        return {"host": self.host, **self._seen(req, req.param("migration_id"), VmAction.VIEW)}
 
     async def resolve(self, req: Request) -> dict[str, Any]:
         keep = req.param("keep")
@@ -54,6 +65,7 @@ class MigrationApi:
                 f"keep must be one of {', '.join(RESOLVE_CHOICES)}, not {keep!r}", Code.INVALID
             )
         mid = req.param("migration_id")
+        self._seen(req, mid, VmAction.RESOLVE)
         res = await self.registry.resolve(mid, keep, req.peer.name)
         return {"host": self.host, "migration_id": mid, "keep": keep, **res}
 

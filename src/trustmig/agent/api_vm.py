@@ -1,4 +1,9 @@
-"""Control API: the VMs of a host (start, list, stop, resume, check, heartbeats)."""
+"""Control API: the VMs of a host (start, list, stop, resume, check, heartbeats, transfer).
+
+Every call names a VM and passes the tenancy check for it first (see ``agent/tenancy.py``): the
+VM's tenant and owner are this host's record, fixed when the VM was created here or arrived,
+and changed only by ``vm.transfer``.
+"""
 
 from __future__ import annotations
 
@@ -7,56 +12,79 @@ from typing import Any
 from trustmig.agent.control import Operations, Request
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.governance import Governance
+from trustmig.agent.tenancy import Tenancy, ownership_of
 from trustmig.agent.vms import VmManager
 from trustmig.hypervisor.spec import VMSpec
-
-OPERATORS = ("owner", "operator", "security-admin")
+from trustmig.pki.errors import InvalidInput
+from trustmig.pki.identity import check_user_name
+from trustmig.policy import AccessDecision, VmAction, VmOwnership, owner_for_new_vm
 
 
 class VmApi:
-    def __init__(self, host: str, vms: VmManager, gov: Governance) -> None:
+    def __init__(self, host: str, vms: VmManager, gov: Governance, tenancy: Tenancy) -> None:
         self.host = host
         self.vms = vms
         self.gov = gov
+        self.tenancy = tenancy
 
     def register(self, ops: Operations) -> None:
-        ops.add("vm.start", self.start, roles=OPERATORS)
+        ops.add("vm.start", self.start)
         ops.add("vm.list", self.list)
-        ops.add("vm.stop", self.stop, roles=OPERATORS)
-        ops.add("vm.resume", self.resume, roles=OPERATORS)
+        ops.add("vm.stop", self.stop)
+        ops.add("vm.resume", self.resume)
         ops.add("vm.check", self.check)
         ops.add("vm.heartbeats", self.heartbeats)
+        ops.add("vm.transfer", self.transfer)
+
+    def _new_ownership(self, req: Request, raw: dict[str, Any], name: str) -> VmOwnership:
+        """Tenant and owner of a VM created now: the creator's, within what they may name."""
+        old = self.vms.vms.get(name)
+        if old is not None:  # a crashed or departed record keeps its tenant and owner
+            own = ownership_of(old)
+            self.tenancy.check(req.peer, req.op, VmAction.OPERATE, own)
+            return own
+        got = owner_for_new_vm(req.peer, raw.get("tenant"), raw.get("owner"))
+        if isinstance(got, AccessDecision):
+            self.tenancy.deny(req.peer, req.op, name, got.rule, got.reason)
+            raise AssertionError("deny raises")
+        return VmOwnership(name, got[0], got[1])
 
     async def start(self, req: Request) -> dict[str, Any]:
-        spec = VMSpec.model_validate(req.param("spec", dict))
+        raw = req.param("spec", dict)
+        spec = VMSpec.model_validate(raw)
         spec.check_fits()
-        if spec.owner is None:
-            spec = spec.model_copy(update={"owner": req.peer.name})
-        if req.params.get("policy"):
-            pol = self.gov.set_vm_policy(spec.name, str(req.params["policy"]))
-            spec = spec.model_copy(update={"tenant": pol.tenant, "owner": pol.owner})
         vm = self.vms.vms.get(spec.name)
         if vm is not None and vm.state not in ("crashed", "handed-over", "discarded"):
             raise RequestError(f"a VM named {spec.name} already exists on {self.host}", Code.BUSY)
+        own = self._new_ownership(req, raw, spec.name)
+        spec = spec.model_copy(update={"tenant": own.tenant, "owner": own.owner})
+        if req.params.get("policy"):
+            self.gov.set_vm_policy(str(req.params["policy"]), own)
+        elif vm is None:
+            self.gov.drop_vm_policy(spec.name)  # a stale file of an earlier VM of this name
         timeout = float(req.params.get("boot_timeout", 180))
         vm = await self.vms.start(spec, req.peer.name, timeout)
         await req.emit({"event": "phase", "phase": "running", "pid": vm.qemu.pid})
         return await vm.describe()
 
     async def list(self, req: Request) -> dict[str, Any]:
-        return {"host": self.host, "vms": [await m.describe() for m in self.vms.visible()]}
+        visible = self.tenancy.visible(req.peer, self.vms.visible())
+        return {"host": self.host, "vms": [await m.describe() for m in visible]}
 
     async def stop(self, req: Request) -> dict[str, Any]:
         name = req.param("name")
+        self.tenancy.vm(req.peer, req.op, VmAction.OPERATE, name)
         await self.vms.stop(name, req.peer.name)
         return {"name": name, "state": "stopped"}
 
     async def resume(self, req: Request) -> dict[str, Any]:
-        vm = await self.vms.resume(req.param("name"), req.peer.name)
+        name = req.param("name")
+        self.tenancy.vm(req.peer, req.op, VmAction.OPERATE, name)
+        vm = await self.vms.resume(name, req.peer.name)
         return await vm.describe()
 
     async def check(self, req: Request) -> dict[str, Any]:
-        m = self.vms.get(req.param("name"))
+        m = self.tenancy.vm(req.peer, req.op, VmAction.OPERATE, req.param("name"))
         timeout = float(req.params.get("timeout") or 120)
         try:
             res = await m.qemu.console.check(min(max(timeout, 1.0), 600.0))
@@ -67,7 +95,25 @@ class VmApi:
         return {"name": m.name, **res.__dict__}
 
     async def heartbeats(self, req: Request) -> dict[str, Any]:
-        m = self.vms.get(req.param("name"))
+        m = self.tenancy.vm(req.peer, req.op, VmAction.VIEW, req.param("name"))
         since = float(req.params.get("since", 0))
         hbs = m.qemu.console.heartbeats_since(since)
         return {"name": m.name, "heartbeats": [(h.seq, h.host_ts) for h in hbs]}
+
+    async def transfer(self, req: Request) -> dict[str, Any]:
+        """Ownership moves only here; the VM's policy must then be signed by the new owner."""
+        name = req.param("name")
+        try:
+            new_owner = check_user_name(req.param("to"))
+        except InvalidInput as e:
+            raise RequestError(f"vm.transfer: {e}", Code.INVALID) from None
+        self.tenancy.vm(req.peer, req.op, VmAction.TRANSFER, name)
+        vm, old = self.vms.transfer(name, new_owner, req.peer.name)
+        return {
+            "name": name,
+            "tenant": vm.spec.tenant,
+            "from": old,
+            "to": new_owner,
+            "note": f"every migration of {name} is denied until {new_owner} (or a tenant-admin) "
+            "signs a new policy for it",
+        }

@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from trustmig.agent.client import ControlError
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.protocol import FrameDecoder, ProtocolError, encode
@@ -115,11 +117,16 @@ class ControlServer:
         authenticate: Callable[[Any], PeerIdentity],
         audit: Callable[..., None],
         guard_authenticated: Callable[[int, str], None],
+        is_peer: Callable[[str], bool] = lambda name: True,
+        is_revoked: Callable[[PeerIdentity], bool] = lambda peer: False,
     ) -> None:
+        self.is_revoked = is_revoked
         self.operations = operations
         self.authenticate = authenticate
         self.audit = audit
         self.guard_authenticated = guard_authenticated
+        self.is_peer = is_peer
+        self.connections: set[Connection] = set()
 
     async def serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn_id: int = -1
@@ -135,6 +142,7 @@ class ControlServer:
         if conn_id >= 0:
             self.guard_authenticated(conn_id, peer.name)
         conn = Connection(writer, peer)
+        self.connections.add(conn)
         dec = FrameDecoder()
         tasks: set[asyncio.Task[None]] = set()
         try:
@@ -153,8 +161,19 @@ class ControlServer:
         except (ConnectionError, OSError) as e:
             log.info("control connection from %s closed: %s", peer.name, e)
         finally:
+            self.connections.discard(conn)
             conn.closed.set()
             writer.close()
+
+    def close_where(self, predicate: Callable[[PeerIdentity], bool]) -> list[str]:
+        """Close the open connections whose peer matches (a revoked certificate); their names."""
+        names = []
+        for conn in list(self.connections):
+            if predicate(conn.peer):
+                names.append(conn.peer.name)
+                conn.closed.set()
+                conn.writer.close()
+        return names
 
     def _authorise(self, conn: Connection, op: str) -> Operation:
         entry = self.operations.ops.get(op)
@@ -163,6 +182,22 @@ class ControlServer:
         if conn.peer.kind not in entry.kinds:
             raise RequestError(f"{op} is not allowed for a {conn.peer.kind} certificate",
                                Code.DENIED)  # fmt: skip
+        if self.is_revoked(conn.peer):
+            self.audit("access.revoked", user=conn.peer.name, outcome="closed",
+                       data={"op": op, "reason": "revoked while connected"})  # fmt: skip
+            conn.closed.set()
+            conn.writer.close()
+            raise RequestError(f"{op} denied: the certificate of {conn.peer.name} is revoked",
+                               Code.DENIED)  # fmt: skip
+        if conn.peer.kind == "host" and not self.is_peer(conn.peer.name):
+            # a host the CA enrolled but this host was never told to trust gets nothing
+            self.audit("access.denied", outcome="denied",
+                       data={"op": op, "rule": "peers", "host": conn.peer.name})  # fmt: skip
+            raise RequestError(
+                f"{op} denied: host {conn.peer.name} is not a peer of this host "
+                "(add it under [peers] in the host config)",
+                Code.DENIED,
+            )
         if entry.roles and conn.peer.kind == "user" and not set(entry.roles) & set(conn.peer.roles):
             self.audit("access.denied", user=conn.peer.name, outcome="denied",
                        data={"op": op, "roles": list(conn.peer.roles)})  # fmt: skip
@@ -189,12 +224,28 @@ class ControlServer:
             await conn.send({"id": rid, "ok": False, "error": _line(e), "code": e.code})
         except ControlError as e:
             await conn.send({"id": rid, "ok": False, "error": _line(e), "code": e.code})
+        except ValidationError as e:
+            await conn.send({"id": rid, "ok": False, "error": validation_line(op, e),
+                             "code": Code.INVALID})  # fmt: skip
         except (ValueError, PkiError, PolicyError) as e:
             await conn.send({"id": rid, "ok": False, "error": _line(e), "code": Code.INVALID})
         except Exception as e:  # noqa: BLE001 - report, never crash the agent
             log.exception("%s failed", op)
             await conn.send({"id": rid, "ok": False, "code": Code.INTERNAL,
                              "error": f"{op} failed: {type(e).__name__}: {e}"})  # fmt: skip
+
+
+def validation_line(op: str, e: ValidationError) -> str:
+    """One line naming the first invalid field, what it must be and what was sent."""
+    errs = e.errors(include_url=False)
+    if not errs:
+        return f"{op}: invalid parameters"
+    first = errs[0]
+    loc = ".".join(str(p) for p in first.get("loc", ())) or "(request)"
+    got = repr(first.get("input"))
+    got = got if len(got) <= 60 else got[:57] + "..."
+    more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+    return f"{op}: field {loc}: {first.get('msg', 'invalid')}, got {got}{more}"
 
 
 def _line(e: BaseException) -> str:

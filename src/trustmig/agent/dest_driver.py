@@ -33,6 +33,7 @@ from trustmig.migration.destination import (
     DestinationCore,
     DestinationState,
 )
+from trustmig.policy import VmOwnership
 from trustmig.relay.client import RelayHandle, RelayRecord
 from trustmig.timeouts import cancel_and_wait, within
 
@@ -210,7 +211,9 @@ class DestinationDriver:
             self.svc.gov.record_migration(self.core.vm)
         if self.ctx.policy_json:
             try:
-                self.svc.gov.set_vm_policy(self.core.vm, self.ctx.policy_json)
+                spec = self.vm.spec
+                ownership = VmOwnership(spec.name, spec.tenant, spec.owner)
+                self.svc.gov.set_vm_policy(self.ctx.policy_json, ownership, same_serial_ok=True)
             except Exception as e:  # noqa: BLE001 - the guest is ours anyway; say why
                 log.error("incoming %s: VM policy not installed: %s", self.migration_id, e)
 
@@ -342,6 +345,8 @@ class DestinationDriver:
             "epoch": self.core.epoch,
             "error": self.core.error,
             "user": self.ctx.user.get("name"),
+            "tenant": self.vm.spec.tenant,
+            "owner": self.vm.spec.owner,
             "mode": self.ctx.options.mode,
             "channel": self.ctx.options.channel,
             "pid": self.vm.qemu.pid,
@@ -359,7 +364,7 @@ class DestinationDriver:
         elif isinstance(a, A.ArmRecover):
             await self._arm_recover(a.request_id)
         elif isinstance(a, A.ReleaseAdmission):
-            self.svc.admission.release(self.migration_id)
+            self.svc.admission.release(self.migration_id, completed=a.completed)
         elif isinstance(a, A.Reply):
             fut = self._waiters.get(a.request_id)
             if fut is not None and not fut.done():

@@ -15,7 +15,7 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -30,7 +30,9 @@ from trustmig.policy import (
     MigrationHistory,
     MigrationRequest,
     PolicyError,
+    PolicyStaleError,
     SignedPolicy,
+    VmOwnership,
     VmPolicy,
     decide_migrate_in,
     decide_migrate_out,
@@ -39,7 +41,8 @@ from trustmig.policy import (
 )
 
 log = logging.getLogger(__name__)
-FLUSH_KINDS = ("migration.", "policy.", "agent.", "receipt", "attest.", "migrate.", "vm.")
+FLUSH_KINDS = ("migration.", "policy.", "agent.", "receipt", "attest.", "migrate.", "vm.",
+               "access.", "pki.")  # fmt: skip
 
 
 def load_or_create_ed25519(path: Path) -> Ed25519PrivateKey:
@@ -82,9 +85,24 @@ def audit_url(state_dir: Path) -> str:
     return f"sqlite:///{state_dir / 'audit.db'}"
 
 
+class PolicySerials(Protocol):
+    """Where the highest accepted policy serial per VM is kept (the host journal)."""
+
+    def policy_serial(self, vm: str) -> int: ...
+
+    def raise_policy_serial(self, vm: str, serial: int) -> None: ...
+
+
 class Governance:
-    def __init__(self, cfg: HostConfig, bundle: TrustBundle, audit_key: Ed25519PrivateKey) -> None:
+    def __init__(
+        self,
+        cfg: HostConfig,
+        bundle: TrustBundle,
+        audit_key: Ed25519PrivateKey,
+        serials: PolicySerials,
+    ) -> None:
         self.cfg = cfg
+        self.serials = serials
         self.bundle = bundle
         self.audit_key = audit_key
         keys = cfg.state_dir / "keys"
@@ -93,7 +111,7 @@ class Governance:
         self.audit = AuditLog(audit_url(cfg.state_dir), host=cfg.name, signing_key=audit_key)
         self.history = MigrationHistory(cfg.state_dir / "migration-history.json")
         self.vm_policy_dir = cfg.state_dir / "vm-policies"
-        self.vm_policy_dir.mkdir(parents=True, exist_ok=True)
+        self.vm_policy_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.host_policy: HostPolicy | None = None
         hp = cfg.host_policy or (cfg.policy_dir / "host.toml")
         if hp.exists():
@@ -127,15 +145,36 @@ class Governance:
         self.bundle.refresh()
         return self.bundle.verify(cert_der, kind="user")
 
-    def verify_policy(self, signed_json: str) -> tuple[SignedPolicy, VmPolicy]:
+    def verify_policy(
+        self, signed_json: str, ownership: VmOwnership
+    ) -> tuple[SignedPolicy, VmPolicy]:
+        """Verify a signed policy against the VM's recorded tenant and owner."""
         sp = SignedPolicy.from_json(signed_json)
-        return sp, verify_signed_policy(sp, self._verify_signer)
+        return sp, verify_signed_policy(sp, self._verify_signer, ownership)
 
-    def set_vm_policy(self, vm: str, signed_json: str) -> VmPolicy:
-        sp, pol = self.verify_policy(signed_json)
-        if pol.vm != vm:
-            raise PolicyError(f"policy is for VM {pol.vm!r}, not {vm!r}")
-        (self.vm_policy_dir / f"{vm}.json").write_text(sp.to_json())
+    def set_vm_policy(
+        self, signed_json: str, ownership: VmOwnership, *, same_serial_ok: bool = False
+    ) -> VmPolicy:
+        """Install a policy for a VM: verified, and newer than every one this host accepted.
+
+        ``same_serial_ok`` is for a VM arriving with the very policy this host once held.
+        Raises ``PolicyError`` (a ``PolicySignatureError`` for who signed it).
+        """
+        vm = ownership.vm
+        sp, pol = self.verify_policy(signed_json, ownership)
+        held = self.serials.policy_serial(vm)
+        if pol.serial < held or (pol.serial == held and not same_serial_ok):
+            raise PolicyStaleError(
+                f"policy for {vm}: serial {pol.serial} is not newer than serial {held} held on "
+                f"{self.cfg.name}; sign it again with serial = {held + 1} or higher"
+            )
+        path = self.vm_policy_dir / f"{vm}.json"
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(sp.to_json())
+        tmp.replace(path)
+        self.serials.raise_policy_serial(vm, pol.serial)
         return pol
 
     def vm_policy_json(self, vm: str) -> str | None:
@@ -160,24 +199,17 @@ class Governance:
         except ValueError as e:
             raise PolicyError(f"labels of peer {host} in the host config: {e}") from None
 
-    def decide_out(self, user: Any, vm: str, dest: str, postcopy: bool) -> Decision:
+    def decide_out(self, user: Any, ownership: VmOwnership, dest: str, postcopy: bool) -> Decision:
+        vm = ownership.vm
         sj = self.vm_policy_json(vm)
         policy = None
         if sj is not None:
             try:
-                _, policy = self.verify_policy(sj)
+                _, policy = self.verify_policy(sj, ownership)
             except PolicyError as e:
-                d = Decision(
-                    False,
-                    "policy.signature",
-                    str(e),
-                    direction="migrate-out",
-                    vm=vm,
-                    source=self.cfg.name,
-                    destination=dest,
-                    user=user.name,
-                )
-                return d
+                return Decision(False, "policy.signature", str(e), direction="migrate-out",
+                                vm=vm, source=self.cfg.name, destination=dest,
+                                user=user.name)  # fmt: skip
         req = MigrationRequest(
             user=user,
             vm=vm,
@@ -190,39 +222,41 @@ class Governance:
         return decide_migrate_out(req, policy, self.history)
 
     def decide_in(
-        self, user: dict[str, Any], signed_json: str | None, vm: str, source: str, postcopy: bool
+        self,
+        user: dict[str, Any],
+        signed_json: str | None,
+        ownership: VmOwnership,
+        source: str,
+        postcopy: bool,
     ) -> Decision:
+        """The destination's decision; the travelling policy must verify against the VM's
+        ownership as the source sent it and be at least as new as any this host accepted."""
+        vm = ownership.vm
         principal = SimpleNamespace(
             name=str(user.get("name") or "?"),
             roles=tuple(user.get("roles") or ()),
             tenant=user.get("tenant"),
         )
+
+        def deny(rule: str, reason: str) -> Decision:
+            return Decision(False, rule, reason, direction="migrate-in", vm=vm, source=source,
+                            destination=self.cfg.name, user=principal.name)  # fmt: skip
+
         policy = None
         if signed_json:
             try:
-                _, policy = self.verify_policy(signed_json)
+                _, policy = self.verify_policy(signed_json, ownership)
             except PolicyError as e:
-                return Decision(
-                    False,
-                    "policy.signature",
-                    str(e),
-                    direction="migrate-in",
-                    vm=vm,
-                    source=source,
-                    destination=self.cfg.name,
-                    user=principal.name,
+                return deny("policy.signature", str(e))
+            held = self.serials.policy_serial(vm)
+            if policy.serial < held:
+                return deny(
+                    "policy.serial",
+                    f"the source acts on policy serial {policy.serial} of {vm} but "
+                    f"{self.cfg.name} holds serial {held}; set the newer policy on the source",
                 )
         if self.host_policy is None:
-            return Decision(
-                False,
-                "default-deny",
-                f"no host policy on {self.cfg.name}",
-                direction="migrate-in",
-                vm=vm,
-                source=source,
-                destination=self.cfg.name,
-                user=principal.name,
-            )
+            return deny("default-deny", f"no host policy on {self.cfg.name}")
         labels = self.host_policy.labels
         req = MigrationRequest(
             user=principal,

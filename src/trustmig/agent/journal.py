@@ -6,7 +6,9 @@ disk when the call returns):
 - ``vms``: every VM this host owns or is receiving, with its definition, owner, tenant, epoch,
   state and the QEMU process (PID *and* start time) with its sockets;
 - ``migrations``: every migration this host takes part in, with the core's record (state, epoch,
-  error) and the context the agent needs to drive it again (peer, relay process, sockets).
+  error) and the context the agent needs to drive it again (peer, relay process, sockets);
+- ``policy_serials``: the highest VM policy serial this host ever accepted per VM, so an older
+  signed policy is refused after a restart too (it outlives the VM's stay here).
 
 Each write is one transaction. The agent writes the new state, then does what the state allows:
 an agent killed at any instant restarts from a journal that is never ahead of the facts.
@@ -69,6 +71,14 @@ migrations_table = Table(
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("terminal", Integer, nullable=False),
+)
+
+policy_serials_table = Table(
+    "policy_serials",
+    metadata,
+    Column("vm", String(64), primary_key=True),
+    Column("serial", Integer, nullable=False),
+    Column("updated_at", Float, nullable=False),
 )
 
 
@@ -192,6 +202,32 @@ class Journal:
             )
             for r in rows
         ]
+
+    # ------------------------------------------------------------------ policy serials
+    def policy_serial(self, vm: str) -> int:
+        """The highest policy serial accepted here for ``vm`` (0 if none ever was)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(policy_serials_table.c.serial).where(policy_serials_table.c.vm == vm)
+            ).first()
+        return int(row[0]) if row else 0
+
+    def raise_policy_serial(self, vm: str, serial: int) -> None:
+        """Remember ``serial`` for ``vm`` unless a higher one is already held."""
+        try:
+            with self.engine.begin() as conn:
+                held = conn.execute(
+                    select(policy_serials_table.c.serial).where(policy_serials_table.c.vm == vm)
+                ).first()
+                if held is None:
+                    conn.execute(insert(policy_serials_table).values(
+                        vm=vm, serial=serial, updated_at=time.time()))  # fmt: skip
+                elif int(held[0]) < serial:
+                    conn.execute(update(policy_serials_table)
+                                 .where(policy_serials_table.c.vm == vm)
+                                 .values(serial=serial, updated_at=time.time()))  # fmt: skip
+        except Exception as e:  # noqa: BLE001
+            raise JournalError(f"host journal {self.path}: write failed: {e}") from None
 
     # ------------------------------------------------------------------ migrations
     def put_migration(

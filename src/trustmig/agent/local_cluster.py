@@ -45,6 +45,16 @@ def _inline(d: dict[str, Any]) -> str:
 PORT_RANGE = (20000, 32000)
 
 
+_last_serial = 0
+
+
+def _next_serial() -> int:
+    """Policy serials that grow across calls and processes (milliseconds, never repeated)."""
+    global _last_serial
+    _last_serial = max(_last_serial + 1, time.time_ns() // 1_000_000)
+    return _last_serial
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` now, outside the ephemeral range."""
     rng = random.SystemRandom()
@@ -224,7 +234,7 @@ class LocalCluster:
         """A VM policy signed with ``user``'s key (the VM's owner), as JSON."""
         from trustmig.policy import sign_policy
 
-        p = {
+        p: dict[str, Any] = {
             "tenant": "acme",
             "owner": user,
             "allowed_users": [user],
@@ -236,8 +246,10 @@ class LocalCluster:
             "profile": "strict",
             **over,
         }
+        serial = int(over.pop("serial", 0)) or _next_serial()
         text = (
-            f'vm = "{vm}"\ntenant = "{p["tenant"]}"\nowner = "{p["owner"]}"\n[migrate]\n'
+            f'vm = "{vm}"\ntenant = "{p["tenant"]}"\nowner = "{p["owner"]}"\n'
+            f"serial = {serial}\n[migrate]\n"
             f"allowed_users = {json.dumps(p['allowed_users'])}\n"
             f"allowed_roles = {json.dumps(p['allowed_roles'])}\n"
             f"postcopy = {str(p['postcopy']).lower()}\nmax_per_hour = {p['max_per_hour']}\n"

@@ -36,6 +36,7 @@ from trustmig.hypervisor.spec import VMSpec
 from trustmig.migration import events as ev
 from trustmig.migration.destination import DestinationCore, DestinationPlan
 from trustmig.migration.source import SourceCore
+from trustmig.policy import VmOwnership
 
 log = logging.getLogger("trustmig.agent")
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
@@ -68,7 +69,7 @@ class MigrationRegistry:
         vm = svc.vms.claim(name, mid)  # atomic: a second request for this VM gets 'busy'
         user = {"name": principal.name, "roles": list(principal.roles),
                 "tenant": principal.tenant, "fingerprint": principal.fingerprint}  # fmt: skip
-        ctx = SourceContext(options=opts, user=user)
+        ctx = SourceContext(options=opts, user=user, tenant=vm.spec.tenant, owner=vm.spec.owner)
         core = SourceCore(mid, name, dest, vm.epoch, source_plan(opts, svc.cfg))
         driver = SourceDriver(svc, core, vm, ctx, emit)
         self.outgoing[mid] = driver
@@ -96,7 +97,8 @@ class MigrationRegistry:
                   data={"destination": dest, "options": opts.model_dump(mode="json")})  # fmt: skip
         if vm.qemu.alive() and await vm.qemu.status() != "running":
             raise RequestError(f"VM {name}: QEMU is not running", Code.INVALID)
-        decision = svc.gov.decide_out(principal, name, dest, opts.mode == "postcopy")
+        ownership = VmOwnership(name, vm.spec.tenant, vm.spec.owner)
+        decision = svc.gov.decide_out(principal, ownership, dest, opts.mode == "postcopy")
         ctx.decision_out = decision.line()
         svc.audit("policy.decision", vm=name, migration_id=mid, user=principal.name,
                   outcome="allow" if decision.allow else "deny",
@@ -142,21 +144,21 @@ class MigrationRegistry:
             raise RequestError(msg, Code.INVALID) from None
         if mid in self.incoming or svc.journal.migration(mid) is not None:
             raise RequestError(f"migration {mid} is already known here", Code.INVALID)
+        self._require_peer(source, mid)
         spec = VMSpec.model_validate(params["spec"])
         opts = MigrationOptions.model_validate(params["options"])
         user = dict(params.get("user") or {})
         policy_json = params.get("policy")
         epoch = int(params.get("epoch") or 1)
-        decision = svc.gov.decide_in(user, policy_json, spec.name, source, opts.mode == "postcopy")
+        ownership = VmOwnership(spec.name, spec.tenant, spec.owner)
+        decision = svc.gov.decide_in(user, policy_json, ownership, source,
+                                     opts.mode == "postcopy")  # fmt: skip
         svc.audit("policy.decision", vm=spec.name, migration_id=mid, user=user.get("name"),
                   outcome="allow" if decision.allow else "deny",
                   data={"direction": "migrate-in", "rule": decision.rule,
                         "line": decision.line(), "source": source})  # fmt: skip
         if not decision.allow:
             raise RequestError(decision.line(), Code.REFUSED)
-        quarantined = svc.quarantine.is_quarantined(source)
-        if quarantined is not None:
-            raise RequestError(f"source {source} is quarantined here ({quarantined})")
         existing = svc.vms.vms.get(spec.name)
         if existing is not None and existing.state not in ("crashed", "handed-over", "discarded"):
             raise RequestError(f"a VM named {spec.name} already runs on {svc.name}", Code.BUSY)
@@ -176,6 +178,24 @@ class MigrationRegistry:
         except BaseException:
             svc.admission.release(mid)
             raise
+
+    def _require_peer(self, source: str, mid: str) -> None:
+        """Only configured, unquarantined peers get anything allocated for them."""
+        svc = self.svc
+        if source not in svc.cfg.peers:
+            reason = (f"{source} is not a peer of {svc.name}; only hosts under [peers] in "
+                      "the host config may send migrations")  # fmt: skip
+            rule = "peers"
+        else:
+            quarantined = svc.quarantine.is_quarantined(source)
+            if quarantined is None:
+                return
+            reason = f"source {source} is quarantined on {svc.name} ({quarantined})"
+            rule = "quarantine"
+        svc.audit("access.denied", migration_id=mid, outcome="denied",
+                  data={"op": "incoming.prepare", "rule": rule, "host": source,
+                        "reason": reason})  # fmt: skip
+        raise RequestError(reason, Code.DENIED)
 
     async def _start_incoming(
         self, mid: str, spec: VMSpec, opts: MigrationOptions, user: dict[str, Any],
@@ -441,6 +461,7 @@ def _role(d: Any) -> str:
 
 def _describe(row: MigrationRow) -> dict[str, Any]:
     opts = row.context.get("options") or {}
+    spec = row.context.get("spec") or {}
     return {
         "migration_id": row.id,
         "role": row.role,
@@ -450,6 +471,8 @@ def _describe(row: MigrationRow) -> dict[str, Any]:
         "epoch": row.epoch,
         "error": row.core.get("error"),
         "user": (row.context.get("user") or {}).get("name"),
+        "tenant": row.context.get("tenant") or spec.get("tenant"),
+        "owner": row.context.get("owner") or spec.get("owner"),
         "mode": opts.get("mode"),
         "channel": opts.get("channel"),
         "created_at": row.created_at,

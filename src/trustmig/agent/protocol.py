@@ -15,6 +15,8 @@ from typing import Any
 
 VERSION = 1
 MAX_FRAME = 4 * 1024 * 1024
+#: Deepest nesting of objects and lists a frame may have (real requests need fewer than 10).
+MAX_DEPTH = 32
 _LEN = struct.Struct(">I")
 
 
@@ -51,11 +53,31 @@ class FrameDecoder:
         return out
 
 
+def _depth(value: Any) -> int:
+    """Nesting depth of a decoded JSON value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list):
+            deepest = max(deepest, d)
+            if d > MAX_DEPTH:
+                return d
+            stack.extend((x, d + 1) for x in v)
+    return deepest
+
+
 def decode_body(raw: bytes) -> dict[str, Any]:
+    """Parse one frame body; raises ``ProtocolError`` with one line saying what was wrong."""
     try:
         msg = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ProtocolError(f"control frame is not JSON: {e}") from None
+    except RecursionError:
+        raise ProtocolError(f"control frame nests deeper than {MAX_DEPTH} levels") from None
+    if _depth(msg) > MAX_DEPTH:
+        raise ProtocolError(f"control frame nests deeper than {MAX_DEPTH} levels")
     if not isinstance(msg, dict):
         raise ProtocolError("control frame must be a JSON object")
     v = msg.get("v")

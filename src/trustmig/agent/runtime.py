@@ -69,9 +69,9 @@ class AdmissionGate:
                 migration_id=migration_id,
             )
 
-    def release(self, migration_id: str) -> None:
+    def release(self, migration_id: str, *, completed: bool = False) -> None:
         with contextlib.suppress(Exception):
-            self.admission.release(migration_id)
+            self.admission.release(migration_id, completed=completed)
 
 
 @dataclass

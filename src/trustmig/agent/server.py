@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import tempfile
 import time
 import uuid
@@ -31,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from trustmig.agent.api_admin import AdminApi
 from trustmig.agent.api_migration import MigrationApi
+from trustmig.agent.api_pki import PkiApi
 from trustmig.agent.api_vm import VmApi
 from trustmig.agent.attestation import AgentAttestation
 from trustmig.agent.client import ControlClient
@@ -42,6 +44,7 @@ from trustmig.agent.host_key import load_host_key, transient_key_file
 from trustmig.agent.journal import Journal
 from trustmig.agent.migrations import MigrationRegistry
 from trustmig.agent.runtime import AdmissionGate, HostServices
+from trustmig.agent.tenancy import Tenancy
 from trustmig.agent.vms import VmManager
 from trustmig.channel.identity import LocalIdentity
 from trustmig.config import HostConfig, parse_hostport
@@ -122,7 +125,8 @@ class Agent:
         self.creds = Credentials(
             cert_path=cfg.pki.cert, key_path=cfg.pki.key, ca_path=cfg.pki.ca, crl_path=cfg.pki.crl
         )
-        self.bundle = TrustBundle.load(cfg.pki.ca, cfg.pki.crl if cfg.pki.crl.exists() else None)
+        # no CRL, no agent: revocation checking is never silently off
+        self.bundle = TrustBundle.load(cfg.pki.ca, cfg.pki.crl)
         if self.creds.name() != cfg.name:
             raise RuntimeError(
                 f"host certificate names {self.creds.name()!r} but the config says {cfg.name!r}: "
@@ -154,7 +158,8 @@ class Agent:
         with transient_key_file(self.creds, self.host_key_pem, self.sock_root) as tmp_creds:
             self.server_ctx = server_context(tmp_creds, self.bundle)
             self.client_ctx = client_context(tmp_creds, self.bundle)
-        self.gov = Governance(cfg, self.bundle, self._audit_key())
+        self.journal = Journal(self.state_dir / "journal.db")
+        self.gov = Governance(cfg, self.bundle, self._audit_key(), self.journal)
         guard_cfg = {"idle_timeout_s": 3600.0, "stall_timeout_s": 3600.0,
                      "reserved_peers": _peer_ips(cfg), **cfg.guard}  # fmt: skip
         self.guard = Guard(GuardRules(**guard_cfg))
@@ -164,7 +169,6 @@ class Agent:
         self.accel = choose_accel(cfg.qemu.accel)
         if self.accel.warning:
             log.warning("%s", self.accel.warning)
-        self.journal = Journal(self.state_dir / "journal.db")
         self._image: GuestImage | None = None
         self._image_lock = asyncio.Lock()
         self._stop = asyncio.Event()
@@ -244,6 +248,11 @@ class Agent:
             raise RequestError(f"peer {host} refused: {e}", Code.REFUSED) from None
         return client
 
+    def _revoked(self, peer: PeerIdentity) -> bool:
+        """Checked on every request, so a CRL copied in by hand also ends open sessions."""
+        self.bundle.refresh()
+        return self.bundle.is_revoked(peer.serial)
+
     def _authenticate(self, sslobj: Any) -> PeerIdentity:
         self.bundle.refresh()
         return peer_identity(sslobj, self.bundle)
@@ -292,15 +301,20 @@ class Agent:
         self.services = self._services()
         self.registry = MigrationRegistry(self.services)
         ops = Operations()
-        VmApi(self.cfg.name, self.vms, self.gov).register(ops)
-        MigrationApi(self.cfg.name, self.registry, self.gov).register(ops)
+        tenancy = Tenancy(self.vms, self.audit_event)
+        VmApi(self.cfg.name, self.vms, self.gov, tenancy).register(ops)
+        MigrationApi(self.cfg.name, self.registry, self.gov, tenancy).register(ops)
         AdminApi(
             self.cfg.name, self.gov, self.vms, self.registry, self.guard, self.admission,
             self.quarantine, self._status_extra,
-            self.attestation.status if self.attestation else None,
+            self.attestation.status if self.attestation else None, tenancy,
         ).register(ops)  # fmt: skip
         control = ControlServer(ops, self._authenticate, self.audit_event,
-                                self.guard_hooks.authenticated)  # fmt: skip
+                                self.guard_hooks.authenticated,
+                                is_peer=lambda name: name in self.cfg.peers,
+                                is_revoked=self._revoked)  # fmt: skip
+        PkiApi(self.cfg.name, self.bundle, control, self.audit_event, sorted(self.cfg.peers),
+               self.connect_peer).register(ops)  # fmt: skip
 
         async def serve(reader: Any, writer: Any, conn_id: int) -> None:
             try:
@@ -405,9 +419,27 @@ def short_socket_root(state_dir: Path) -> Path:
     return root
 
 
+def make_private(state_dir: Path) -> None:
+    """Take group and other access away from a state dir an older release left open."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for root, dirs, files in os.walk(state_dir):
+        for name in (*dirs, *files):
+            p = Path(root) / name
+            with contextlib.suppress(OSError):
+                st = p.lstat()
+                if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o077:
+                    os.chmod(p, stat.S_IMODE(st.st_mode) & ~0o077)
+    os.chmod(state_dir, 0o700)
+
+
 def run_agent(
     cfg: HostConfig, ready_file: Path | None = None, config_path: Path | None = None
 ) -> None:
+    # everything the agent and its QEMUs create (audit trail, journal, policies, console logs,
+    # sockets) is readable by root only
+    os.umask(0o077)
+    make_private(cfg.state_dir)
+
     async def _main() -> None:
         agent = Agent(cfg, config_path)
         await agent.run(ready_file)

@@ -66,6 +66,9 @@ class SourceContext:
 
     options: MigrationOptions
     user: dict[str, Any]
+    #: The VM's tenant and owner when the migration began (kept for who may see it later).
+    tenant: str = ""
+    owner: str | None = None
     data_address: str = ""
     qemu_tls_address: str | None = None
     decision_out: str = ""
@@ -361,7 +364,7 @@ class SourceDriver:
                                 migration_id=self.migration_id, outcome="quarantined",
                                 data={"host": a.host, "reason": a.reason})  # fmt: skip
         elif isinstance(a, A.ReleaseAdmission):
-            self.svc.admission.release(self.migration_id)
+            self.svc.admission.release(self.migration_id, completed=a.completed)
         elif isinstance(a, A.Reply):
             fut = self._resolve_waiters.pop(a.request_id, None)
             if fut is not None and not fut.done():
@@ -768,6 +771,8 @@ class SourceDriver:
             "epoch": self.core.epoch,
             "error": self.core.error,
             "user": self.ctx.user.get("name"),
+            "tenant": self.vm.spec.tenant,
+            "owner": self.vm.spec.owner,
             "mode": self.ctx.options.mode,
             "channel": self.ctx.options.channel,
             "history": [

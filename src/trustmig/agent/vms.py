@@ -200,6 +200,21 @@ class VmManager:
         self.audit("vm.resume", vm=name, user=user, outcome="running")
         return vm
 
+    def transfer(self, name: str, new_owner: str, user: str) -> tuple[ManagedVM, str | None]:
+        """Hand ownership of ``name`` to ``new_owner`` (journaled, audited); the old owner."""
+        vm = self.get(name)
+        if vm.migration is not None:
+            raise RequestError(
+                f"VM {name} is held by migration {vm.migration}; transfer it afterwards",
+                Code.BUSY,
+            )
+        old = vm.spec.owner
+        vm.spec = vm.spec.model_copy(update={"owner": new_owner})
+        self.persist(vm)
+        self.audit("vm.transfer", vm=name, user=user, outcome="transferred",
+                   data={"from": old, "to": new_owner, "tenant": vm.spec.tenant})  # fmt: skip
+        return vm, old
+
     # ------------------------------------------------------------------ migrations
     def claim(self, name: str, migration_id: str) -> ManagedVM:
         """Take a running VM for an outgoing migration; atomic on the event loop."""

@@ -138,15 +138,23 @@ def host_enroll(
 
 
 @host_app.command("revoke")
-def host_revoke(name: str, ca_dir: CaDirOpt, as_json: JsonOpt = False) -> None:
+def host_revoke(
+    name: str,
+    ca_dir: CaDirOpt,
+    push: PushOpt = None,
+    credentials: CredOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Revoke every certificate of a host; agents refuse it once they see the new CRL."""
     from trustmig.pki.authority import ClusterCA
 
     with _errors(as_json):
-        serials = ClusterCA.load(ca_dir).revoke(name, "host")
-        data = {"host": name, "revoked_serials": [hex(s) for s in serials]}
+        ca = ClusterCA.load(ca_dir)
+        serials = ca.revoke(name, "host")
+        data: dict[str, Any] = {"host": name, "revoked_serials": [hex(s) for s in serials]}
+        data["pushed"] = _push_crl(ca.crl_path, push or [], credentials)
         print_json(data) if as_json else out.print(
-            f"revoked {len(serials)} certificate(s) of {name}"
+            f"revoked {len(serials)} certificate(s) of {name}" + _pushed_line(data["pushed"])
         )
 
 
@@ -179,16 +187,96 @@ def user_add(
         print_json(data) if as_json else out.print(f"user {name} ({', '.join(role)}) -> {out_dir}")
 
 
+PushOpt = Annotated[
+    list[str] | None,
+    typer.Option("--push", help="Agent (HOST:PORT) to push the new CRL to; it passes it on."),
+]
+
+
 @user_app.command("revoke")
-def user_revoke(name: str, ca_dir: CaDirOpt, as_json: JsonOpt = False) -> None:
-    """Revoke every certificate of a user."""
+def user_revoke(
+    name: str,
+    ca_dir: CaDirOpt,
+    push: PushOpt = None,
+    credentials: CredOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke every certificate of a user (and push the new CRL to agents)."""
     from trustmig.pki.authority import ClusterCA
 
     with _errors(as_json):
-        serials = ClusterCA.load(ca_dir).revoke(name, "user")
-        data = {"user": name, "revoked_serials": [hex(s) for s in serials]}
+        ca = ClusterCA.load(ca_dir)
+        serials = ca.revoke(name, "user")
+        data: dict[str, Any] = {"user": name, "revoked_serials": [hex(s) for s in serials]}
+        data["pushed"] = _push_crl(ca.crl_path, push or [], credentials)
         print_json(data) if as_json else out.print(
-            f"revoked {len(serials)} certificate(s) of {name}"
+            f"revoked {len(serials)} certificate(s) of {name}" + _pushed_line(data["pushed"])
+        )
+
+
+def _push_crl(crl: Path, agents: list[str], credentials: Path | None) -> list[dict[str, Any]]:
+    """Hand the CRL to each agent named; each passes it on to its peers."""
+    pem = crl.read_text()
+
+    async def one(agent: str) -> dict[str, Any]:
+        c = await connect(agent, credentials)
+        try:
+            return await c.call("crl.update", {"crl": pem}, timeout=60)
+        finally:
+            await c.close()
+
+    return [run(one(a)) for a in agents]
+
+
+def _pushed_line(pushed: list[dict[str, Any]]) -> str:
+    if not pushed:
+        return "; push it with 'trustmig crl push --agent HOST:PORT' (agents pass it on)"
+    return "; CRL number " + ", ".join(
+        f"{p['number']} {'installed' if p['installed'] else 'already'} on {p['host']}"
+        for p in pushed
+    )
+
+
+crl_app = typer.Typer(no_args_is_help=True, help="The cluster's certificate revocation list.")
+app.add_typer(crl_app, name="crl")
+
+
+@crl_app.command("push")
+def crl_push(
+    ca_dir: CaDirOpt,
+    agent: Annotated[list[str], typer.Option("--agent", help="Agent control address(es).")],
+    credentials: CredOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Push the CA's current CRL to agents (security-admin); each passes it on to its peers."""
+    from trustmig.pki.authority import ClusterCA
+
+    with _errors(as_json):
+        pushed = _push_crl(ClusterCA.load(ca_dir).crl_path, agent, credentials)
+        print_json({"pushed": pushed}) if as_json else out.print(_pushed_line(pushed)[2:])
+
+
+@vm_app.command("transfer")
+def vm_transfer(
+    name: str,
+    to: Annotated[str, typer.Option("--to", help="The user who owns the VM from now on.")],
+    agent: AgentOpt = None,
+    credentials: CredOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Hand a VM's ownership to another user of its tenant (owner, tenant-admin, security-admin)."""
+    with _errors(as_json):
+
+        async def go() -> dict[str, Any]:
+            c = await connect(agent, credentials)
+            try:
+                return await c.call("vm.transfer", {"name": name, "to": to})
+            finally:
+                await c.close()
+
+        res = run(go())
+        print_json(res) if as_json else out.print(
+            f"{name}: owner {res['from']} -> {res['to']}; {res['note']}"
         )
 
 
@@ -202,7 +290,12 @@ def vm_start(
     vcpus: int = 1,
     workload_mib: Annotated[int, typer.Option(help="MiB of patterned memory.")] = 128,
     dirty_rate: Annotated[float, typer.Option(help="MiB/s the workload rewrites.")] = 0.0,
-    tenant: str = "default",
+    tenant: Annotated[
+        str | None, typer.Option(help="The VM's tenant (default: yours; others need an admin).")
+    ] = None,
+    owner: Annotated[
+        str | None, typer.Option(help="The VM's owner (default: you; others: tenant-admin).")
+    ] = None,
     secret: Annotated[str | None, typer.Option(help="Secret marker kept in guest memory.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -211,13 +304,13 @@ def vm_start(
         workload: dict[str, Any] = {"mem_mib": workload_mib, "dirty_rate": dirty_rate}
         if secret:
             workload["secret"] = secret
-        spec = {
+        spec: dict[str, Any] = {
             "name": name,
             "memory_mib": memory,
             "vcpus": vcpus,
-            "tenant": tenant,
             "workload": workload,
         }
+        spec.update({k: v for k, v in (("tenant", tenant), ("owner", owner)) if v})
 
         async def go() -> dict[str, Any]:
             c = await connect(agent, credentials)

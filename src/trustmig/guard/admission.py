@@ -180,7 +180,6 @@ class Admission:
         entry.reason = reason
         entry.started = now
         self._running[entry.migration_id] = entry
-        self._history.setdefault(entry.vm, deque()).append(now)
         entry.event.set()
 
     def _forget(self, entry: _Entry) -> None:
@@ -232,12 +231,15 @@ class Admission:
         now = self._clock()
         queue = self._queues[direction]
         waiting_vm = sum(1 for q in self._queues.values() for e in q.fair_order() if e.vm == vm)
-        count = self._recent(vm, now) + waiting_vm
+        running_vm = sum(1 for e in self._running.values() if e.vm == vm)
+        done = self._recent(vm, now)
+        count = done + running_vm + waiting_vm
         if count >= self.limits.max_per_vm_per_hour:
+            pending = f", {running_vm + waiting_vm} more under way" if count > done else ""
             return AdmissionResult(
                 "refused",
-                f"refused because VM {vm} already migrated {count} times in the last hour "
-                f"(limit {self.limits.max_per_vm_per_hour})",
+                f"refused because VM {vm} already migrated {done} times in the last hour"
+                f"{pending} (limit {self.limits.max_per_vm_per_hour})",
                 None,
                 None,
             )
@@ -309,8 +311,12 @@ class Admission:
             with contextlib.suppress(TimeoutError):
                 await within(entry.event.wait(), max(0.0, min(left, queue_left)))
 
-    def release(self, migration_id: str) -> None:
-        """A migration finished (or was abandoned while queued): free its slot."""
+    def release(self, migration_id: str, *, completed: bool = False) -> None:
+        """A migration finished (or was abandoned while queued): free its slot.
+
+        Only a ``completed`` migration counts against the VM's hourly limit: a refused or
+        aborted one (a peer's failed prepare, an attack) must not use up the owner's quota.
+        """
         entry = self._by_migration.get(migration_id)
         if entry is None:
             raise AdmissionError(
@@ -322,7 +328,8 @@ class Admission:
             entry.status = "refused"
             entry.reason = f"refused because migration {migration_id} was released while queued"
             entry.event.set()
-        self._running.pop(migration_id, None)
+        if self._running.pop(migration_id, None) is not None and completed:
+            self._history.setdefault(entry.vm, deque()).append(self._clock())
         self._forget(entry)
         self._pump()
 

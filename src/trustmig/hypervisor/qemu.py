@@ -103,6 +103,7 @@ class QemuVM:
         self.sock_dir = sock_dir or run_dir
         self.qmp_path = self.sock_dir / "qmp.sock"
         self.serial_path = self.sock_dir / "serial.sock"
+        self.boot_config_path = self.sock_dir / "boot.cfg"
         self.proc: subprocess.Popen[bytes] | None = None
         self.ref: ProcessRef | None = None
         self.qmp = QMPClient(spec.name)
@@ -128,7 +129,9 @@ class QemuVM:
             "-nodefaults", "-display", "none", "-no-reboot", "-no-user-config",
             "-kernel", str(self.image.kernel),
             "-initrd", str(self.image.initrd),
-            "-append", s.kernel_cmdline(),
+            # the command line carries the workload's secret: it goes in a private file that
+            # QEMU reads, never in argv where every user of the host sees it in ps
+            "-readconfig", str(self.boot_config_path),
             "-chardev", f"socket,id=ser0,path={self.serial_path},server=on,wait=off",
             "-serial", "chardev:ser0",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
@@ -140,6 +143,15 @@ class QemuVM:
         if self.start_paused:
             args += ["-S"]
         return args + list(self.extra_args)
+
+    def _write_boot_config(self) -> None:
+        """The kernel command line as a QEMU config file readable by its owner only."""
+        cmdline = self.spec.kernel_cmdline()
+        if '"' in cmdline or "\n" in cmdline:
+            raise QemuError("kernel command line must not contain quotes or newlines")
+        fd = os.open(self.boot_config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f'[machine]\n  append = "{cmdline}"\n')
 
     @property
     def pid(self) -> int | None:
@@ -185,6 +197,7 @@ class QemuVM:
         for p in (self.qmp_path, self.serial_path):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+        self._write_boot_config()
         stderr = (self.run_dir / "qemu.stderr").open("ab")
         self.proc = subprocess.Popen(
             self.argv(),

@@ -128,7 +128,10 @@ class Quarantine(Action):
 
 @dataclass(frozen=True)
 class ReleaseAdmission(Action):
-    """Give back this migration's admission slot."""
+    """Give back this migration's admission slot; a ``completed`` one counts in the VM's
+    hourly migration limit, an aborted or refused one does not."""
+
+    completed: bool = False
 
 
 @dataclass(frozen=True)

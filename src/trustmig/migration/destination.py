@@ -317,7 +317,10 @@ class DestinationCore(MigrationCore[DestinationState]):
         if self.state == D.COMMITTED:
             if e.running:
                 self.resumed = True
-                acts: list[Action] = [AdoptGuest(self.owner_epoch), ReleaseAdmission()]
+                acts: list[Action] = [
+                    AdoptGuest(self.owner_epoch),
+                    ReleaseAdmission(completed=True),
+                ]
                 return acts + self._answer_pending(True)
             if self.switched:
                 # after the post-copy switch this is the only copy: keep it, whatever QEMU says

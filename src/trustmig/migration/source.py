@@ -191,7 +191,7 @@ class SourceCore(MigrationCore[SourceState]):
         if error and self.error is None:
             self.error = error
         acts = self._enter(new, now, error or "")
-        acts += [*before_finish, ReleaseAdmission()]
+        acts += [*before_finish, ReleaseAdmission(completed=new == S.COMPLETED)]
         acts += self._finish(new.value, self.error)
         return acts
 
@@ -229,7 +229,7 @@ class SourceCore(MigrationCore[SourceState]):
 
     def _handed_over(self, now: float, reason: str) -> list[Action]:
         acts = self._enter(S.COMPLETED, now, reason, epoch=self.handover_epoch)
-        acts += [Conclude(), ReleaseAdmission(), *self._finish("completed", None)]
+        acts += [Conclude(), ReleaseAdmission(completed=True), *self._finish("completed", None)]
         return acts
 
     def _commit(self, now: float) -> list[Action]:

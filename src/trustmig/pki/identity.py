@@ -19,7 +19,14 @@ from trustmig.pki.errors import InvalidInput
 
 Kind = Literal["host", "user"]
 
-ROLES: tuple[str, ...] = ("owner", "operator", "security-admin", "auditor")
+ROLES: tuple[str, ...] = (
+    "owner",
+    "operator",
+    "tenant-admin",
+    "cluster-admin",
+    "security-admin",
+    "auditor",
+)
 
 #: Organisational unit that marks the kind of a leaf certificate.
 OU_HOST = "trustmig-host"

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from trustmig.pki.errors import BadSignature, CaStoreError, InvalidInput, PeerRejected
-from trustmig.pki.files import read_bytes
+from trustmig.pki.files import read_bytes, write_atomic
 from trustmig.pki.identity import (
     KIND_OU,
     ROLES,
@@ -80,7 +80,8 @@ class TrustBundle:
             st = os.stat(self.crl_path)
         except FileNotFoundError:
             raise CaStoreError(
-                f"revocation list {self.crl_path} does not exist: copy crl.pem from the CA"
+                f"revocation list {self.crl_path} does not exist: copy the CA's crl.pem there "
+                "(an agent never runs with revocation checking off)"
             ) from None
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         with self._lock:
@@ -107,6 +108,42 @@ class TrustBundle:
             self._crl_stamp = stamp
             for ctx in list(self._contexts):
                 ctx.load_verify_locations(cafile=str(self.crl_path))
+
+    @property
+    def crl_number(self) -> int | None:
+        """Number of the CRL in force (None when revocation is not configured)."""
+        with self._lock:
+            return _crl_number(self._crl) if self._crl is not None else None
+
+    def install_crl(self, pem: bytes) -> tuple[int, bool]:
+        """Replace the CRL file with a newer CA-signed one; ``(number, installed)``.
+
+        A CRL with the number already held is accepted and changes nothing (``installed`` is
+        False); an older one is refused: revocations once known are never forgotten. Raises
+        ``CaStoreError`` for a CRL that is not the CA's or is older than the one in force.
+        """
+        if self.crl_path is None:
+            raise CaStoreError("this trust bundle has no CRL file configured: set [pki] crl")
+        try:
+            crl = x509.load_pem_x509_crl(pem)
+        except ValueError:
+            raise CaStoreError("the pushed revocation list is not a PEM CRL") from None
+        if crl.issuer != self.ca_cert.subject or not crl.is_signature_valid(self._ca_public):
+            raise CaStoreError(
+                f"the pushed revocation list is not signed by the CA in {self.ca_path}"
+            )
+        number = _crl_number(crl)
+        held = self.crl_number
+        if held is not None and number < held:
+            raise CaStoreError(
+                f"the pushed revocation list has number {number}, older than number {held} "
+                "in force here: push the CA's current crl.pem"
+            )
+        if held is not None and number == held:
+            return number, False
+        write_atomic(self.crl_path, pem)
+        self.refresh()
+        return number, True
 
     def attach(self, ctx: ssl.SSLContext) -> None:
         """Trust the cluster CA in ``ctx`` and keep its CRL current on every :meth:`refresh`."""

@@ -6,6 +6,14 @@ Every decision is ALLOW or DENY with the rule that decided it; the default is DE
 See docs/policy.md for formats and the rule order.
 """
 
+from trustmig.policy.access import (
+    AccessDecision,
+    VmAction,
+    VmOwnership,
+    decide_vm_access,
+    may_see_tenant,
+    owner_for_new_vm,
+)
 from trustmig.policy.check import check_policy_file, summarize_host_policy, summarize_vm_policy
 from trustmig.policy.decision import (
     MIGRATE_IN,
@@ -15,7 +23,12 @@ from trustmig.policy.decision import (
     decide_migrate_in,
     decide_migrate_out,
 )
-from trustmig.policy.errors import InvalidRequestError, PolicyError, PolicySignatureError
+from trustmig.policy.errors import (
+    InvalidRequestError,
+    PolicyError,
+    PolicySignatureError,
+    PolicyStaleError,
+)
 from trustmig.policy.history import MigrationHistory
 from trustmig.policy.identity import (
     KNOWN_ROLES,
@@ -53,6 +66,7 @@ __all__ = [
     "ROLE_OWNER",
     "ROLE_SECURITY_ADMIN",
     "AcceptRules",
+    "AccessDecision",
     "AttestationRules",
     "Decision",
     "DestinationRules",
@@ -65,15 +79,21 @@ __all__ = [
     "PolicyError",
     "PolicyFormat",
     "PolicySignatureError",
+    "PolicyStaleError",
     "Principal",
     "SignedPolicy",
     "TimeWindow",
+    "VmAction",
+    "VmOwnership",
     "VmPolicy",
     "check_policy_file",
     "decide_migrate_in",
     "decide_migrate_out",
+    "decide_vm_access",
     "load_host_policy",
     "load_vm_policy",
+    "may_see_tenant",
+    "owner_for_new_vm",
     "parse_host_policy",
     "parse_vm_policy",
     "parse_window",

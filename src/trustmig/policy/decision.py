@@ -8,8 +8,9 @@ or misconfigured source therefore cannot push a VM somewhere its owner or the de
 Rule order (first failing rule decides; see docs/policy.md):
 
 migrate-out
-    default-deny (no policy) → policy.vm → role-gate (auditor) → migrate.allowed_users /
-    migrate.allowed_roles → migrate.postcopy → migrate.windows → migrate.max_per_hour →
+    default-deny (no policy) → policy.vm → policy.validity → role-gate (auditor) →
+    migrate.allowed_users / migrate.allowed_roles → migrate.postcopy → migrate.windows →
+    migrate.max_per_hour →
     destinations.hosts → destinations.countries → destinations.zones →
     destinations.min_security_level → allow
 migrate-in
@@ -147,6 +148,11 @@ def _vm_rules(
     if policy.vm != req.vm:
         raise _deny("policy.vm", f"policy is for {policy.vm}, not {req.vm}")
     ev.passed_rule("policy.vm")
+
+    problem = policy.validity_problem(req.now)
+    if problem is not None:
+        raise _deny("policy.validity", f"the policy of {policy.vm}: {problem}; sign a new one")
+    ev.passed_rule("policy.validity")
 
     if ROLE_AUDITOR in roles:
         raise _deny(

@@ -18,5 +18,9 @@ class PolicySignatureError(PolicyError):
     """A signed VM policy did not verify or was signed by someone not entitled to sign it."""
 
 
+class PolicyStaleError(PolicyError):
+    """A VM policy older than (or as old as) one this host already accepted: a rollback."""
+
+
 class InvalidRequestError(PolicyError):
     """A migration request handed to the decision functions was itself malformed."""

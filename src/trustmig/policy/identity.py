@@ -17,9 +17,18 @@ ROLE_SECURITY_ADMIN: Final = "security-admin"
 """Manages policies, reference values and hosts; may sign any VM policy."""
 ROLE_AUDITOR: Final = "auditor"
 """Reads the audit trail only. Separation of duty: holding this role forbids migrating."""
+ROLE_TENANT_ADMIN: Final = "tenant-admin"
+"""Administers every VM of its own tenant: signs their policies, transfers their ownership."""
+ROLE_CLUSTER_ADMIN: Final = "cluster-admin"
+"""Operates every VM of every tenant (start, stop, migrate, resolve); signs no policy."""
 
-KNOWN_ROLES: Final = frozenset({ROLE_OWNER, ROLE_OPERATOR, ROLE_SECURITY_ADMIN, ROLE_AUDITOR})
-MIGRATING_ROLES: Final = frozenset({ROLE_OWNER, ROLE_OPERATOR, ROLE_SECURITY_ADMIN})
+KNOWN_ROLES: Final = frozenset(
+    {ROLE_OWNER, ROLE_OPERATOR, ROLE_SECURITY_ADMIN, ROLE_AUDITOR, ROLE_TENANT_ADMIN,
+     ROLE_CLUSTER_ADMIN}
+)  # fmt: skip
+MIGRATING_ROLES: Final = frozenset(
+    {ROLE_OWNER, ROLE_OPERATOR, ROLE_SECURITY_ADMIN, ROLE_TENANT_ADMIN, ROLE_CLUSTER_ADMIN}
+)
 """Roles a VM policy may list in ``migrate.allowed_roles`` (never ``auditor``)."""
 
 

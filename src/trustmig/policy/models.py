@@ -8,9 +8,10 @@ field expects, because those messages end up in front of an administrator with a
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from trustmig.policy.identity import MIGRATING_ROLES, ROLE_AUDITOR
 from trustmig.policy.windows import TimeWindow, parse_window
@@ -143,6 +144,11 @@ class VmPolicy(BaseModel):
     vm: str
     tenant: str
     owner: str
+    #: Version of this VM's policy: a host accepts only a serial above the one it holds.
+    serial: int = Field(ge=1, le=2**53)
+    #: When the policy starts and stops being valid (timezone-aware; open-ended when omitted).
+    valid_from: datetime | None = None
+    valid_until: datetime | None = None
     migrate: MigrateRules = Field(default_factory=MigrateRules)
     destinations: DestinationRules = Field(default_factory=DestinationRules)
     attestation: AttestationRules = Field(default_factory=AttestationRules)
@@ -153,6 +159,40 @@ class VmPolicy(BaseModel):
     @classmethod
     def _names(cls, value: Any) -> str:
         return _check_name(value, "a name")
+
+    @field_validator("valid_from", "valid_until", mode="before")
+    @classmethod
+    def _instant(cls, value: Any) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            try:
+                value = datetime.fromisoformat(value)
+            except ValueError:
+                value = None
+        if not isinstance(value, datetime):
+            raise ValueError(
+                "expected a date and time with its offset such as 2027-01-31T00:00:00Z"
+            )
+        if value.utcoffset() is None:
+            raise ValueError(
+                f"expected a timezone offset (e.g. {value.isoformat()}Z), got a local time"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _period(self) -> VmPolicy:
+        if self.valid_from and self.valid_until and self.valid_until <= self.valid_from:
+            raise ValueError("valid_until must come after valid_from")
+        return self
+
+    def validity_problem(self, now: datetime) -> str | None:
+        """Why the policy is not valid at ``now``, or None when it is."""
+        if self.valid_from is not None and now < self.valid_from:
+            return f"serial {self.serial} is valid only from {self.valid_from.isoformat()}"
+        if self.valid_until is not None and now >= self.valid_until:
+            return f"serial {self.serial} expired on {self.valid_until.isoformat()}"
+        return None
 
     @property
     def signed_by(self) -> str | None:

@@ -6,8 +6,9 @@ than a re-serialised model means the bytes the owner reviewed are the bytes that
 the domain tag keeps a policy signature from ever being mistaken for any other signature made
 with the same key (audit records, handshakes).
 
-Only the VM's owner (holding the ``owner`` role) or a security-admin may sign a VM policy: an
-operator who could rewrite the policy of the VMs they migrate would make the policy pointless.
+Only the VM's recorded owner (holding the ``owner`` role), a tenant-admin of its tenant or a
+security-admin may sign a VM policy: an operator who could rewrite the policy of the VMs they
+migrate would make the policy pointless, and a policy naming a new owner changes nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from cryptography import x509
@@ -25,8 +27,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from trustmig.policy.access import VmAction, VmOwnership, decide_vm_access
 from trustmig.policy.errors import PolicyError, PolicySignatureError
-from trustmig.policy.identity import ROLE_OWNER, ROLE_SECURITY_ADMIN
 from trustmig.policy.loading import as_format, parse_vm_policy
 from trustmig.policy.models import VmPolicy
 
@@ -124,23 +126,49 @@ def sign_policy(
     return SignedPolicy(policy_text, fmt, signer_name, signer_cert_der, signature)
 
 
-def _may_sign(identity: Any, policy: VmPolicy) -> bool:
-    roles = tuple(getattr(identity, "roles", ()) or ())
-    if ROLE_SECURITY_ADMIN in roles:
-        return True
-    tenant = getattr(identity, "tenant", None)
-    return (
-        ROLE_OWNER in roles
-        and getattr(identity, "name", None) == policy.owner
-        and (tenant is None or tenant == policy.tenant)
+def _may_sign(identity: Any, policy: VmPolicy, ownership: VmOwnership | None) -> bool:
+    """The signer is the VM's recorded owner, a tenant-admin of its tenant or a security-admin.
+
+    Without a recorded ownership (an offline check of a file) the policy's own ``owner`` and
+    ``tenant`` stand in; a host never does that for a VM it holds.
+    """
+    tenant = ownership.tenant if ownership is not None else policy.tenant
+    owner = ownership.owner if ownership is not None else policy.owner
+    principal = SimpleNamespace(
+        name=str(getattr(identity, "name", "")),
+        roles=tuple(getattr(identity, "roles", ()) or ()),
+        tenant=getattr(identity, "tenant", None),
     )
+    vm = VmOwnership(policy.vm, tenant, owner)
+    return decide_vm_access(principal, VmAction.POLICY_SIGN, vm).allow
 
 
-def verify_signed_policy(sp: SignedPolicy, verify_signer: Callable[[bytes], Any]) -> VmPolicy:
+def _check_ownership(label: str, policy: VmPolicy, ownership: VmOwnership | None) -> None:
+    if ownership is None:
+        return
+    for what, held, named in (
+        ("VM", ownership.vm, policy.vm),
+        ("tenant", ownership.tenant, policy.tenant),
+        ("owner", ownership.owner, policy.owner),
+    ):
+        if held != named:
+            raise PolicySignatureError(
+                f"{label}: names {what} {named!r} but the VM's {what} here is {held!r}; "
+                "ownership moves only by 'trustmig vm transfer'"
+            )
+
+
+def verify_signed_policy(
+    sp: SignedPolicy,
+    verify_signer: Callable[[bytes], Any],
+    ownership: VmOwnership | None = None,
+) -> VmPolicy:
     """Check a signed VM policy and return it marked with its verified signer.
 
     ``verify_signer(cert_der)`` comes from the PKI trust bundle: it returns the signer's identity
-    and raises if the certificate is not from the cluster CA or is revoked.
+    and raises if the certificate is not from the cluster CA or is revoked. ``ownership`` is the
+    VM's tenant and owner as the host recorded them: the policy must name exactly those, and
+    the signer must be entitled to sign for them (raises ``PolicySignatureError`` otherwise).
     """
     fmt = as_format(sp.fmt, "signed policy")
     policy = parse_vm_policy(sp.policy_text, source="signed policy", fmt=fmt)
@@ -171,9 +199,11 @@ def verify_signed_policy(sp: SignedPolicy, verify_signer: Callable[[bytes], Any]
         raise PolicySignatureError(
             f"{label}: signature does not verify (forged or modified)"
         ) from None
-    if not _may_sign(identity, policy):
+    _check_ownership(label, policy, ownership)
+    if not _may_sign(identity, policy, ownership):
+        owner = ownership.owner if ownership is not None else policy.owner
         raise PolicySignatureError(
-            f"{label}: signer {sp.signer} is neither the VM's owner ({policy.owner}) nor a "
-            "security-admin; have one of them sign it"
+            f"{label}: signer {sp.signer} is neither the VM's owner ({owner}), a tenant-admin "
+            "of its tenant nor a security-admin; have one of them sign it"
         )
     return policy.with_signer(sp.signer)
