@@ -7,11 +7,12 @@ Relative paths are resolved against the directory holding the config file.
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 
 class ConfigError(Exception):
@@ -110,6 +111,29 @@ class AgentSettings(BaseModel):
     #: What stopping the agent (SIGTERM) does to the guests: ``keep`` leaves them (and
     #: migrations in flight) running for the next agent to adopt; ``stop`` shuts them down.
     on_shutdown: Literal["keep", "stop"] = "keep"
+    #: How often the agent tells its peers the length and head of its audit chain (they keep
+    #: the longest, so a truncated trail shows; see docs/audit.md).
+    audit_witness_interval_s: float = Field(30.0, gt=0)
+
+
+def _dataclass_section(section: str, cls: type, value: Any) -> dict[str, Any]:
+    """Check a ``[section]`` table against a dataclass of settings: known keys, right types."""
+    if not isinstance(value, dict):
+        raise ValueError(f"[{section}] must be a table of settings")
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in value:
+        if key not in known:
+            raise ValueError(f"unknown key {key!r} under [{section}]; known: {', '.join(known)}")
+    try:
+        TypeAdapter(cls).validate_python(value)
+        cls(**value)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        raise ValueError(f"[{section}] {key}: {err['msg']}") from None
+    except Exception as e:  # noqa: BLE001 - the settings' own checks (GuardError, AdmissionError)
+        raise ValueError(f"[{section}]: {e}") from None
+    return value
 
 
 class HostConfig(BaseModel):
@@ -136,6 +160,20 @@ class HostConfig(BaseModel):
     capacity: CapacitySettings = Field(default_factory=CapacitySettings)
     migration: MigrationSettings = Field(default_factory=MigrationSettings)
     agent: AgentSettings = Field(default_factory=AgentSettings)
+
+    @field_validator("guard", mode="before")
+    @classmethod
+    def _guard(cls, value: Any) -> dict[str, Any]:
+        from trustmig.guard import GuardRules
+
+        return _dataclass_section("guard", GuardRules, value)
+
+    @field_validator("admission", mode="before")
+    @classmethod
+    def _admission(cls, value: Any) -> dict[str, Any]:
+        from trustmig.guard import AdmissionLimits
+
+        return _dataclass_section("admission", AdmissionLimits, value)
 
     def resolve(self, base: Path) -> HostConfig:
         """Make every relative path absolute against ``base`` (the config file's directory)."""
@@ -166,6 +204,28 @@ class HostConfig(BaseModel):
             }
         )
 
+    def trust_relevant(self) -> dict[str, Any]:
+        """The settings a peer's trust in this host rests on, as measured into PCR 12.
+
+        Identity, keys, attestation, who its peers are and what it claims about itself (labels)
+        and the QEMU it runs; and the guard's allow lists. Ports, addresses, limits, timeouts
+        and the shutdown mode are left out on purpose: changing them is a plain edit and a
+        restart, not a new reference value and a reseal (docs/attestation.md).
+        """
+        guard = self.guard or {}
+        return {
+            "name": self.name,
+            "pki": self.pki.model_dump(mode="json"),
+            "attestation": self.attestation.model_dump(mode="json"),
+            "labels": self.labels,
+            "peers": {n: {"labels": p.labels} for n, p in sorted(self.peers.items())},
+            "qemu": {"binary": self.qemu.binary},
+            "policy_dir": str(self.policy_dir),
+            "host_policy": str(self.host_policy) if self.host_policy else None,
+            "guard": {k: guard[k] for k in ("allowed_networks", "allowed_identities")
+                      if k in guard},
+        }  # fmt: skip
+
     @property
     def control_advertise(self) -> str:
         return self.control.advertise or self.control.listen
@@ -189,5 +249,6 @@ def load_config(path: Path) -> HostConfig:
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        raise ConfigError(f"{path}: {loc}: {err['msg']}") from None
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"{path}: {loc}: {msg}") from None
     return cfg.resolve(path.parent.resolve())

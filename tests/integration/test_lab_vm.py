@@ -47,6 +47,7 @@ def test_every_attack_ran_and_the_summary_counts_them(lab: dict[str, Any]) -> No
         "memory-rewrite",
         "replay",
         "unauthorized",
+        "control-plane",
         "rogue-destination",
         "false-resources",
         "flood",
@@ -57,8 +58,8 @@ def test_every_attack_ran_and_the_summary_counts_them(lab: dict[str, Any]) -> No
         a["name"]: (a["baseline"]["outcome"], a["trustmig"]["outcome"]) for a in lab["attacks"]
     }
     assert lab["summary"] == {
-        "attacks": 9,
-        "baseline_compromised": 9,
+        "attacks": 10,
+        "baseline_compromised": 10,
         "trustmig_compromised": 0,
         "errors": 0,
     }, outcomes
@@ -99,8 +100,29 @@ def test_unauthorized_requests_are_obeyed_only_by_the_baseline(lab: dict[str, An
     assert ev["migrate_in_from_unknown_host"] == "running"
     tv = e["trustmig"]["evidence"]
     assert all(tv["attempts"].values()), tv["attempts"]  # every attempt got an error line
-    assert tv["attempts"]["unprivileged user migrate-out"].startswith("DENY")
+    assert tv["attempts"]["unprivileged user migrate-out"].startswith("migrate denied: mallory")
     assert tv["audit_denials_of_mallory"] >= 1 and tv["audit_chain_ok"] is True
+    _protected_guest(e, "host-a")
+
+
+def test_control_plane_trespass_is_obeyed_only_by_the_baseline(lab: dict[str, Any]) -> None:
+    e = _attack(lab, "control-plane")
+    assert e["baseline"]["evidence"]["attempts"]["cross-tenant stop"] == (
+        "obeyed: the guest was paused"
+    )
+    tv = e["trustmig"]["evidence"]
+    a = tv["attempts"]
+    assert all(a.values()), a  # every attempt got an error line
+    assert "belongs to another tenant" in a["cross-tenant stop"]
+    assert "belongs to another tenant" in a["cross-tenant migrate"]
+    assert a["cross-tenant list"] == "not listed"
+    assert "policy-sign on control-plane needs its owner" in a["ownership hijack"]
+    assert "rule policy.serial" in a["policy rollback"]
+    assert "rule destinations.countries" in a["migrate under the rolled-back policy"]
+    assert "host host-s is not a peer" in a["stranger host prepare"]
+    assert a["revoked user's open connection"]
+    denied = set(tv["audited_denials"])
+    assert {"eve:tenant", "oscar:role.policy-sign", "alice:policy.serial"} <= denied, denied
     _protected_guest(e, "host-a")
 
 

@@ -352,4 +352,10 @@ def test_malformed_frames_get_a_one_line_answer(make_cluster) -> None:  # type: 
 
     line = arun(invalid_field())
     assert line.startswith("vm.start: field memory_mib: Input should be a valid integer"), line
+    log = AuditLog(audit_url(cluster.hosts["host-a"].dir), host="host-a", signing_key=None)
+    try:
+        malformed = [e for e in log.events(kind="access.malformed") if e.user == "alice"]
+    finally:
+        log.close()
+    assert len(malformed) == 4 and "not JSON" in malformed[0].data["reason"]
     assert os.path.exists(cluster.hosts["host-a"].dir)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from trustmig import __version__
+from trustmig.agent.audit_anchor import AuditAnchor
 from trustmig.agent.control import Operations, Request
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.governance import Governance
@@ -35,8 +36,10 @@ class AdminApi:
         status_extra: Callable[[], dict[str, Any]],
         attestation_status: Callable[[], Any] | None,
         tenancy: Tenancy,
+        anchor: AuditAnchor,
     ) -> None:
         self.tenancy = tenancy
+        self.anchor = anchor
         self.host = host
         self.gov = gov
         self.vms = vms
@@ -134,9 +137,19 @@ class AdminApi:
         return {"host": self.host, "events": [e.to_json() for e in self.gov.audit.events()]}
 
     async def audit_verify(self, req: Request) -> dict[str, Any]:
+        """The chain's own proofs, then the chain against what the peers witnessed of it."""
         self.gov.audit.flush()
         rep = self.gov.audit.verify(self.gov.audit_key.public_key())
-        return {"host": self.host, **rep.__dict__}
+        verdict = await self.anchor.verify()
+        out = {"host": self.host, **rep.__dict__}
+        out["anchor"] = {"code": verdict.code, "detail": verdict.detail,
+                         "witnesses": [w.__dict__ for w in verdict.witnesses]}  # fmt: skip
+        if verdict.lost:
+            out["ok"] = False
+            out["problems"] = [*rep.problems, verdict.detail]
+        elif verdict.code == "unanchored":
+            out["warnings"] = [*rep.warnings, verdict.detail]
+        return out
 
     async def guard_show(self, req: Request) -> dict[str, Any]:
         return {

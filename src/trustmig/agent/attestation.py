@@ -652,6 +652,26 @@ class AgentAttestation:
 
     # --- authorized upgrade -----------------------------------------------------------------------
     @staticmethod
+    def enroll_tpm(
+        cfg: HostConfig, *, replace: bool = False, ek_ca_certs: list[bytes] | None = None
+    ) -> dict[str, Any]:
+        """The security admin's enrollment of this host's TPM (agent stopped): a credential
+        challenge proves the AK lives in the TPM whose EK is recorded, then the AK goes into
+        ``[attestation] registry``, which every peer must then receive."""
+        state_lock = _StateLock(cfg)
+        try:
+            tpm = _open_host_tpm(cfg)
+            try:
+                rec = enroll_host(cfg.name, tpm, cfg.attestation.registry,
+                                  ek_ca_certs=ek_ca_certs, replace=replace)  # fmt: skip
+            finally:
+                close_tpm(tpm)
+        finally:
+            state_lock.release()
+        return {"host": rec.host, "ak_name": rec.ak_name, "registry": str(cfg.attestation.registry),
+                "enrolled_at": rec.enrolled_at}  # fmt: skip
+
+    @staticmethod
     def reseal(
         cfg: HostConfig, *, config_path: Path, ca_private_key: ec.EllipticCurvePrivateKey
     ) -> dict[str, Any]:
@@ -674,7 +694,8 @@ class AgentAttestation:
                 if name not in DATA_EVENTS and refvalues.lookup(name, digest) is None:
                     raise AgentAttestationError(
                         f"reseal refused: {name} sha256:{digest.hex()[:12]} ({detail}) is not in "
-                        "the reference values; approve it with 'trustmig refvalues add' first"
+                        "the reference values; approve it with 'trustmig refvalues add "
+                        f"--from-host-config {config_path} --ca-dir CA_DIR' first"
                     )
             predicted = predict_pcrs(items, SEAL_PCRS)
             recoveries = sorted(keys_dir(cfg).glob("*.recovery"))

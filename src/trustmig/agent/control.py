@@ -121,6 +121,9 @@ class ControlServer:
         is_revoked: Callable[[PeerIdentity], bool] = lambda peer: False,
     ) -> None:
         self.is_revoked = is_revoked
+        #: While the agent starts, only these operations are served (peers checking each
+        #: other's audit anchors at the same time must not wait for each other).
+        self.starting_ops: frozenset[str] | None = None
         self.operations = operations
         self.authenticate = authenticate
         self.audit = audit
@@ -155,8 +158,11 @@ class ControlServer:
                     tasks.add(t)
                     t.add_done_callback(tasks.discard)
         except ProtocolError as e:
-            # one line says what was wrong before the connection is closed
+            # one line says what was wrong before the connection is closed, and the trail keeps
+            # who sent it (the connection is authenticated, so this is attributable)
             await conn.send({"id": None, "ok": False, "error": str(e), "code": Code.INVALID})
+            self.audit("access.malformed", user=peer.name, outcome="closed",
+                       data={"reason": str(e), "kind": peer.kind})  # fmt: skip
             log.info("control connection from %s closed: %s", peer.name, e)
         except (ConnectionError, OSError) as e:
             log.info("control connection from %s closed: %s", peer.name, e)
@@ -179,6 +185,11 @@ class ControlServer:
         entry = self.operations.ops.get(op)
         if entry is None:
             raise RequestError(f"unknown operation {op!r}", Code.INVALID)
+        if self.starting_ops is not None and op not in self.starting_ops:
+            raise RequestError(
+                f"{op}: the agent is starting (checking its audit trail with its peers); retry",
+                Code.BUSY,
+            )
         if conn.peer.kind not in entry.kinds:
             raise RequestError(f"{op} is not allowed for a {conn.peer.kind} certificate",
                                Code.DENIED)  # fmt: skip

@@ -8,7 +8,9 @@ disk when the call returns):
 - ``migrations``: every migration this host takes part in, with the core's record (state, epoch,
   error) and the context the agent needs to drive it again (peer, relay process, sockets);
 - ``policy_serials``: the highest VM policy serial this host ever accepted per VM, so an older
-  signed policy is refused after a restart too (it outlives the VM's stay here).
+  signed policy is refused after a restart too (it outlives the VM's stay here);
+- ``audit_witness``: the longest audit chain each peer (and this host itself) reported, so a
+  truncated trail shows (see ``audit/anchor.py``).
 
 Each write is one transaction. The agent writes the new state, then does what the state allows:
 an agent killed at any instant restarts from a journal that is never ahead of the facts.
@@ -78,6 +80,15 @@ policy_serials_table = Table(
     metadata,
     Column("vm", String(64), primary_key=True),
     Column("serial", Integer, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+audit_witness_table = Table(
+    "audit_witness",
+    metadata,
+    Column("host", String(255), primary_key=True),
+    Column("length", Integer, nullable=False),
+    Column("head", String(64), nullable=False),
     Column("updated_at", Float, nullable=False),
 )
 
@@ -228,6 +239,33 @@ class Journal:
                                  .values(serial=serial, updated_at=time.time()))  # fmt: skip
         except Exception as e:  # noqa: BLE001
             raise JournalError(f"host journal {self.path}: write failed: {e}") from None
+
+    # ------------------------------------------------------------------ audit witnesses
+    def witness(self, host: str) -> tuple[int, str] | None:
+        """The longest chain ``host`` reported here: ``(length, head)``, or None."""
+        t = audit_witness_table.c
+        with self.engine.connect() as conn:
+            row = conn.execute(select(t.length, t.head).where(t.host == host)).first()
+        return (int(row[0]), str(row[1])) if row else None
+
+    def note_witness(
+        self, host: str, length: int, head: str, *, reset: bool = False
+    ) -> tuple[int, str] | None:
+        """Keep ``(length, head)`` for ``host`` if it is longer (or ``reset``, after an
+        acknowledged loss); returns what was held before."""
+        t = audit_witness_table.c
+        try:
+            with self.engine.begin() as conn:
+                row = conn.execute(select(t.length, t.head).where(t.host == host)).first()
+                held = (int(row[0]), str(row[1])) if row else None
+                values = {"length": length, "head": head, "updated_at": time.time()}
+                if held is None:
+                    conn.execute(insert(audit_witness_table).values(host=host, **values))
+                elif reset or length >= held[0]:
+                    conn.execute(update(audit_witness_table).where(t.host == host).values(**values))
+        except Exception as e:  # noqa: BLE001
+            raise JournalError(f"host journal {self.path}: write failed: {e}") from None
+        return held
 
     # ------------------------------------------------------------------ migrations
     def put_migration(

@@ -267,7 +267,14 @@ class LocalCluster:
         for hh in self.hosts.values():
             self.wait_ready(hh.name, timeout)
 
-    def start_agent(self, name: str, *, wait: bool = True, timeout: float = 60.0) -> None:
+    def start_agent(
+        self,
+        name: str,
+        *,
+        wait: bool = True,
+        timeout: float = 60.0,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         """Start the host's agent in a session of its own (it outlives this process)."""
         hh = self.hosts[name]
         ready = hh.dir / "agent.ready.json"
@@ -276,7 +283,7 @@ class LocalCluster:
         log = (hh.dir / "agent.log").open("ab")
         hh.proc = subprocess.Popen(
             [sys.executable, "-m", hh.agent_module, "agent", "--config", str(hh.config_path),
-             "--ready-file", str(ready)],
+             "--ready-file", str(ready), *extra_args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=hh.dir,
             start_new_session=True,
         )  # fmt: skip

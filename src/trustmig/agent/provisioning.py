@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -88,6 +89,13 @@ def trustmig_package_dir() -> Path:
     return Path(trustmig.__file__).resolve().parent
 
 
+def config_measurement(cfg: HostConfig, config_path: Path) -> tuple[str, bytes, str]:
+    """The agent config as measured: its trust-relevant settings only, canonical JSON."""
+    doc = json.dumps(cfg.trust_relevant(), sort_keys=True, separators=(",", ":"), default=str)
+    digest = hashlib.sha256(b"trustmig-agent-config/1\0" + doc.encode()).digest()
+    return ("agent-config", digest, f"{config_path} (trust-relevant settings)")
+
+
 def host_launch_items(cfg: HostConfig, config_path: Path) -> list[tuple[str, bytes, str]]:
     """Exactly what the agent of ``cfg`` extends into its PCRs at start, in order."""
     config_path = Path(config_path).resolve()
@@ -95,9 +103,12 @@ def host_launch_items(cfg: HostConfig, config_path: Path) -> list[tuple[str, byt
         raise ProvisioningError(
             f"agent config {config_path} does not exist; pass the host.toml path"
         )
-    items = launch_items(
-        resolve_qemu_binary(cfg.qemu.binary), config_path, None, trustmig_package_dir()
-    )
+    items = [
+        item if item[0] != "agent-config" else config_measurement(cfg, config_path)
+        for item in launch_items(
+            resolve_qemu_binary(cfg.qemu.binary), config_path, None, trustmig_package_dir()
+        )
+    ]
     items.append(("policy-bundle", policy_bundle_digest(cfg.policy_dir), str(cfg.policy_dir)))
     items.append(capacity_measurement(cfg))
     return items
@@ -117,7 +128,7 @@ def load_refvalues(path: Path, verify_key: ec.EllipticCurvePublicKey) -> RefValu
     if not Path(path).exists():
         raise ProvisioningError(
             f"reference values {path} do not exist; create them with 'trustmig refvalues add' "
-            "(or 'trustmig refvalues add --from-host-config host.toml')"
+            "(or 'trustmig refvalues add --from-host-config host.toml --ca-dir CA_DIR')"
         )
     return RefValues.load(path, verify_key)
 

@@ -22,6 +22,7 @@ import stat
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from trustmig.agent.api_migration import MigrationApi
 from trustmig.agent.api_pki import PkiApi
 from trustmig.agent.api_vm import VmApi
 from trustmig.agent.attestation import AgentAttestation
+from trustmig.agent.audit_anchor import AuditAnchor
 from trustmig.agent.client import ControlClient
 from trustmig.agent.control import ControlServer, Operations
 from trustmig.agent.datapath import ChannelSecurity, DataListener
@@ -47,7 +49,7 @@ from trustmig.agent.runtime import AdmissionGate, HostServices
 from trustmig.agent.tenancy import Tenancy
 from trustmig.agent.vms import VmManager
 from trustmig.channel.identity import LocalIdentity
-from trustmig.config import HostConfig, parse_hostport
+from trustmig.config import ConfigError, HostConfig, parse_hostport
 from trustmig.guard import Admission, AdmissionLimits, Guard, GuardError, GuardRules
 from trustmig.guard.aio import GuardedServer, guarded_serve, stop_guarded
 from trustmig.guard.claims import Quarantine
@@ -61,6 +63,7 @@ from trustmig.pki.errors import PkiError
 from trustmig.pki.identity import PeerIdentity
 from trustmig.pki.tls import client_context, peer_identity, server_context
 from trustmig.pki.trust import TrustBundle
+from trustmig.timeouts import cancel_and_wait, within
 
 log = logging.getLogger("trustmig.agent")
 rlog = RateLimitedLog(log)
@@ -116,8 +119,11 @@ class GuardHooks:
 
 
 class Agent:
-    def __init__(self, cfg: HostConfig, config_path: Path | None = None) -> None:
+    def __init__(
+        self, cfg: HostConfig, config_path: Path | None = None, *, accept_audit_loss: bool = False
+    ) -> None:
         self.cfg = cfg
+        self.accept_audit_loss = accept_audit_loss
         self.state_dir = cfg.state_dir
         self.run_dir = self.state_dir / "run"
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -173,6 +179,7 @@ class Agent:
         self._image_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._server: GuardedServer | None = None
+        self._anchor_task: asyncio.Future[None] | None = None
         self.data: DataListener | None = None
         self.control_address = ""
         self.data_advertise = ""
@@ -301,13 +308,16 @@ class Agent:
         self.services = self._services()
         self.registry = MigrationRegistry(self.services)
         ops = Operations()
+        self.anchor = AuditAnchor(self.cfg.name, self.gov.audit, self.journal,
+                                  sorted(self.cfg.peers), self.connect_peer,
+                                  self.audit_event)  # fmt: skip
         tenancy = Tenancy(self.vms, self.audit_event)
         VmApi(self.cfg.name, self.vms, self.gov, tenancy).register(ops)
         MigrationApi(self.cfg.name, self.registry, self.gov, tenancy).register(ops)
         AdminApi(
             self.cfg.name, self.gov, self.vms, self.registry, self.guard, self.admission,
             self.quarantine, self._status_extra,
-            self.attestation.status if self.attestation else None, tenancy,
+            self.attestation.status if self.attestation else None, tenancy, self.anchor,
         ).register(ops)  # fmt: skip
         control = ControlServer(ops, self._authenticate, self.audit_event,
                                 self.guard_hooks.authenticated,
@@ -315,6 +325,8 @@ class Agent:
                                 is_revoked=self._revoked)  # fmt: skip
         PkiApi(self.cfg.name, self.bundle, control, self.audit_event, sorted(self.cfg.peers),
                self.connect_peer).register(ops)  # fmt: skip
+        self.anchor.register(ops)
+        control.starting_ops = frozenset({"ping", "crl.show", "audit.witness", "audit.witnessed"})
 
         async def serve(reader: Any, writer: Any, conn_id: int) -> None:
             try:
@@ -323,18 +335,31 @@ class Agent:
                 self.guard_hooks.close(conn_id)
 
         host, port = parse_hostport(self.cfg.control.listen)
-        self._server = await guarded_serve(
-            self.guard, "control", host, port, serve, ssl_ctx=self.server_ctx,
-            handshake_timeout=self.guard.rules.handshake_deadline_s,
-        )  # fmt: skip
+        with _listener("control", self.cfg.control.listen):
+            self._server = await guarded_serve(
+                self.guard, "control", host, port, serve, ssl_ctx=self.server_ctx,
+                handshake_timeout=self.guard.rules.handshake_deadline_s,
+            )  # fmt: skip
         sock = self._server.sockets[0].getsockname()
         self.control_address = f"{sock[0]}:{sock[1]}"
         dhost, dport = parse_hostport(self.cfg.data.listen)
-        self.data = DataListener(self.security, self.guard_hooks, self.registry, dhost, dport)
+        with _listener("data", self.cfg.data.listen):
+            self.data = DataListener(self.security, self.guard_hooks, self.registry, dhost, dport)
         self.registry.forget_session = self.data.forget
         self.data.start()
         self.data_advertise = (
             self.cfg.data.advertise or f"{self.data.address[0]}:{self.data.address[1]}"
+        )
+        # the audit trail must be the one the peers saw before anything else happens
+        try:
+            await self.anchor.check_at_start(self.accept_audit_loss)
+        except BaseException:
+            await stop_guarded(self._server)
+            self.data.close()
+            raise
+        control.starting_ops = None
+        self._anchor_task = asyncio.ensure_future(
+            self.anchor.run(self.cfg.agent.audit_witness_interval_s)
         )
         # what survived the previous agent: its guests, then its migrations
         await self.vms.load()
@@ -367,6 +392,10 @@ class Agent:
     async def shutdown(self) -> None:
         log.info("agent %s stopping (%s guests)", self.cfg.name, self.cfg.agent.on_shutdown)
         t0 = time.monotonic()
+        if self._anchor_task is not None:
+            await cancel_and_wait(self._anchor_task)
+            with contextlib.suppress(Exception):
+                await within(self.anchor.push(), 5.0)  # the final head, for the next start
         if self._server:
             await stop_guarded(self._server)
         if self.data:
@@ -419,6 +448,18 @@ def short_socket_root(state_dir: Path) -> Path:
     return root
 
 
+@contextlib.contextmanager
+def _listener(name: str, address: str) -> Iterator[None]:
+    """A bind failure names the listener and the setting to change."""
+    try:
+        yield
+    except OSError as e:
+        raise ConfigError(
+            f"{name} listener {address}: {e.strerror or e}; change [{name}] listen in the host "
+            "config or stop what uses the port"
+        ) from None
+
+
 def make_private(state_dir: Path) -> None:
     """Take group and other access away from a state dir an older release left open."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -433,7 +474,11 @@ def make_private(state_dir: Path) -> None:
 
 
 def run_agent(
-    cfg: HostConfig, ready_file: Path | None = None, config_path: Path | None = None
+    cfg: HostConfig,
+    ready_file: Path | None = None,
+    config_path: Path | None = None,
+    *,
+    accept_audit_loss: bool = False,
 ) -> None:
     # everything the agent and its QEMUs create (audit trail, journal, policies, console logs,
     # sockets) is readable by root only
@@ -441,7 +486,7 @@ def run_agent(
     make_private(cfg.state_dir)
 
     async def _main() -> None:
-        agent = Agent(cfg, config_path)
+        agent = Agent(cfg, config_path, accept_audit_loss=accept_audit_loss)
         await agent.run(ready_file)
 
     with contextlib.suppress(KeyboardInterrupt):

@@ -323,6 +323,28 @@ class AuditLog:
             hash=digest,
         )
 
+    def durable_head(self) -> tuple[int, str]:
+        """``(length, head hash)`` of the chain as stored (flushes pending events first when
+        writable): what peers witness, so a later truncation or rewrite shows."""
+        with self._lock:
+            if self._key is not None and not self._closed:
+                self._flush_locked()
+            return self._seq, self._head
+
+    def hash_at(self, seq: int) -> str | None:
+        """Hash of this host's event number ``seq`` (None if the trail holds no such event)."""
+        with self._lock:
+            self._check_open()
+            for row in self._pending:
+                if row["seq"] == seq:
+                    return str(row["hash"])
+            ev = events_table.c
+            with self._connect() as conn:
+                found = conn.execute(
+                    select(ev.hash).where(ev.host == self._host, ev.seq == seq).limit(1)
+                ).scalar()
+        return None if found is None else str(found)
+
     def flush(self) -> None:
         """Commit every pending event and sign a checkpoint over the head (the durability point)."""
         with self._lock:

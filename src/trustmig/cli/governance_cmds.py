@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from trustmig.cli.common import CliError, connect, one_line_errors, out, print_json, run
@@ -40,14 +41,31 @@ def _guarded(as_json: bool, fn: Any) -> None:
 
 # ------------------------------------------------------------------------------ policy
 @policy_app.command("check")
-def policy_check(path: Path, as_json: JsonOpt = False) -> None:
-    """Validate a VM or host policy file (TOML/YAML, or a signed policy JSON)."""
+def policy_check(
+    path: Path,
+    ca: Annotated[
+        Path | None, typer.Option("--ca", help="Cluster ca.pem: verify a signed policy with it.")
+    ] = None,
+    crl: Annotated[Path | None, typer.Option("--crl", help="The cluster's crl.pem.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate a VM or host policy file (TOML/YAML), or verify a signed policy JSON."""
+    from trustmig.pki.trust import TrustBundle
     from trustmig.policy import check_policy_file
 
     def go() -> None:
-        summary = check_policy_file(path)
+        verify = None
+        if ca is not None:
+            bundle = TrustBundle.load(ca, crl)
+            verify = lambda der: bundle.verify(der, kind="user")  # noqa: E731
+        elif path.suffix.lower() == ".json":
+            raise CliError(
+                f"{path} is a signed policy: pass --ca ca.pem (and --crl crl.pem) to verify its "
+                "signature; nothing was checked"
+            )
+        summary = check_policy_file(path, verify)
         print_json({"ok": True, "file": str(path), "summary": summary}) if as_json else out.print(
-            f"[green]ok[/] {path}: {summary}"
+            f"[green]ok[/] {escape(str(path))}: {escape(str(summary))}"
         )
 
     _guarded(as_json, go)
@@ -217,10 +235,13 @@ def audit_verify(
                 f"audit trail {status}: {rep['events']} events, "
                 f"{rep['checkpoints']} signed checkpoints"
             )
+            if rep.get("anchor"):
+                out.print(f"  anchor: {escape(rep['anchor']['code'])}: "
+                          f"{escape(rep['anchor']['detail'])}")  # fmt: skip
             for p in rep["problems"]:
-                out.print(f"  [red]problem:[/] {p}")
+                out.print(f"  [red]problem:[/] {escape(p)}")
             for w in rep["warnings"]:
-                out.print(f"  [yellow]warning:[/] {w}")
+                out.print(f"  [yellow]warning:[/] {escape(w)}")
         if not rep["ok"]:
             raise typer.Exit(1)
 
@@ -255,7 +276,7 @@ def guard_quarantine(
         if not res["quarantined"]:
             out.print(f"{res['host']}: no host is quarantined")
         for host, entry in res["quarantined"].items():
-            out.print(f"[red]{host}[/] quarantined: {entry['reason']}")
+            out.print(f"[red]{escape(host)}[/] quarantined: {escape(str(entry['reason']))}")
 
     _guarded(as_json, go)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -46,12 +47,14 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(guard_app, name="guard")
 from trustmig.cli.attest_cmds import register as _register_attest  # noqa: E402
 from trustmig.cli.cluster_cmds import cluster_app  # noqa: E402
+from trustmig.cli.host_cmds import register as _register_host  # noqa: E402
 from trustmig.cli.migration_cmds import migration_app  # noqa: E402
 
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(migration_app, name="migration")
 
 _register_attest(app, host_app)
+_register_host(host_app)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 AgentOpt = Annotated[
@@ -74,6 +77,13 @@ def agent(
     config: Annotated[Path, typer.Option("--config", help="host.toml")],
     ready_file: Annotated[Path | None, typer.Option(help="Write JSON here once serving.")] = None,
     log_level: Annotated[str, typer.Option(help="debug|info|warning")] = "info",
+    accept_audit_loss: Annotated[
+        bool,
+        typer.Option(
+            "--accept-audit-loss",
+            help="Start although peers witnessed a longer audit trail (recorded in the trail).",
+        ),
+    ] = False,
 ) -> None:
     """Run the host agent (long-running)."""
     from trustmig.agent.server import run_agent
@@ -85,7 +95,7 @@ def agent(
     )
     with _errors(False):
         cfg = load_config(config)
-        run_agent(cfg, ready_file, config.resolve())
+        run_agent(cfg, ready_file, config.resolve(), accept_audit_loss=accept_audit_loss)
 
 
 # ---------------------------------------------------------------------------------- image
@@ -120,23 +130,6 @@ def ca_init(ca_dir: CaDirOpt, force: bool = False, as_json: JsonOpt = False) -> 
         print_json(data) if as_json else out.print(f"cluster CA created in {ca_dir}")
 
 
-@host_app.command("enroll")
-def host_enroll(
-    name: str,
-    ca_dir: CaDirOpt,
-    out_dir: Annotated[Path, typer.Option("--out", help="Where to write host.key/host.pem.")],
-    ip: Annotated[list[str] | None, typer.Option(help="IP SAN (repeatable).")] = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Issue a host identity (key + certificate naming the host)."""
-    from trustmig.pki.authority import ClusterCA
-
-    with _errors(as_json):
-        creds = ClusterCA.load(ca_dir).issue_host(name, out_dir, ips=ip or ())
-        data = {"host": name, "cert": str(creds.cert_path), "key": str(creds.key_path)}
-        print_json(data) if as_json else out.print(f"host {name} enrolled: {creds.cert_path}")
-
-
 @host_app.command("revoke")
 def host_revoke(
     name: str,
@@ -154,7 +147,9 @@ def host_revoke(
         data: dict[str, Any] = {"host": name, "revoked_serials": [hex(s) for s in serials]}
         data["pushed"] = _push_crl(ca.crl_path, push or [], credentials)
         print_json(data) if as_json else out.print(
-            f"revoked {len(serials)} certificate(s) of {name}" + _pushed_line(data["pushed"])
+            escape(
+                f"revoked {len(serials)} certificate(s) of {name}" + _pushed_line(data["pushed"])
+            )
         )
 
 
@@ -210,7 +205,9 @@ def user_revoke(
         data: dict[str, Any] = {"user": name, "revoked_serials": [hex(s) for s in serials]}
         data["pushed"] = _push_crl(ca.crl_path, push or [], credentials)
         print_json(data) if as_json else out.print(
-            f"revoked {len(serials)} certificate(s) of {name}" + _pushed_line(data["pushed"])
+            escape(
+                f"revoked {len(serials)} certificate(s) of {name}" + _pushed_line(data["pushed"])
+            )
         )
 
 
@@ -253,7 +250,7 @@ def crl_push(
 
     with _errors(as_json):
         pushed = _push_crl(ClusterCA.load(ca_dir).crl_path, agent, credentials)
-        print_json({"pushed": pushed}) if as_json else out.print(_pushed_line(pushed)[2:])
+        print_json({"pushed": pushed}) if as_json else out.print(escape(_pushed_line(pushed)[2:]))
 
 
 @vm_app.command("transfer")
@@ -276,7 +273,7 @@ def vm_transfer(
 
         res = run(go())
         print_json(res) if as_json else out.print(
-            f"{name}: owner {res['from']} -> {res['to']}; {res['note']}"
+            escape(f"{name}: owner {res['from']} -> {res['to']}; {res['note']}")
         )
 
 

@@ -46,6 +46,8 @@ SOURCE = "host-a"
 HONEST, ROGUE, LIAR = "host-b", "host-r", "host-l"
 DESTINATIONS = (HONEST, ROGUE, LIAR)
 OWNER, MALLORY, SECADMIN = "alice", "mallory", "sam"
+#: An operator of another tenant, another owner of the victim's tenant, an operator to revoke.
+EVE, HIJACKER, RITA = "eve", "oscar", "rita"
 TENANT = "acme"
 
 Say = Callable[[str], None]
@@ -266,6 +268,9 @@ class TrustmigCluster:
         self.cluster.add_user(OWNER, ["owner", "operator"], tenant=TENANT)
         self.cluster.add_user(MALLORY, ["auditor"], tenant=TENANT)
         self.cluster.add_user(SECADMIN, ["security-admin"])
+        self.cluster.add_user(EVE, ["owner", "operator"], tenant="evil")
+        self.cluster.add_user(HIJACKER, ["owner"], tenant=TENANT)
+        self.cluster.add_user(RITA, ["operator"], tenant=TENANT)
         self.cluster.start_agents()
 
     def tap(self, host: str, tap: Tap | None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from trustmig.lab.attack import Attack
 from trustmig.lab.attacks import (
     connection_abort,
+    control_plane,
     eavesdrop,
     false_resources,
     flood,
@@ -20,6 +21,7 @@ ATTACKS: tuple[Attack, ...] = (
     memory_rewrite.ATTACK,
     replay.ATTACK,
     unauthorized.ATTACK,
+    control_plane.ATTACK,
     rogue_destination.ATTACK,
     false_resources.ATTACK,
     flood.ATTACK,
