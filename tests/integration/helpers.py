@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from trustmig.agent.client import ControlClient, ControlError
+from trustmig.agent.governance import audit_url
 from trustmig.agent.local_cluster import LocalCluster
+from trustmig.audit import AuditLog
 
 
 def spec(
@@ -120,3 +122,12 @@ def pid_alive(pid: int | None) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def audit_events(cluster: LocalCluster, host: str, kind: str) -> list[Any]:
+    """``host``'s audit events of ``kind``, read from its database as an auditor would."""
+    log = AuditLog(audit_url(cluster.hosts[host].dir), host=host, signing_key=None)
+    try:
+        return list(log.events(kind=kind))
+    finally:
+        log.close()

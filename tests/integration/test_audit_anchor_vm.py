@@ -12,12 +12,10 @@ from typing import Any
 import pytest
 
 from trustmig.agent.client import ControlError
-from trustmig.agent.governance import audit_url
 from trustmig.agent.journal import Journal
 from trustmig.agent.local_cluster import LocalCluster
-from trustmig.audit import AuditLog
 
-from .helpers import arun
+from .helpers import arun, audit_events
 
 pytestmark = pytest.mark.vm
 FAST = "[agent]\naudit_witness_interval_s = 0.3\n"
@@ -30,14 +28,6 @@ def _witnessed(cluster: LocalCluster, by: str, of: str) -> int:
         return held[0] if held else 0
     finally:
         j.close()
-
-
-def _kinds(cluster: LocalCluster, host: str, kind: str) -> list[Any]:
-    log = AuditLog(audit_url(cluster.hosts[host].dir), host=host, signing_key=None)
-    try:
-        return list(log.events(kind=kind))
-    finally:
-        log.close()
 
 
 def _wipe(path: Path, how: str) -> None:
@@ -83,9 +73,9 @@ def test_an_emptied_or_deleted_trail_is_refused_until_the_loss_is_acknowledged(
         assert "--accept-audit-loss" in tail, tail
 
     cluster.start_agent("host-a", timeout=30, extra_args=("--accept-audit-loss",))
-    acknowledged = _kinds(cluster, "host-a", "audit.loss_acknowledged")
+    acknowledged = audit_events(cluster, "host-a", "audit.loss_acknowledged")
     assert acknowledged and acknowledged[0].data["verdict"] == "truncated"
-    resets = _kinds(cluster, "host-b", "audit.witness_reset")
+    resets = audit_events(cluster, "host-b", "audit.witness_reset")
     assert resets and resets[-1].data["host"] == "host-a" and resets[-1].data["from"] >= seen
 
     async def verify() -> dict[str, Any]:

@@ -19,25 +19,15 @@ from typing import Any
 import pytest
 
 from trustmig.agent.client import ControlClient, ControlError
-from trustmig.agent.governance import audit_url
 from trustmig.agent.local_cluster import LocalCluster
-from trustmig.audit import AuditLog
 from trustmig.pki.authority import Credentials
 from trustmig.pki.tls import client_context
 from trustmig.pki.trust import TrustBundle
 
-from .helpers import arun, assert_absent, assert_running_and_beating, pid_alive, spec
+from .helpers import arun, assert_absent, assert_running_and_beating, audit_events, pid_alive, spec
 
 pytestmark = pytest.mark.vm
 SECRET = "TENANT-ACME-SECRET-0123456789"
-
-
-def _events(cluster: LocalCluster, host: str, kind: str) -> list[Any]:
-    log = AuditLog(audit_url(cluster.hosts[host].dir), host=host, signing_key=None)
-    try:
-        return list(log.events(kind=kind))
-    finally:
-        log.close()
 
 
 async def _denied(c: ControlClient, op: str, params: dict[str, Any]) -> str:
@@ -159,12 +149,12 @@ def test_tenants_owners_and_policy_serials_on_real_agents(make_cluster) -> None:
     assert seen["owner_a"] == "bob"
     assert pid_alive(seen["pid_a"]) and not pid_alive(seen["pid"])
 
-    denials = _events(cluster, "host-a", "access.denied")
+    denials = audit_events(cluster, "host-a", "access.denied")
     by_user = {(e.user, e.data["op"], e.data["rule"]) for e in denials}
     assert ("eve", "vm.stop", "tenant") in by_user and ("eve", "migrate", "tenant") in by_user
     assert ("mallory", "policy.set", "role.policy-sign") in by_user
     assert ("alice", "policy.set", "policy.serial") in by_user
-    assert [e for e in _events(cluster, "host-b", "vm.transfer") if e.user == "alice"]
+    assert [e for e in audit_events(cluster, "host-b", "vm.transfer") if e.user == "alice"]
 
     # files readable by root only, and the guest's secret on no command line
     for p in [a_dir, a_dir / "audit.db", a_dir / "journal.db", a_dir / "vm-policies" / "vm1.json",
@@ -228,7 +218,9 @@ def test_only_peers_get_anything_and_aborted_prepares_use_no_quota(make_cluster,
     assert len(out["pids"]) == 6, "each aborted prepare of a real peer was admitted"
     for pid in out["pids"]:
         assert not pid_alive(pid)
-    denials = [e for e in _events(cluster, "host-b", "access.denied") if e.data["rule"] == "peers"]
+    denials = [
+        e for e in audit_events(cluster, "host-b", "access.denied") if e.data["rule"] == "peers"
+    ]
     assert {e.data["host"] for e in denials} == {"host-x"}
 
 
@@ -285,8 +277,8 @@ def test_revocation_reaches_every_agent_and_ends_open_connections(make_cluster) 
     assert pushed[0]["installed"] is True and pushed[0]["closed"] == ["mallory"]
     assert out["number_b"] == pushed[0]["number"] > n0
     assert "older than number" in out["older"]
-    assert [e for e in _events(cluster, "host-a", "access.revoked") if e.user == "mallory"]
-    assert [e for e in _events(cluster, "host-b", "pki.crl") if e.outcome == "installed"]
+    assert [e for e in audit_events(cluster, "host-a", "access.revoked") if e.user == "mallory"]
+    assert [e for e in audit_events(cluster, "host-b", "pki.crl") if e.outcome == "installed"]
 
     # a host whose CRL is gone does not start with revocation checking off
     cluster.kill_agent("host-b")
@@ -352,10 +344,8 @@ def test_malformed_frames_get_a_one_line_answer(make_cluster) -> None:  # type: 
 
     line = arun(invalid_field())
     assert line.startswith("vm.start: field memory_mib: Input should be a valid integer"), line
-    log = AuditLog(audit_url(cluster.hosts["host-a"].dir), host="host-a", signing_key=None)
-    try:
-        malformed = [e for e in log.events(kind="access.malformed") if e.user == "alice"]
-    finally:
-        log.close()
+    malformed = [
+        e for e in audit_events(cluster, "host-a", "access.malformed") if e.user == "alice"
+    ]
     assert len(malformed) == 4 and "not JSON" in malformed[0].data["reason"]
     assert os.path.exists(cluster.hosts["host-a"].dir)

@@ -103,7 +103,6 @@ class AdminApi:
         except (PolicySignatureError, PolicyStaleError) as e:
             rule = "policy.serial" if isinstance(e, PolicyStaleError) else "policy.signature"
             self.tenancy.deny(req.peer, req.op, vm.name, rule, str(e))
-            raise
         self.gov.event("policy.set", vm=vm.name, user=req.peer.name, outcome="set",
                        data={"signed_by": pol.signed_by, "serial": pol.serial})  # fmt: skip
         return {"vm": vm.name, "signed_by": pol.signed_by, "serial": pol.serial,

@@ -8,9 +8,9 @@ from trustmig.agent.control import Operations, Request
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.governance import Governance
 from trustmig.agent.migrations import MigrationRegistry
-from trustmig.agent.tenancy import Tenancy
+from trustmig.agent.tenancy import Tenancy, ownership_of_row
 from trustmig.hypervisor.migration import MigrationOptions
-from trustmig.policy import VmAction, VmOwnership
+from trustmig.policy import VmAction
 
 RESOLVE_CHOICES = ("destination", "source", "retry")
 
@@ -46,8 +46,7 @@ class MigrationApi:
 
     def _seen(self, req: Request, mid: str, action: VmAction) -> dict[str, Any]:
         row = self.registry.describe(mid)
-        own = VmOwnership(str(row["vm"]), str(row.get("tenant") or ""), row.get("owner"))
-        self.tenancy.check(req.peer, req.op, action, own)
+        self.tenancy.check(req.peer, req.op, action, ownership_of_row(row))
         return row
 
     async def list(self, req: Request) -> dict[str, Any]:

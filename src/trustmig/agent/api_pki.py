@@ -9,19 +9,15 @@ its peers (who do the same; an equal number stops the spread, an older one is re
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from trustmig.agent.client import ControlClient
+from trustmig.agent.client import ControlClient, call_peer
 from trustmig.agent.control import ControlServer, Operations, Request
 from trustmig.agent.errors import Code, RequestError
 from trustmig.pki.errors import PkiError
 from trustmig.pki.trust import TrustBundle
-from trustmig.timeouts import within
 
-log = logging.getLogger("trustmig.agent")
 GOSSIP_TIMEOUT_S = 10.0
 
 
@@ -82,15 +78,5 @@ class PkiApi:
                 t.add_done_callback(self._tasks.discard)
 
     async def _push(self, peer: str, pem: bytes) -> None:
-        try:
-            client = await within(self.connect_peer(peer), GOSSIP_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001 - a peer that is down gets it from another one
-            log.info("CRL not passed on to %s: %s", peer, e)
-            return
-        try:
-            await client.call("crl.update", {"crl": pem.decode()}, timeout=GOSSIP_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001
-            log.info("CRL not passed on to %s: %s", peer, e)
-        finally:
-            with contextlib.suppress(Exception):
-                await client.close()
+        await call_peer(self.connect_peer, peer, "crl.update", {"crl": pem.decode()},
+                        GOSSIP_TIMEOUT_S)  # fmt: skip

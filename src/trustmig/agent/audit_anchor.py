@@ -12,18 +12,16 @@ the new trail and in every peer's own trail.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from trustmig.agent.client import ControlClient
+from trustmig.agent.client import ControlClient, call_peer
 from trustmig.agent.control import Operations, Request
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.journal import Journal
 from trustmig.audit import AuditError, AuditLog
 from trustmig.audit.anchor import AnchorVerdict, Witness, check_anchor
-from trustmig.timeouts import within
 
 log = logging.getLogger("trustmig.agent")
 PEER_TIMEOUT_S = 5.0
@@ -75,19 +73,7 @@ class AuditAnchor:
 
     # ------------------------------------------------------------------ asking peers
     async def _call(self, peer: str, op: str, params: dict[str, Any]) -> dict[str, Any] | None:
-        try:
-            client = await within(self.connect_peer(peer), PEER_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001 - a peer that is down witnesses nothing now
-            log.info("audit anchor: %s unreachable: %s", peer, e)
-            return None
-        try:
-            return await client.call(op, params, timeout=PEER_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001
-            log.info("audit anchor: %s on %s failed: %s", op, peer, e)
-            return None
-        finally:
-            with contextlib.suppress(Exception):
-                await client.close()
+        return await call_peer(self.connect_peer, peer, op, params, PEER_TIMEOUT_S)
 
     async def witnesses(self) -> list[Witness]:
         """What the local journal and every reachable peer saw of this host's chain."""

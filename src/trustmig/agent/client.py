@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 from trustmig.agent.protocol import FrameDecoder, ProtocolError, encode
 from trustmig.config import parse_hostport
 from trustmig.timeouts import within
+
+log = logging.getLogger("trustmig.agent")
 
 EventCallback = Callable[[dict[str, Any]], Awaitable[None] | None]
 
@@ -138,3 +141,27 @@ class ControlClient:
         self._writer.close()
         with contextlib.suppress(Exception):
             await within(self._writer.wait_closed(), 2)
+
+
+async def call_peer(
+    connect: Callable[[str], Awaitable[ControlClient]],
+    peer: str,
+    op: str,
+    params: dict[str, Any],
+    timeout: float,
+) -> dict[str, Any] | None:
+    """One best-effort call to a peer (gossip, witnesses): its result, or None when the peer is
+    down or answers with an error (logged; the caller carries on with the others)."""
+    try:
+        client = await within(connect(peer), timeout)
+    except Exception as e:  # noqa: BLE001 - a peer that is down is skipped
+        log.info("%s not sent to %s: %s", op, peer, e)
+        return None
+    try:
+        return await client.call(op, params, timeout=timeout)
+    except Exception as e:  # noqa: BLE001
+        log.info("%s on %s failed: %s", op, peer, e)
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            await client.close()

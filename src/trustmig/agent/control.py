@@ -39,6 +39,11 @@ class Connection:
         self.closed = asyncio.Event()
         self._lock = asyncio.Lock()
 
+    def close(self) -> None:
+        """End the connection now (its reader sees EOF and stops)."""
+        self.closed.set()
+        self.writer.close()
+
     def peer_cert_der(self) -> bytes | None:
         sslobj = self.writer.get_extra_info("ssl_object")
         return sslobj.getpeercert(binary_form=True) if sslobj is not None else None
@@ -168,8 +173,7 @@ class ControlServer:
             log.info("control connection from %s closed: %s", peer.name, e)
         finally:
             self.connections.discard(conn)
-            conn.closed.set()
-            writer.close()
+            conn.close()
 
     def close_where(self, predicate: Callable[[PeerIdentity], bool]) -> list[str]:
         """Close the open connections whose peer matches (a revoked certificate); their names."""
@@ -177,8 +181,7 @@ class ControlServer:
         for conn in list(self.connections):
             if predicate(conn.peer):
                 names.append(conn.peer.name)
-                conn.closed.set()
-                conn.writer.close()
+                conn.close()
         return names
 
     def _authorise(self, conn: Connection, op: str) -> Operation:
@@ -196,8 +199,7 @@ class ControlServer:
         if self.is_revoked(conn.peer):
             self.audit("access.revoked", user=conn.peer.name, outcome="closed",
                        data={"op": op, "reason": "revoked while connected"})  # fmt: skip
-            conn.closed.set()
-            conn.writer.close()
+            conn.close()
             raise RequestError(f"{op} denied: the certificate of {conn.peer.name} is revoked",
                                Code.DENIED)  # fmt: skip
         if conn.peer.kind == "host" and not self.is_peer(conn.peer.name):

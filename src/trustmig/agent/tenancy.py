@@ -8,7 +8,7 @@ rule, and the caller gets the rule's one line with code ``denied``.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.vms import AuditFn, ManagedVM, VmManager
@@ -36,7 +36,7 @@ class Tenancy:
             self.deny(peer, op, ownership.vm, decision.rule, decision.reason)
         return decision
 
-    def deny(self, peer: PeerIdentity, op: str, vm: str | None, rule: str, reason: str) -> None:
+    def deny(self, peer: PeerIdentity, op: str, vm: str | None, rule: str, reason: str) -> NoReturn:
         self.audit("access.denied", vm=vm, user=peer.name, outcome="denied",
                    data={"op": op, "rule": rule, "reason": reason,
                          "tenant": peer.tenant, "roles": list(peer.roles)})  # fmt: skip
@@ -63,9 +63,9 @@ class Tenancy:
         self, peer: PeerIdentity, rows: Iterable[dict[str, Any]]
     ) -> list[dict[str, Any]]:
         """Filter described migrations by the VM's tenant and owner they carry."""
-        out = []
-        for r in rows:
-            own = VmOwnership(str(r.get("vm")), str(r.get("tenant") or ""), r.get("owner"))
-            if self.may_view(peer, own):
-                out.append(r)
-        return out
+        return [r for r in rows if self.may_view(peer, ownership_of_row(r))]
+
+
+def ownership_of_row(row: dict[str, Any]) -> VmOwnership:
+    """The tenant and owner a described migration records for its VM."""
+    return VmOwnership(str(row.get("vm")), str(row.get("tenant") or ""), row.get("owner"))

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.markup import escape
@@ -130,6 +130,12 @@ def ca_init(ca_dir: CaDirOpt, force: bool = False, as_json: JsonOpt = False) -> 
         print_json(data) if as_json else out.print(f"cluster CA created in {ca_dir}")
 
 
+PushOpt = Annotated[
+    list[str] | None,
+    typer.Option("--push", help="Agent (HOST:PORT) to push the new CRL to; it passes it on."),
+]
+
+
 @host_app.command("revoke")
 def host_revoke(
     name: str,
@@ -139,17 +145,28 @@ def host_revoke(
     as_json: JsonOpt = False,
 ) -> None:
     """Revoke every certificate of a host; agents refuse it once they see the new CRL."""
+    _revoke(name, "host", ca_dir, push, credentials, as_json)
+
+
+def _revoke(
+    name: str,
+    kind: Literal["host", "user"],
+    ca_dir: Path,
+    push: list[str] | None,
+    credentials: Path | None,
+    as_json: bool,
+) -> None:
+    """Revoke ``name``'s certificates, push the new CRL to ``push``, say what happened."""
     from trustmig.pki.authority import ClusterCA
 
     with _errors(as_json):
         ca = ClusterCA.load(ca_dir)
-        serials = ca.revoke(name, "host")
-        data: dict[str, Any] = {"host": name, "revoked_serials": [hex(s) for s in serials]}
+        serials = ca.revoke(name, kind)
+        data: dict[str, Any] = {kind: name, "revoked_serials": [hex(s) for s in serials]}
         data["pushed"] = _push_crl(ca.crl_path, push or [], credentials)
         print_json(data) if as_json else out.print(
-            escape(
-                f"revoked {len(serials)} certificate(s) of {name}" + _pushed_line(data["pushed"])
-            )
+            escape(f"revoked {len(serials)} certificate(s) of {name}")
+            + escape(_pushed_line(data["pushed"]))
         )
 
 
@@ -182,12 +199,6 @@ def user_add(
         print_json(data) if as_json else out.print(f"user {name} ({', '.join(role)}) -> {out_dir}")
 
 
-PushOpt = Annotated[
-    list[str] | None,
-    typer.Option("--push", help="Agent (HOST:PORT) to push the new CRL to; it passes it on."),
-]
-
-
 @user_app.command("revoke")
 def user_revoke(
     name: str,
@@ -197,18 +208,7 @@ def user_revoke(
     as_json: JsonOpt = False,
 ) -> None:
     """Revoke every certificate of a user (and push the new CRL to agents)."""
-    from trustmig.pki.authority import ClusterCA
-
-    with _errors(as_json):
-        ca = ClusterCA.load(ca_dir)
-        serials = ca.revoke(name, "user")
-        data: dict[str, Any] = {"user": name, "revoked_serials": [hex(s) for s in serials]}
-        data["pushed"] = _push_crl(ca.crl_path, push or [], credentials)
-        print_json(data) if as_json else out.print(
-            escape(
-                f"revoked {len(serials)} certificate(s) of {name}" + _pushed_line(data["pushed"])
-            )
-        )
+    _revoke(name, "user", ca_dir, push, credentials, as_json)
 
 
 def _push_crl(crl: Path, agents: list[str], credentials: Path | None) -> list[dict[str, Any]]:
