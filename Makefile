@@ -8,6 +8,7 @@ demo: bootstrap
 
 test: bootstrap
 	.venv/bin/trustmig image build
+	.venv/bin/trustmig image build --os debian-12
 	.venv/bin/pytest -q -p no:cacheprovider tests
 
 test-fast: bootstrap

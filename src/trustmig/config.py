@@ -51,6 +51,19 @@ class QemuSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     binary: str = "qemu-system-x86_64"
     accel: Literal["auto", "kvm", "tcg"] = "auto"
+    #: the address guests' forwarded ports (user networking) bind to on this host
+    forward_address: str = "127.0.0.1"
+
+    @field_validator("forward_address")
+    @classmethod
+    def _addr(cls, v: str) -> str:
+        import ipaddress
+
+        try:
+            ipaddress.IPv4Address(v)
+        except ValueError:
+            raise ValueError(f"forward_address must be an IPv4 address, not {v!r}") from None
+        return v
 
 
 class Peer(BaseModel):

@@ -78,8 +78,10 @@ def test_host_identity_key_is_sealed_and_lost_to_changed_software(make_cluster) 
     c.start_agent("host-a")  # unseals the key again in the same measured state
     assert arun(ping()) == "host-a"  # the TLS server authenticates with the unsealed key
     c.kill_agent("host-a", signal.SIGTERM)
-    with hh.config_path.open("a") as f:
-        f.write("# changed after approval\n")
+    # a trust-relevant setting changed after approval (a comment or a port would not count)
+    text = hh.config_path.read_text()
+    assert 'country = "DE"' in text
+    hh.config_path.write_text(text.replace('country = "DE"', 'country = "XX"', 1))
     with pytest.raises(RuntimeError) as ei:
         c.start_agent("host-a", timeout=60)
     assert "unseal refused" in str(ei.value), str(ei.value)

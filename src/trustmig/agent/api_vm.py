@@ -12,12 +12,17 @@ from typing import Any
 from trustmig.agent.control import Operations, Request
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.governance import Governance
+from trustmig.agent.journal import DefinitionRow
 from trustmig.agent.tenancy import Tenancy, ownership_of
 from trustmig.agent.vms import VmManager
-from trustmig.hypervisor.spec import VMSpec
+from trustmig.hypervisor.spec import DefinitionError, VMSpec, parse_definition
 from trustmig.pki.errors import InvalidInput
 from trustmig.pki.identity import check_user_name
 from trustmig.policy import AccessDecision, VmAction, VmOwnership, owner_for_new_vm
+
+
+def ownership_of_definition(row: DefinitionRow | None, name: str) -> VmOwnership | None:
+    return None if row is None else VmOwnership(name, row.tenant, row.owner)
 
 
 class VmApi:
@@ -35,6 +40,9 @@ class VmApi:
         ops.add("vm.check", self.check)
         ops.add("vm.heartbeats", self.heartbeats)
         ops.add("vm.transfer", self.transfer)
+        ops.add("vm.define", self.define)
+        ops.add("vm.undefine", self.undefine)
+        ops.add("vm.definition", self.definition)
 
     def _new_ownership(self, req: Request, raw: dict[str, Any], name: str) -> VmOwnership:
         """Tenant and owner of a VM created now: the creator's, within what they may name."""
@@ -48,27 +56,91 @@ class VmApi:
             self.tenancy.deny(req.peer, req.op, name, got.rule, got.reason)
         return VmOwnership(name, got[0], got[1])
 
+    def _parse(self, raw: Any) -> VMSpec:
+        if not isinstance(raw, dict):
+            raise RequestError("the VM definition must be a table of fields", Code.INVALID)
+        try:
+            return parse_definition(raw)
+        except DefinitionError as e:
+            raise RequestError(f"VM definition: {e}", Code.INVALID) from None
+
     async def start(self, req: Request) -> dict[str, Any]:
-        raw = req.param("spec", dict)
-        spec = VMSpec.model_validate(raw)
-        spec.check_fits()
+        """Start a defined VM by ``name``, or a transient one from a ``spec``."""
+        defined: VmOwnership | None = None
+        if req.params.get("spec") is None:
+            name = req.param("name")
+            defined = ownership_of_definition(self.vms.definitions.get(name), name)
+            if defined is not None:  # ownership was fixed when it was defined
+                self.tenancy.check(req.peer, req.op, VmAction.OPERATE, defined)
+            spec = self.vms.defined(name)
+        else:
+            raw = req.param("spec", dict)
+            spec = self._parse(raw)
         vm = self.vms.vms.get(spec.name)
         if vm is not None and vm.state not in ("crashed", "handed-over", "discarded"):
             raise RequestError(f"a VM named {spec.name} already exists on {self.host}", Code.BUSY)
-        own = self._new_ownership(req, raw, spec.name)
+        own = defined or self._new_ownership(req, raw, spec.name)
         spec = spec.model_copy(update={"tenant": own.tenant, "owner": own.owner})
         if req.params.get("policy"):
             self.gov.set_vm_policy(str(req.params["policy"]), own)
-        elif vm is None:
+        elif vm is None and spec.name not in self.vms.definitions:
             self.gov.drop_vm_policy(spec.name)  # a stale file of an earlier VM of this name
         timeout = float(req.params.get("boot_timeout", 180))
         vm = await self.vms.start(spec, req.peer.name, timeout)
         await req.emit({"event": "phase", "phase": "running", "pid": vm.qemu.pid})
         return await vm.describe()
 
+    async def define(self, req: Request) -> dict[str, Any]:
+        """Store a definition; its tenant and owner are fixed here like a started VM's."""
+        raw = req.param("definition", dict)
+        spec = self._parse(raw)
+        old = self.vms.definitions.get(spec.name)
+        if old is not None:
+            own = ownership_of_definition(old, spec.name)
+            assert own is not None
+            self.tenancy.check(req.peer, req.op, VmAction.OPERATE, own)
+        else:
+            own = self._new_ownership(req, raw, spec.name)
+        spec = spec.model_copy(update={"tenant": own.tenant, "owner": own.owner})
+        self.vms.define(spec, req.peer.name)
+        return {
+            "name": spec.name,
+            "tenant": spec.tenant,
+            "owner": spec.owner,
+            "replaced": old is not None,
+            "definition": spec.model_dump(mode="json"),
+        }
+
+    async def undefine(self, req: Request) -> dict[str, Any]:
+        name = req.param("name")
+        own = ownership_of_definition(self.vms.definitions.get(name), name)
+        if own is not None:
+            self.tenancy.check(req.peer, req.op, VmAction.OPERATE, own)
+        self.vms.undefine(name, req.peer.name)
+        return {"name": name, "state": "undefined"}
+
+    async def definition(self, req: Request) -> dict[str, Any]:
+        name = req.param("name")
+        own = ownership_of_definition(self.vms.definitions.get(name), name)
+        if own is not None:
+            self.tenancy.check(req.peer, req.op, VmAction.VIEW, own)
+        return {"name": name, "definition": self.vms.defined(name).model_dump(mode="json")}
+
     async def list(self, req: Request) -> dict[str, Any]:
         visible = self.tenancy.visible(req.peer, self.vms.visible())
-        return {"host": self.host, "vms": [await m.describe() for m in visible]}
+        rows = [await m.describe() for m in visible]
+        live = {r["name"] for r in rows}
+        for name, d in sorted(self.vms.definitions.items()):
+            own = ownership_of_definition(d, name)
+            if name in live or own is None or not self.tenancy.may_view(req.peer, own):
+                continue
+            spec = VMSpec.model_validate(d.definition)
+            rows.append({"name": name, "state": "defined", "qemu_state": "absent", "pid": None,
+                         "memory_mib": spec.memory_mib, "vcpus": spec.vcpus,
+                         "tenant": d.tenant, "owner": d.owner})  # fmt: skip
+        for r in rows:
+            r["defined"] = r["name"] in self.vms.definitions
+        return {"host": self.host, "vms": rows}
 
     async def stop(self, req: Request) -> dict[str, Any]:
         name = req.param("name")

@@ -204,11 +204,15 @@ class DestinationDriver:
             log.error("%s", e)
 
     def _install(self) -> None:
-        """Ownership comes with the VM's signed policy and its place in the rate limits; both
-        are written with the journal record that makes this host the owner."""
+        """Ownership comes with the VM's definition, its signed policy and its place in the rate
+        limits; all are written with the journal record that makes this host the owner."""
         self.ctx.installed = True
         with contextlib.suppress(Exception):
             self.svc.gov.record_migration(self.core.vm)
+        try:
+            self.svc.vms.keep_definition(self.vm)
+        except Exception as e:  # noqa: BLE001 - the guest is ours anyway; say why
+            log.error("incoming %s: definition not kept: %s", self.migration_id, e)
         if self.ctx.policy_json:
             try:
                 spec = self.vm.spec

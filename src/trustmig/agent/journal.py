@@ -9,6 +9,8 @@ disk when the call returns):
   error) and the context the agent needs to drive it again (peer, relay process, sockets);
 - ``policy_serials``: the highest VM policy serial this host ever accepted per VM, so an older
   signed policy is refused after a restart too (it outlives the VM's stay here);
+- ``definitions``: the VMs defined on this host (``vm define``), started by name; a definition
+  follows its VM when it migrates, so a VM is defined exactly where it lives;
 - ``audit_witness``: the longest audit chain each peer (and this host itself) reported, so a
   truncated trail shows (see ``audit/anchor.py``).
 
@@ -83,6 +85,17 @@ policy_serials_table = Table(
     Column("updated_at", Float, nullable=False),
 )
 
+definitions_table = Table(
+    "definitions",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("tenant", String(64), nullable=False),
+    Column("owner", String(255), nullable=True),
+    Column("definition", Text, nullable=False),
+    Column("defined_by", String(255), nullable=True),
+    Column("updated_at", Float, nullable=False),
+)
+
 audit_witness_table = Table(
     "audit_witness",
     metadata,
@@ -110,6 +123,17 @@ class VmRow:
     runtime: dict[str, Any] = field(default_factory=dict)
     arrived_by: str | None = None
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class DefinitionRow:
+    """A VM defined on this host, whether or not it runs."""
+
+    name: str
+    tenant: str
+    owner: str | None
+    definition: dict[str, Any]
+    defined_by: str | None = None
 
 
 @dataclass
@@ -213,6 +237,31 @@ class Journal:
             )
             for r in rows
         ]
+
+    # ------------------------------------------------------------------ definitions
+    def put_definition(self, row: DefinitionRow) -> None:
+        """Insert or replace the definition of ``row.name``."""
+        t = definitions_table
+        values = {
+            "tenant": row.tenant, "owner": row.owner, "defined_by": row.defined_by,
+            "definition": json.dumps(row.definition, sort_keys=True), "updated_at": time.time(),
+        }  # fmt: skip
+        try:
+            with self.engine.begin() as conn:
+                n = conn.execute(update(t).where(t.c.name == row.name).values(**values)).rowcount
+                if not n:
+                    conn.execute(insert(t).values(name=row.name, **values))
+        except Exception as e:  # noqa: BLE001
+            raise JournalError(f"host journal {self.path}: write failed: {e}") from None
+
+    def drop_definition(self, name: str) -> None:
+        self._write(delete(definitions_table).where(definitions_table.c.name == name))
+
+    def definitions(self) -> dict[str, DefinitionRow]:
+        t = definitions_table
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(t).order_by(t.c.name)).mappings().all()
+        return {r["name"]: _definition_row(r) for r in rows}
 
     # ------------------------------------------------------------------ policy serials
     def policy_serial(self, vm: str) -> int:
@@ -319,6 +368,16 @@ class Journal:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _definition_row(r: Any) -> DefinitionRow:
+    return DefinitionRow(
+        name=r["name"],
+        tenant=r["tenant"],
+        owner=r["owner"],
+        definition=json.loads(r["definition"]),
+        defined_by=r["defined_by"],
+    )
 
 
 def _migration_row(r: Any) -> MigrationRow:

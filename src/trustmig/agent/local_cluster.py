@@ -55,16 +55,25 @@ def _next_serial() -> int:
     return _last_serial
 
 
+#: Ports this process has handed out: a port chosen for one agent is free until that agent binds
+#: it, so a second draw must never return it again (two hosts of one cluster would collide).
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` now, outside the ephemeral range."""
+    """A TCP port free on ``host`` now, outside the ephemeral range, never handed out before by
+    this process."""
     rng = random.SystemRandom()
     for _ in range(200):
         port = rng.randrange(*PORT_RANGE)
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
+            _handed_out.add(port)
             return port
     raise RuntimeError(f"no free port in {PORT_RANGE} on {host}")
 
@@ -182,7 +191,7 @@ class LocalCluster:
                 f"{cluster_attestation_toml(self.root)}\n"
                 f'[control]\nlisten = "{hh.control}"\n\n'
                 f'[data]\nlisten = "{hh.data_listen}"\nadvertise = "{hh.data_advertise}"\n\n'
-                f'[qemu]\naccel = "auto"\n'
+                f'[qemu]\naccel = "auto"\nforward_address = "{self.forward_address(h)}"\n'
                 f'binary = "{(qemu_binary or {}).get(h, "qemu-system-x86_64")}"\n\n'
                 f"[labels]\n{lab_lines}\n\n{peers}"
             )
@@ -305,6 +314,12 @@ class LocalCluster:
                 with contextlib.suppress(OSError, ValueError):
                     hh.info = json.loads((hh.dir / "agent.ready.json").read_text())
         return started
+
+    def forward_address(self, name: str) -> str:
+        """The loopback address a host's guests' forwarded ports bind to: one per host, as
+        separate machines would have, so a guest's port is reachable on whichever host runs
+        it (127.0.1.1 for the first host, 127.0.1.2 for the second...)."""
+        return f"127.0.1.{self.host_names.index(name) + 1}"
 
     def wait_ready(self, name: str, timeout: float) -> None:
         hh = self.hosts[name]

@@ -31,6 +31,7 @@ from trustmig.agent.source_driver import SourceContext, SourceDriver, source_pla
 from trustmig.agent.vms import ManagedVM
 from trustmig.channel.errors import ChannelError
 from trustmig.config import parse_hostport
+from trustmig.hypervisor.devices import HostCannotRun, require_host_can_run
 from trustmig.hypervisor.migration import MigrationOptions, configure_destination
 from trustmig.hypervisor.spec import VMSpec
 from trustmig.migration import events as ev
@@ -162,13 +163,7 @@ class MigrationRegistry:
         existing = svc.vms.vms.get(spec.name)
         if existing is not None and existing.state not in ("crashed", "handed-over", "discarded"):
             raise RequestError(f"a VM named {spec.name} already runs on {svc.name}", Code.BUSY)
-        image_key = await svc.prepare_image()
-        if spec.image_key and spec.image_key != image_key:
-            raise RequestError(
-                f"guest image {spec.image_key[:12]} differs from this host's {image_key[:12]}: "
-                "both hosts must build the same image (trustmig image build)",
-                Code.REFUSED,
-            )
+        await self._require_can_run(spec)
         await svc.admission.admit("in", tenant=spec.tenant, vm=spec.name, migration_id=mid)
         try:
             return await self._start_incoming(
@@ -178,6 +173,23 @@ class MigrationRegistry:
         except BaseException:
             svc.admission.release(mid)
             raise
+
+    async def _require_can_run(self, spec: VMSpec) -> None:
+        """Refuse, before anything is allocated, a definition this host cannot satisfy: the
+        same lab image, boot files, shared disks, bridges, free forwarded ports."""
+        svc = self.svc
+        image_key = await svc.prepare_image()
+        if spec.boot.kind == "lab" and spec.image_key and spec.image_key != image_key:
+            raise RequestError(
+                f"guest image {spec.image_key[:12]} differs from this host's {image_key[:12]}: "
+                "both hosts must build the same image (trustmig image build)",
+                Code.REFUSED,
+            )
+        try:
+            await asyncio.to_thread(require_host_can_run, spec, svc.vms.host_net,
+                                    incoming=True, host=svc.name)  # fmt: skip
+        except HostCannotRun as e:
+            raise RequestError(str(e), Code.REFUSED) from None
 
     def _require_peer(self, source: str, mid: str) -> None:
         """Only configured, unquarantined peers get anything allocated for them."""

@@ -55,6 +55,7 @@ from trustmig.guard.aio import GuardedServer, guarded_serve, stop_guarded
 from trustmig.guard.claims import Quarantine
 from trustmig.guard.ratelog import RateLimitedLog, Throttle
 from trustmig.hypervisor.accel import choose_accel
+from trustmig.hypervisor.devices import HostNet
 from trustmig.hypervisor.image import GuestImage, build_image
 from trustmig.hypervisor.qemu import QemuVM
 from trustmig.hypervisor.spec import VMSpec
@@ -173,6 +174,7 @@ class Agent:
         self.admission = Admission(AdmissionLimits(**cfg.admission))
         self.quarantine = Quarantine(self.state_dir / "quarantine.json")
         self.accel = choose_accel(cfg.qemu.accel)
+        self.host_net = HostNet(forward_address=cfg.qemu.forward_address)
         if self.accel.warning:
             log.warning("%s", self.accel.warning)
         self._image: GuestImage | None = None
@@ -234,6 +236,7 @@ class Agent:
             incoming=incoming,
             start_paused=incoming,
             prealloc=prealloc,
+            host_net=self.host_net,
             sock_dir=sock_dir
             or (self.sock_root / f"{'in' if incoming else 'vm'}-{uuid.uuid4().hex[:8]}"),
         )
@@ -304,7 +307,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         await self.image()
         self.vms = VmManager(self.journal, self.audit_event, self.cfg.name, self.make_qemu,
-                             self.image_key)  # fmt: skip
+                             self.image_key, self.host_net)  # fmt: skip
         self.services = self._services()
         self.registry = MigrationRegistry(self.services)
         ops = Operations()

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from trustmig.agent.errors import Code, RequestError
-from trustmig.agent.journal import Journal, VmRow
+from trustmig.agent.journal import DefinitionRow, Journal, VmRow
+from trustmig.hypervisor.devices import HostCannotRun, HostNet, require_host_can_run, stamp_disks
 from trustmig.hypervisor.qemu import QemuError, QemuVM
 from trustmig.hypervisor.spec import VMSpec
 from trustmig.proc import ProcessRef
@@ -112,13 +113,16 @@ class VmManager:
         host: str,
         make_qemu: QemuFactory,
         prepare_image: Callable[[], Awaitable[str]],
+        host_net: HostNet | None = None,
     ) -> None:
         self.journal = journal
         self.audit = audit
         self.host = host
         self.make_qemu = make_qemu
         self.prepare_image = prepare_image
+        self.host_net = host_net or HostNet()
         self.vms: dict[str, ManagedVM] = {}
+        self.definitions: dict[str, DefinitionRow] = journal.definitions()
         self._watch: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lookup
@@ -149,13 +153,15 @@ class VmManager:
             raise RequestError(f"a VM named {spec.name} already exists on {self.host}", Code.BUSY)
         image_key = await self.prepare_image()
         spec = spec.model_copy(update={"image_key": image_key})
+        spec = await asyncio.to_thread(self._checked_for_start, spec)
         qemu = self.make_qemu(spec, incoming=False, run_name=f"vm-{spec.name}")
         vm = ManagedVM(spec=spec, qemu=qemu, state="starting")
         self.vms[spec.name] = vm
         try:
             # journaled the moment the process exists, whatever happens to us afterwards
             await qemu.start(on_spawn=lambda: self.persist(vm))
-            await qemu.console.wait_for("READY", boot_timeout)
+            if spec.waits_for_workload:
+                await qemu.console.wait_for("READY", boot_timeout)
         except BaseException as e:
             self.vms.pop(spec.name, None)
             await qemu.kill()
@@ -170,6 +176,70 @@ class VmManager:
         self.audit("vm.start", vm=spec.name, user=user, outcome="running",
                    data={"pid": qemu.pid, "epoch": vm.epoch})  # fmt: skip
         return vm
+
+    def _checked_for_start(self, spec: VMSpec) -> VMSpec:
+        """The definition stamped with its disks' identities and boot files' digests, if this
+        host can run it; raises RequestError(refused) naming what is missing."""
+        try:
+            spec = stamp_disks(spec)
+            require_host_can_run(spec, self.host_net, incoming=False, host=self.host)
+        except HostCannotRun as e:
+            raise RequestError(str(e), Code.REFUSED) from None
+        return spec
+
+    # ------------------------------------------------------------------ definitions
+    def define(self, spec: VMSpec, user: str) -> DefinitionRow:
+        """Store (or replace) a definition; a VM that runs keeps its device model until it is
+        stopped, so a running VM's definition cannot be replaced."""
+        vm = self.vms.get(spec.name)
+        if vm is not None and vm.state in HOLDING:
+            raise RequestError(
+                f"VM {spec.name} runs on {self.host}: stop it before changing its definition",
+                Code.BUSY,
+            )
+        row = DefinitionRow(spec.name, spec.tenant, spec.owner,
+                            spec.model_dump(mode="json"), user)  # fmt: skip
+        self.journal.put_definition(row)
+        replaced = spec.name in self.definitions
+        self.definitions[spec.name] = row
+        self.audit("vm.define", vm=spec.name, user=user, outcome="defined",
+                   data={"replaced": replaced, "tenant": spec.tenant})  # fmt: skip
+        return row
+
+    def undefine(self, name: str, user: str) -> None:
+        """Forget a definition; refused while its VM runs or migrates here."""
+        if name not in self.definitions:
+            raise RequestError(f"no VM named {name!r} is defined on {self.host}", Code.NOT_FOUND)
+        vm = self.vms.get(name)
+        if vm is not None and vm.state in HOLDING:
+            raise RequestError(f"VM {name} runs on {self.host}: stop it first", Code.BUSY)
+        self.journal.drop_definition(name)
+        del self.definitions[name]
+        self.audit("vm.undefine", vm=name, user=user, outcome="undefined")
+
+    def defined(self, name: str) -> VMSpec:
+        row = self.definitions.get(name)
+        if row is None:
+            raise RequestError(
+                f"no VM named {name!r} is defined on {self.host}: 'trustmig vm define FILE' "
+                "first, or 'trustmig vm start --lab' for a lab guest",
+                Code.NOT_FOUND,
+            )
+        return VMSpec.model_validate(row.definition)
+
+    def _follow(self, vm: ManagedVM, state: str) -> None:
+        """A definition follows its VM: it leaves this host with a handover."""
+        if state == "handed-over" and vm.name in self.definitions:
+            self.journal.drop_definition(vm.name)
+            del self.definitions[vm.name]
+
+    def keep_definition(self, vm: ManagedVM) -> None:
+        """An arrived VM is defined here from now on (called when this host becomes owner)."""
+        spec = vm.spec
+        row = DefinitionRow(spec.name, spec.tenant, spec.owner,
+                            spec.model_dump(mode="json"), vm.arrived_by)  # fmt: skip
+        self.journal.put_definition(row)
+        self.definitions[spec.name] = row
 
     async def stop(self, name: str, user: str) -> None:
         vm = self.get(name)
@@ -233,6 +303,7 @@ class VmManager:
 
     def release(self, vm: ManagedVM, state: str) -> None:
         """The migration that held ``vm`` is over; ``state`` is what it left (journaled)."""
+        self._follow(vm, state)
         vm.migration = None
         vm.state = state
         if state in ("handed-over", "discarded"):

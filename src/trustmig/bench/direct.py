@@ -195,7 +195,7 @@ async def run_direct(
         if state != "running":
             raise BenchError(f"destination guest did not run after migration (state {state})")
         after = await dst.console.check(CHECK_TIMEOUT_S)
-        rec.update(integrity_record(before, after, spec.workload.dirty_rate))
+        rec.update(integrity_record(before, after, spec.needs_workload.dirty_rate))
         finish_record(
             rec,
             prog,

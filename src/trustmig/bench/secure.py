@@ -136,7 +136,7 @@ async def run_secure(cluster: LocalCluster, spec: VMSpec, opts: MigrationOptions
             cpu_src.extra += float(res.get("cpu_s_source") or 0.0)
             rec["cpu_note"] = "source QEMU CPU as reported by the agent"
         after = await dst.call("vm.check", {"name": name}, timeout=CHECK_TIMEOUT_S)
-        rec.update(integrity_record(before, after, spec.workload.dirty_rate))
+        rec.update(integrity_record(before, after, spec.needs_workload.dirty_rate))
         finish_record(
             rec,
             _progress_of(res),

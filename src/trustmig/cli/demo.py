@@ -19,11 +19,67 @@ from typing import Any
 
 from trustmig.agent.client import ControlClient, ControlError
 from trustmig.agent.local_cluster import LocalCluster
+from trustmig.hypervisor.debian import (
+    DebianImage,
+    build_debian_image,
+    create_overlay,
+    debian_definition,
+    guest_ssh,
+    wait_for_ssh,
+)
 from trustmig.hypervisor.heartbeat import analyse
 from trustmig.hypervisor.image import build_image
 
 SOURCE, DEST = "host-a", "host-b"
 USER = "alice"
+SSH_PORT = 2222
+
+
+class DebianGuest:
+    """The demo's real OS: booted from its definition, logged in to over ssh before and after
+    the migration (the same process and the same file must be there)."""
+
+    def __init__(self, cluster: LocalCluster, image: DebianImage) -> None:
+        self.cluster = cluster
+        self.image = image
+        self.pid = ""
+        self.digest = ""
+
+    def definition(self, workload: dict[str, Any], memory: int) -> dict[str, Any]:
+        shared = self.cluster.root / "shared"  # storage both hosts see
+        shared.mkdir(exist_ok=True)
+        disk = shared / "demo-vm.qcow2"
+        disk.unlink(missing_ok=True)
+        create_overlay(self.image, disk)
+        # the OS itself needs about 256 MiB next to the workload
+        d = debian_definition("demo-vm", self.image, disk, ssh_port=SSH_PORT,
+                              memory_mib=memory + 256, workload=workload)  # fmt: skip
+        return {**d, "tenant": "acme"}
+
+    def _ssh(self, host: str, cmd: str) -> str | None:
+        res = guest_ssh(self.image, self.cluster.forward_address(host), SSH_PORT, cmd)
+        return res.stdout.strip() if res.ok else None
+
+    def before(self) -> str | None:
+        """Log in, start a long-running process, write a file; an error line or None."""
+        login = wait_for_ssh(self.image, self.cluster.forward_address(SOURCE), SSH_PORT)
+        if not login.ok:
+            return f"ssh to the guest on {SOURCE} failed: {login.stderr}"
+        self.pid = self._ssh(SOURCE, "nohup sleep 100000 >/dev/null 2>&1 & echo $!") or ""
+        self.digest = self._ssh(SOURCE, "head -c 8M /dev/urandom > demo.bin && sync && "
+                                "sha256sum demo.bin") or ""  # fmt: skip
+        return None if self.pid and self.digest else "could not prepare the guest over ssh"
+
+    def after(self) -> dict[str, Any]:
+        login = wait_for_ssh(self.image, self.cluster.forward_address(DEST), SSH_PORT, 60)
+        cmdline = self._ssh(DEST, f"tr '\\0' ' ' < /proc/{self.pid}/cmdline") if login.ok else None
+        digest = self._ssh(DEST, "sha256sum demo.bin") if login.ok else None
+        return {
+            "ssh_after_migration": login.ok,
+            "guest_process_survived": (cmdline or "").strip() == "sleep 100000",
+            "guest_process_pid": int(self.pid) if self.pid.isdigit() else None,
+            "disk_digest_match": bool(digest) and digest == self.digest,
+        }
 
 
 async def _migrate_and_measure(
@@ -35,6 +91,7 @@ async def _migrate_and_measure(
     multifd: int,
     say: Callable[[str], None],
     on_event: Callable[[dict[str, Any]], None] | None,
+    debian: DebianGuest | None = None,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {
         "status": "failed", "mode": "postcopy" if postcopy else "precopy", "channel": "secure",
@@ -43,23 +100,29 @@ async def _migrate_and_measure(
         "heartbeat_seq_continuous": False, "memory_checksum_match": False,
         "bytes_transferred": None, "throughput_mbps": None,
         "source_state": "absent", "destination_state": "absent", "error": None,
+        "guest": "debian" if debian else "lab",
     }  # fmt: skip
     src: ControlClient = await cluster.client(SOURCE, USER)
     dst: ControlClient = await cluster.client(DEST, USER)
     try:
         workload_mib = max(16, min(memory - 128, memory // 2))
-        spec = {
-            "name": "demo-vm",
-            "memory_mib": memory,
-            "tenant": "acme",
-            "workload": {"mem_mib": workload_mib, "dirty_rate": dirty_rate},
-        }
+        workload: dict[str, Any] = {"mem_mib": workload_mib, "dirty_rate": dirty_rate}
+        spec = {"name": "demo-vm", "memory_mib": memory, "tenant": "acme", "workload": workload}
         say(
             f"booting demo-vm on {SOURCE} ({memory} MiB, workload {workload_mib} MiB "
             f"dirtied at {dirty_rate:g} MiB/s)"
         )
         policy = cluster.signed_policy(USER, "demo-vm")
-        await src.call("vm.start", {"spec": spec, "policy": policy}, timeout=300)
+        if debian is None:
+            await src.call("vm.start", {"spec": spec, "policy": policy}, timeout=300)
+        else:
+            definition = debian.definition(workload, memory)
+            await src.call("vm.define", {"definition": definition})
+            await src.call("vm.start", {"name": "demo-vm", "policy": policy}, timeout=300)
+            prepared = await asyncio.to_thread(debian.before)
+            if prepared is not None:
+                result["error"] = prepared
+                return result
         await asyncio.sleep(1.0)
         before = await src.call("vm.check", {"name": "demo-vm"}, timeout=120)
         t_mig = time.time()
@@ -112,6 +175,8 @@ async def _migrate_and_measure(
             if dirty_rate == 0:
                 intact = intact and after["digest"] == before["digest"]
             result["memory_checksum_match"] = intact
+            if debian is not None:
+                result.update(await asyncio.to_thread(debian.after))
         for key, client in (("source_state", src), ("destination_state", dst)):
             try:
                 vms = (await client.call("vm.list"))["vms"]
@@ -119,11 +184,16 @@ async def _migrate_and_measure(
                 result[key] = mine[0]["qemu_state"] if mine else "absent"
             except ControlError:
                 result[key] = "absent"
+        guest_ok = debian is None or all(
+            result.get(k) for k in ("ssh_after_migration", "guest_process_survived",
+                                    "disk_digest_match")
+        )  # fmt: skip
         if result["status"] == "completed" and not (
             result["heartbeat_seq_continuous"]
             and result["memory_checksum_match"]
             and result["destination_state"] == "running"
             and result["source_state"] == "absent"
+            and guest_ok
         ):
             result["status"] = "failed"
             result["error"] = result["error"] or "the guest was harmed: see heartbeat/memory fields"
@@ -132,6 +202,8 @@ async def _migrate_and_measure(
         for client in (src, dst):
             with contextlib.suppress(ControlError):
                 await client.call("vm.stop", {"name": "demo-vm"}, timeout=30)
+            with contextlib.suppress(ControlError):
+                await client.call("vm.undefine", {"name": "demo-vm"}, timeout=30)
             await client.close()
 
 
@@ -146,6 +218,7 @@ def run_demo(
     dest_data_advertise: str | None = None,
     say: Callable[[str], None] = lambda s: None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    guest: str = "lab",
 ) -> dict[str, Any]:
     tmp = None
     if state_dir is None:
@@ -154,6 +227,7 @@ def run_demo(
     t0 = time.monotonic()
     say("building the guest image (cached after the first run)")
     build_image(progress=say)
+    image = build_debian_image(progress=say) if guest == "debian" else None
     cluster = LocalCluster(state_dir, (SOURCE, DEST))
     try:
         dl = {DEST: dest_data_listen} if dest_data_listen else None
@@ -179,6 +253,7 @@ def run_demo(
                 multifd=multifd,
                 say=say,
                 on_event=on_event,
+                debian=DebianGuest(cluster, image) if image is not None else None,
             )
         )
         res["state_dir"] = str(state_dir) if tmp is None else None

@@ -101,18 +101,34 @@ def agent(
 # ---------------------------------------------------------------------------------- image
 @image_app.command("build")
 def image_build(
+    os_name: Annotated[
+        Literal["lab", "debian-12"],
+        typer.Option("--os", help="lab: kernel + busybox guest; debian-12: a real Debian disk."),
+    ] = "lab",
     force: Annotated[bool, typer.Option(help="Rebuild even if cached.")] = False,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache directory.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Build (or reuse) the tiny guest image: Debian kernel, busybox initramfs, workload."""
-    from trustmig.hypervisor.image import build_image
-
+    """Build (or reuse) a guest image: the lab guest (Debian kernel, busybox initramfs,
+    workload) or a Debian 12 disk with systemd, sshd, a test user and the workload."""
+    say = None if as_json else lambda s: console.print(f"  {escape(s)}")
     with _errors(as_json):
-        img = build_image(
-            cache_dir, force=force, progress=None if as_json else lambda s: console.print(f"  {s}")
-        )
-        data = {"kernel": str(img.kernel), "initrd": str(img.initrd), "key": img.key}
+        if os_name == "debian-12":
+            from trustmig.hypervisor.debian import build_debian_image
+
+            deb = build_debian_image(cache_dir, force=force, progress=say)
+            data = {"os": os_name, "root": str(deb.root), "kernel": str(deb.kernel),
+                    "cmdline": deb.cmdline(), "client_key": str(deb.client_key),
+                    "known_hosts": str(deb.known_hosts), "key": deb.key}  # fmt: skip
+            print_json(data) if as_json else out.print(
+                escape(f"image {deb.key[:16]}: root {deb.root}, kernel {deb.kernel}")
+            )
+            return
+        from trustmig.hypervisor.image import build_image
+
+        img = build_image(cache_dir, force=force, progress=say)
+        data = {"os": os_name, "kernel": str(img.kernel), "initrd": str(img.initrd),
+                "key": img.key}  # fmt: skip
         print_json(data) if as_json else out.print(
             f"image {img.key[:16]}: {img.kernel}, {img.initrd}"
         )
@@ -283,10 +299,13 @@ def vm_start(
     name: str,
     agent: AgentOpt = None,
     credentials: CredOpt = None,
-    memory: Annotated[int, typer.Option(help="Guest RAM in MiB.")] = 512,
-    vcpus: int = 1,
-    workload_mib: Annotated[int, typer.Option(help="MiB of patterned memory.")] = 128,
-    dirty_rate: Annotated[float, typer.Option(help="MiB/s the workload rewrites.")] = 0.0,
+    lab: Annotated[
+        bool, typer.Option("--lab", help="Start the lab guest NAME (implied by its options).")
+    ] = False,
+    memory: Annotated[int | None, typer.Option(help="Lab guest RAM in MiB (512).")] = None,
+    vcpus: Annotated[int | None, typer.Option(help="Lab guest vCPUs (1).")] = None,
+    workload_mib: Annotated[int | None, typer.Option(help="MiB of patterned memory (128).")] = None,
+    dirty_rate: Annotated[float | None, typer.Option(help="MiB/s the workload rewrites.")] = None,
     tenant: Annotated[
         str | None, typer.Option(help="The VM's tenant (default: yours; others need an admin).")
     ] = None,
@@ -296,28 +315,93 @@ def vm_start(
     secret: Annotated[str | None, typer.Option(help="Secret marker kept in guest memory.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Boot a guest on the agent's host and wait until its workload is ready."""
+    """Boot the VM defined as NAME (see 'vm define'), or a lab guest with --lab or its options,
+    and wait until it runs (a guest with the workload: until the workload is ready)."""
     with _errors(as_json):
-        workload: dict[str, Any] = {"mem_mib": workload_mib, "dirty_rate": dirty_rate}
-        if secret:
-            workload["secret"] = secret
-        spec: dict[str, Any] = {
-            "name": name,
-            "memory_mib": memory,
-            "vcpus": vcpus,
-            "workload": workload,
-        }
-        spec.update({k: v for k, v in (("tenant", tenant), ("owner", owner)) if v})
+        lab_opts = (memory, vcpus, workload_mib, dirty_rate, tenant, owner, secret)
+        params: dict[str, Any] = {"name": name}
+        if lab or any(v is not None for v in lab_opts):
+            params["spec"] = _lab_spec(name, memory, vcpus, workload_mib, dirty_rate, secret)
+            params["spec"].update({k: v for k, v in (("tenant", tenant), ("owner", owner)) if v})
 
         async def go() -> dict[str, Any]:
             c = await connect(agent, credentials)
             try:
-                return await c.call("vm.start", {"spec": spec}, timeout=600)
+                return await c.call("vm.start", params, timeout=600)
             finally:
                 await c.close()
 
         res = run(go())
         print_json(res) if as_json else out.print(f"{name}: {res['qemu_state']} (pid {res['pid']})")
+
+
+def _lab_spec(
+    name: str,
+    memory: int | None,
+    vcpus: int | None,
+    workload_mib: int | None,
+    dirty_rate: float | None,
+    secret: str | None,
+) -> dict[str, Any]:
+    workload: dict[str, Any] = {"mem_mib": 128 if workload_mib is None else workload_mib,
+                                "dirty_rate": dirty_rate or 0.0}  # fmt: skip
+    if secret:
+        workload["secret"] = secret
+    return {"name": name, "memory_mib": memory or 512, "vcpus": vcpus or 1, "workload": workload}
+
+
+@vm_app.command("define")
+def vm_define(
+    file: Annotated[Path, typer.Argument(help="A VM definition (TOML, see docs/vms.md).")],
+    agent: AgentOpt = None,
+    credentials: CredOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Define a VM on the agent's host from a definition file (checked here and there)."""
+    from trustmig.hypervisor.spec import DefinitionError, load_definition
+
+    with _errors(as_json):
+        try:
+            spec = load_definition(file)
+        except DefinitionError as e:
+            raise CliError(str(e)) from None
+        raw = tomllib_load(file)
+
+        async def go() -> dict[str, Any]:
+            c = await connect(agent, credentials)
+            try:
+                return await c.call("vm.define", {"definition": raw})
+            finally:
+                await c.close()
+
+        res = run(go())
+        verb = "redefined" if res["replaced"] else "defined"
+        line = (
+            f"{spec.name}: {verb} (tenant {res['tenant']}, owner {res['owner']}); "
+            f"start it with 'trustmig vm start {spec.name}'"
+        )
+        print_json(res) if as_json else out.print(escape(line))
+
+
+def tomllib_load(path: Path) -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads(path.read_text())
+
+
+@vm_app.command("undefine")
+def vm_undefine(
+    name: str, agent: AgentOpt = None, credentials: CredOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Forget a VM's definition (refused while it runs)."""
+    _simple_call(
+        "vm.undefine",
+        {"name": name},
+        agent,
+        credentials,
+        as_json,
+        lambda r: f"{name}: {r['state']}",
+    )
 
 
 @vm_app.command("list")
@@ -345,7 +429,7 @@ def vm_list(agent: AgentOpt = None, credentials: CredOpt = None, as_json: JsonOp
                 str(v["pid"]),
                 str(v["memory_mib"]),
                 str(v["tenant"]),
-                str(v["last_heartbeat"]),
+                str(v.get("last_heartbeat")),
             )
         out.print(t)
 
@@ -504,6 +588,10 @@ def demo(
     dest_data_advertise: Annotated[
         str | None, typer.Option(help="HOST:PORT the destination advertises to the source.")
     ] = None,
+    guest: Annotated[
+        Literal["lab", "debian"],
+        typer.Option(help="lab: the fast busybox guest; debian: a real OS checked over ssh."),
+    ] = "lab",
 ) -> None:
     """Two agents on loopback; boot a guest on one, live-migrate it to the other, measure."""
     from trustmig.cli.demo import run_demo
@@ -521,6 +609,7 @@ def demo(
                 dest_data_advertise=dest_data_advertise,
                 say=say,
                 on_event=view.event,
+                guest=guest,
             )
         if as_json:
             print(json.dumps(res, default=str))

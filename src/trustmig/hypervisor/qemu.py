@@ -29,8 +29,9 @@ from qemu.qmp.events import EventListener
 
 from trustmig.hypervisor.accel import AccelChoice
 from trustmig.hypervisor.console import Console
+from trustmig.hypervisor.devices import HostCannotRun, HostNet, create_tap, delete_tap, tap_name
 from trustmig.hypervisor.image import GuestImage
-from trustmig.hypervisor.spec import VMSpec
+from trustmig.hypervisor.spec import BridgeNet, DiskBoot, KernelBoot, UserNet, VMSpec
 from trustmig.proc import ProcessRef
 from trustmig.proc import cpu_seconds as _cpu_seconds
 from trustmig.timeouts import within
@@ -55,6 +56,11 @@ class _CallbackListener(EventListener):
 def _pdeathsig() -> None:  # runs in the child between fork and exec
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _opt(path: Path) -> str:
+    """A path inside a QEMU option string (commas are doubled there)."""
+    return str(path).replace(",", ",,")
 
 
 def find_qemu(binary: str = "qemu-system-x86_64") -> str:
@@ -88,8 +94,10 @@ class QemuVM:
         prealloc: bool = False,
         extra_args: tuple[str, ...] = (),
         sock_dir: Path | None = None,
+        host_net: HostNet | None = None,
     ) -> None:
         self.spec = spec
+        self.host_net = host_net or HostNet()
         self.image = image
         self.run_dir = run_dir
         self.accel = accel
@@ -122,16 +130,15 @@ class QemuVM:
         args = [
             self.binary,
             "-name", f"{s.name},debug-threads=on",
+            "-machine", s.machine,
             "-accel", self.accel.accel,
-            "-cpu", self.accel.cpu,
+            "-cpu", s.cpu or self.accel.cpu,
             "-m", f"{s.memory_mib}M",
             "-smp", str(s.vcpus),
             "-nodefaults", "-display", "none", "-no-reboot", "-no-user-config",
-            "-kernel", str(self.image.kernel),
-            "-initrd", str(self.image.initrd),
-            # the command line carries the workload's secret: it goes in a private file that
-            # QEMU reads, never in argv where every user of the host sees it in ps
-            "-readconfig", str(self.boot_config_path),
+            *self._boot_args(),
+            *self._disk_args(),
+            *self._nic_args(),
             "-chardev", f"socket,id=ser0,path={self.serial_path},server=on,wait=off",
             "-serial", "chardev:ser0",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
@@ -144,8 +151,66 @@ class QemuVM:
             args += ["-S"]
         return args + list(self.extra_args)
 
+    def _boot_args(self) -> list[str]:
+        boot = self.spec.boot
+        if isinstance(boot, DiskBoot):
+            return []
+        if isinstance(boot, KernelBoot):
+            kernel, initrd = boot.kernel, boot.initrd
+        else:
+            kernel, initrd = self.image.kernel, self.image.initrd
+        args = ["-kernel", _opt(kernel)]
+        if initrd is not None:
+            args += ["-initrd", _opt(initrd)]
+        # the command line can carry the workload's secret: it goes in a private file that
+        # QEMU reads, never in argv where every user of the host sees it in ps
+        return [*args, "-readconfig", str(self.boot_config_path)]
+
+    def _disk_args(self) -> list[str]:
+        args: list[str] = []
+        boot_disk = isinstance(self.spec.boot, DiskBoot)
+        for i, d in enumerate(self.spec.disks):
+            drive = f"drive-{d.id}"
+            args += ["-drive", f"file={_opt(d.path)},if=none,id={drive},format={d.format},"
+                     f"cache={d.cache},readonly={'on' if d.read_only else 'off'}"]  # fmt: skip
+            dev = "virtio-blk-pci" if d.bus == "virtio-blk" else "nvme"
+            opts = f"{dev},drive={drive},id={d.id},serial={d.drive_serial()}"
+            if boot_disk:
+                opts += f",bootindex={i}"
+            args += ["-device", opts]
+        return args
+
+    def _nic_args(self) -> list[str]:
+        args: list[str] = []
+        for n in self.spec.nics:
+            netdev = f"net-{n.id}"
+            if isinstance(n.backend, UserNet):
+                fwd = "".join(
+                    f",hostfwd={f.proto}:{self.host_net.forward_address}:{f.host_port}-"
+                    f":{f.guest_port}"
+                    for f in n.backend.forwards
+                )
+                args += ["-netdev", f"user,id={netdev}{fwd}"]
+            else:
+                args += ["-netdev", f"tap,id={netdev},ifname={self.tap_for(n.id)},"
+                         "script=no,downscript=no"]  # fmt: skip
+            args += ["-device", f"{n.model},netdev={netdev},mac={n.mac},id={n.id}"]
+        return args
+
+    def tap_for(self, nic_id: str) -> str:
+        return tap_name(str(self.run_dir), nic_id)
+
+    def _bridged_taps(self) -> list[tuple[str, str]]:
+        return [
+            (self.tap_for(n.id), n.backend.bridge)
+            for n in self.spec.nics
+            if isinstance(n.backend, BridgeNet)
+        ]
+
     def _write_boot_config(self) -> None:
         """The kernel command line as a QEMU config file readable by its owner only."""
+        if isinstance(self.spec.boot, DiskBoot):
+            return
         cmdline = self.spec.kernel_cmdline()
         if '"' in cmdline or "\n" in cmdline:
             raise QemuError("kernel command line must not contain quotes or newlines")
@@ -198,6 +263,11 @@ class QemuVM:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         self._write_boot_config()
+        for tap, bridge in self._bridged_taps():
+            try:
+                create_tap(tap, bridge)
+            except HostCannotRun as e:
+                raise QemuError(f"VM {self.spec.name}: {e}") from None
         stderr = (self.run_dir / "qemu.stderr").open("ab")
         self.proc = subprocess.Popen(
             self.argv(),
@@ -304,6 +374,8 @@ class QemuVM:
             while self.alive():
                 await asyncio.sleep(0.02)
         await self.detach()
+        for tap, _bridge in self._bridged_taps():
+            delete_tap(tap)
         if self.sock_dir != self.run_dir:
             shutil.rmtree(self.sock_dir, ignore_errors=True)
 

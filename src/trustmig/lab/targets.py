@@ -130,8 +130,11 @@ class Baseline:
                         {"capabilities": [{"capability": "postcopy-ram", "state": True}]},
                     )
         if max_bandwidth_mibps:
+            # the limit holds after a post-copy switch too (QEMU's default there is unlimited)
+            limit = max_bandwidth_mibps * 1024 * 1024
             await src.cmd(
-                "migrate-set-parameters", {"max-bandwidth": max_bandwidth_mibps * 1024 * 1024}
+                "migrate-set-parameters",
+                {"max-bandwidth": limit, "max-postcopy-bandwidth": limit},
             )
         await src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         t0 = time.monotonic()

@@ -16,6 +16,9 @@ from trustmig.lab.targets import HONEST, LabEnv
 
 NAME = "connection-abort"
 CUT_AT = 16 * 1024 * 1024
+#: A post-copy cut comes this far after the switch, while most of the guest's memory is still
+#: on the source.
+CUT_AFTER_SWITCH = 4 * 1024 * 1024
 BANDWIDTH_MIBPS = 32
 
 
@@ -43,7 +46,11 @@ async def baseline(env: LabEnv) -> Outcome:
         src = await b.boot(name)
         dst, port = await b.destination(name)
         # the post-copy case cuts after the switch, however long the switch took to come
-        cut = Cutter(after_bytes=CUT_AT, armed=postcopy is None)
+        cut = (
+            Cutter(after_bytes=CUT_AT)
+            if postcopy is None
+            else Cutter(after_bytes=CUT_AFTER_SWITCH, armed=False)
+        )
         with MitmProxy(("127.0.0.1", port), cut) as proxy:
             prog = await b.migrate(
                 src,
