@@ -45,6 +45,7 @@ def test_every_attack_ran_and_the_summary_counts_them(lab: dict[str, Any]) -> No
     assert [a["name"] for a in lab["attacks"]] == [
         "eavesdrop",
         "memory-rewrite",
+        "sshd-rewrite",
         "replay",
         "unauthorized",
         "control-plane",
@@ -58,8 +59,8 @@ def test_every_attack_ran_and_the_summary_counts_them(lab: dict[str, Any]) -> No
         a["name"]: (a["baseline"]["outcome"], a["trustmig"]["outcome"]) for a in lab["attacks"]
     }
     assert lab["summary"] == {
-        "attacks": 10,
-        "baseline_compromised": 10,
+        "attacks": 11,
+        "baseline_compromised": 11,
         "trustmig_compromised": 0,
         "errors": 0,
     }, outcomes
@@ -79,6 +80,21 @@ def test_rewritten_memory_arrives_in_the_baseline_guest_only(lab: dict[str, Any]
     assert e["baseline"]["evidence"]["rewritten"] > 0 and chk["marker_ok"] < chk["marker_total"]
     ev = e["trustmig"]["evidence"]
     assert ev["bytes_tampered"] > 0 and "authentication failed" in ev["error"]
+    _protected_guest(e, "host-a")
+
+
+def test_patched_sshd_takes_a_wrong_password_only_after_the_baseline_migration(
+    lab: dict[str, Any],
+) -> None:
+    e = _attack(lab, "sshd-rewrite")
+    ev = e["baseline"]["evidence"]
+    assert ev["patched_in_flight"] >= 1 and ev["migration"] == "completed"
+    assert ev["wrong_password_before"] is False and ev["wrong_password_after"] is True
+    tv = e["trustmig"]["evidence"]
+    assert tv["wrong_password_before"] is False
+    assert tv["wrong_password_after"] == {"host-a": False, "host-b": False}
+    assert tv["bytes_tampered"] > 0 and "authentication failed" in tv["error"]
+    assert tv["key_login_source"] is True
     _protected_guest(e, "host-a")
 
 

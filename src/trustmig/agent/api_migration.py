@@ -75,8 +75,15 @@ class MigrationApi:
         )
 
     async def commit(self, req: Request) -> dict[str, Any]:
+        measurement = req.params.get("measurement")
+        if measurement is not None and not (
+            isinstance(measurement, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in measurement.items())
+        ):
+            raise RequestError("incoming.commit: measurement must map region names to digests",
+                               Code.INVALID)  # fmt: skip
         return await self.registry.commit_in(req.param("migration_id"), req.peer.name,
-                                             req.conn.closed)  # fmt: skip
+                                             req.conn.closed, measurement)  # fmt: skip
 
     async def abort(self, req: Request) -> dict[str, Any]:
         reason = str(req.params.get("reason") or "source aborted")

@@ -76,6 +76,12 @@ class VmApi:
         else:
             raw = req.param("spec", dict)
             spec = self._parse(raw)
+            if spec.name in self.vms.definitions:
+                raise RequestError(
+                    f"a VM named {spec.name} is defined on {self.host}: start it by name "
+                    f"('trustmig vm start {spec.name}'), or pick another name",
+                    Code.BUSY,
+                )
         vm = self.vms.vms.get(spec.name)
         if vm is not None and vm.state not in ("crashed", "handed-over", "discarded"):
             raise RequestError(f"a VM named {spec.name} already exists on {self.host}", Code.BUSY)

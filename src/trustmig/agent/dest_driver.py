@@ -25,6 +25,7 @@ from trustmig.agent.journal import JournalError, MigrationRow
 from trustmig.agent.runtime import HostServices
 from trustmig.agent.vms import ManagedVM
 from trustmig.channel.errors import ChannelError
+from trustmig.hypervisor.measure import MeasurementError, measure
 from trustmig.hypervisor.migration import MigrationOptions, query
 from trustmig.migration import actions as A
 from trustmig.migration import events as ev
@@ -55,6 +56,10 @@ class DestinationContext:
     recoveries: int = 0
     #: The VM's policy and migration count were installed here (done once, with ownership).
     installed: bool = False
+    #: digests of the measured memory regions as the source saw them once stopped
+    expected_measurement: dict[str, str] | None = None
+    #: what this host measured before running the guest (with the comparison)
+    measurement: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -374,7 +379,8 @@ class DestinationDriver:
             if fut is not None and not fut.done():
                 if a.ok:
                     fut.set_result({"state": self.core.state.value, "error": self.core.error,
-                                    **a.result, "pid": self.vm.qemu.pid})  # fmt: skip
+                                    **a.result, "pid": self.vm.qemu.pid,
+                                    "measurement": self.ctx.measurement})  # fmt: skip
                 else:
                     fut.set_exception(RequestError(a.message, a.code or Code.FAILED))
 
@@ -393,6 +399,10 @@ class DestinationDriver:
             return
         state = await qemu.status()
         if state != "running":
+            refusal = await self._verify_measurement()
+            if refusal is not None:
+                self.post(ev.GuestResumed(False, refusal, rid))
+                return
             with contextlib.suppress(Exception):
                 await qemu.cmd("cont", timeout=10)
             state = await qemu.status()
@@ -401,6 +411,38 @@ class DestinationDriver:
             log.error("incoming %s: QEMU does not answer after cont", self.migration_id)
             return
         self.post(ev.GuestResumed(state == "running", f"QEMU is {state}", rid))
+
+    def expect_measurement(self, digests: dict[str, str]) -> None:
+        """The source's measurement arrives with its (first) commit request; kept, journaled."""
+        if self.ctx.expected_measurement is None:
+            self.ctx.expected_measurement = dict(digests)
+            self._persist()
+
+    async def _verify_measurement(self) -> str | None:
+        """Measure the regions the definition names before the guest runs here; a refusal
+        line if they differ from the source's (or it sent none), else None."""
+        regions = self.vm.spec.measure
+        if not regions or (self.ctx.measurement or {}).get("match"):
+            return None
+        expected = self.ctx.expected_measurement
+        if expected is None:
+            return "the source sent no runtime measurement for a VM whose definition asks for one"
+        try:
+            got = await measure(self.vm.qemu, regions)
+        except MeasurementError as e:
+            return f"runtime measurement failed: {e}"
+        differ = got.differs_from(expected)
+        self.ctx.measurement = {"match": not differ, "destination_ms": got.elapsed_ms,
+                                "regions": sorted(got.digests), "differ": differ}  # fmt: skip
+        self._persist()
+        self.svc.safe_audit("migration.measurement", vm=self.vm.name,
+                            migration_id=self.migration_id,
+                            outcome="match" if not differ else "mismatch",
+                            data=self.ctx.measurement)  # fmt: skip
+        if differ:
+            return (f"runtime measurement of {', '.join(differ)} differs from the source's: "
+                    "the memory changed on its way; the guest is not run here")  # fmt: skip
+        return None
 
     async def _adopt(self, epoch: int) -> None:
         self.vm.epoch = epoch

@@ -43,6 +43,20 @@ log = logging.getLogger("trustmig.agent")
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+def _with_measurement(spec: VMSpec, opts: MigrationOptions) -> MigrationOptions:
+    """A VM with measured memory migrates pre-copy only: after a post-copy switch the
+    destination runs before all of its memory arrived, so nothing could be compared first."""
+    if not spec.measure:
+        return opts
+    if opts.mode == "postcopy":
+        raise RequestError(
+            f"VM {spec.name} has measured memory regions, which need a pre-copy migration "
+            "(drop --postcopy, or remove [[measure]] from its definition)",
+            Code.INVALID,
+        )
+    return opts.model_copy(update={"postcopy_if_not_converging": False})
+
+
 class MigrationRegistry:
     """The host's migrations (outgoing and incoming)."""
 
@@ -67,6 +81,7 @@ class MigrationRegistry:
                 Code.INVALID,
             )
         mid = str(uuid.uuid4())
+        opts = _with_measurement(svc.vms.get(name).spec, opts)
         vm = svc.vms.claim(name, mid)  # atomic: a second request for this VM gets 'busy'
         user = {"name": principal.name, "roles": list(principal.roles),
                 "tenant": principal.tenant, "fingerprint": principal.fingerprint}  # fmt: skip
@@ -164,6 +179,8 @@ class MigrationRegistry:
         if existing is not None and existing.state not in ("crashed", "handed-over", "discarded"):
             raise RequestError(f"a VM named {spec.name} already runs on {svc.name}", Code.BUSY)
         await self._require_can_run(spec)
+        if spec.measure and opts.mode == "postcopy":
+            raise RequestError("measured memory regions need a pre-copy migration", Code.INVALID)
         await svc.admission.admit("in", tenant=spec.tenant, vm=spec.name, migration_id=mid)
         try:
             return await self._start_incoming(
@@ -314,7 +331,12 @@ class MigrationRegistry:
             raise RequestError("the guest already runs here", Code.COMMITTED)
         raise RequestError(f"migration {mid} is {st['state']}", Code.INVALID)
 
-    async def commit_in(self, mid: str, source: str, lease: asyncio.Event) -> dict[str, Any]:
+    async def commit_in(
+        self, mid: str, source: str, lease: asyncio.Event, measurement: dict[str, str] | None
+    ) -> dict[str, Any]:
+        d = self._incoming_driver(mid, source)
+        if d is not None and measurement is not None:
+            d.expect_measurement(measurement)
         return await self._ask(mid, source, lease, ev.CommitRequested, timeout=90)
 
     async def abort_in(

@@ -26,6 +26,7 @@ from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.journal import JournalError, MigrationRow
 from trustmig.agent.runtime import HostServices
 from trustmig.agent.vms import ManagedVM
+from trustmig.hypervisor.measure import MeasurementError, measure
 from trustmig.hypervisor.migration import MigrationOptions, configure_source, query
 from trustmig.migration import actions as A
 from trustmig.migration import events as ev
@@ -401,8 +402,10 @@ class SourceDriver:
                 self._on_prepared(await self._call("incoming.prepare", self._prepare_params(), 120))
             elif a.op == "commit":
                 wait = self.svc.cfg.migration.commit_timeout_s
-                res = await self._call("incoming.commit", {}, wait)
+                res = await self._call("incoming.commit", await self._commit_params(), wait)
                 self.ctx.info["destination_pid"] = res.get("pid")
+                if res.get("measurement"):
+                    self.ctx.info.setdefault("runtime_measurement", {}).update(res["measurement"])
                 self.post(ev.CommitAnswered(res.get("pid"), int(res.get("epoch") or 0)))
             elif a.op == "status":
                 res = await self._call("incoming.status", {}, 15)
@@ -414,6 +417,24 @@ class SourceDriver:
                         self.ctx.info["destination_error"] = st["error"]
         except (ControlError, RequestError, OSError) as e:
             self._peer_failed(a.op, e)
+        except MeasurementError as e:
+            # nothing was sent: the destination cannot run the guest, ours runs again
+            self.post(ev.CommitRefused("refused", f"runtime measurement on the source: {e}"))
+
+    async def _commit_params(self) -> dict[str, Any]:
+        """The commit carries the measurement of the stopped source guest, if its definition
+        asks for one (taken once: a repeated commit sends the same digests). Raises
+        MeasurementError, and the commit is then never sent."""
+        regions = self.vm.spec.measure
+        if not regions:
+            return {}
+        held = self.ctx.info.get("runtime_measurement") or {}
+        if "source" not in held:
+            got = await measure(self.vm.qemu, regions)
+            held = {"source": got.digests, "source_ms": got.elapsed_ms}
+            self.ctx.info["runtime_measurement"] = held
+            self._persist()
+        return {"measurement": held["source"]}
 
     def _peer_failed(self, op: str, e: Exception) -> None:
         code = str(getattr(e, "code", "transport"))
@@ -717,6 +738,7 @@ class SourceDriver:
             "rounds": getattr(prog, "rounds", None),
             "postcopy_requests": getattr(prog, "postcopy_requests", None),
             "stream_recoveries": info.get("stream_recoveries", []),
+            "runtime_measurement": info.get("runtime_measurement"),
             "throughput_mbps": round(transferred / 1e6 / (total_ms / 1000), 1)
             if total_ms and transferred
             else None,

@@ -29,6 +29,7 @@ from trustmig.hypervisor.debian import (
 )
 from trustmig.hypervisor.heartbeat import analyse
 from trustmig.hypervisor.image import build_image
+from trustmig.hypervisor.measure import kernel_text_region
 
 SOURCE, DEST = "host-a", "host-b"
 USER = "alice"
@@ -45,7 +46,7 @@ class DebianGuest:
         self.pid = ""
         self.digest = ""
 
-    def definition(self, workload: dict[str, Any], memory: int) -> dict[str, Any]:
+    def definition(self, workload: dict[str, Any], memory: int, measure: bool) -> dict[str, Any]:
         shared = self.cluster.root / "shared"  # storage both hosts see
         shared.mkdir(exist_ok=True)
         disk = shared / "demo-vm.qcow2"
@@ -53,7 +54,8 @@ class DebianGuest:
         create_overlay(self.image, disk)
         # the OS itself needs about 256 MiB next to the workload
         d = debian_definition("demo-vm", self.image, disk, ssh_port=SSH_PORT,
-                              memory_mib=memory + 256, workload=workload)  # fmt: skip
+                              memory_mib=memory + 256, workload=workload,
+                              measure_kernel=measure)  # fmt: skip
         return {**d, "tenant": "acme"}
 
     def _ssh(self, host: str, cmd: str) -> str | None:
@@ -92,6 +94,7 @@ async def _migrate_and_measure(
     say: Callable[[str], None],
     on_event: Callable[[dict[str, Any]], None] | None,
     debian: DebianGuest | None = None,
+    measure: bool = True,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {
         "status": "failed", "mode": "postcopy" if postcopy else "precopy", "channel": "secure",
@@ -101,13 +104,17 @@ async def _migrate_and_measure(
         "bytes_transferred": None, "throughput_mbps": None,
         "source_state": "absent", "destination_state": "absent", "error": None,
         "guest": "debian" if debian else "lab",
+        "runtime_measurement": None,
     }  # fmt: skip
     src: ControlClient = await cluster.client(SOURCE, USER)
     dst: ControlClient = await cluster.client(DEST, USER)
     try:
         workload_mib = max(16, min(memory - 128, memory // 2))
         workload: dict[str, Any] = {"mem_mib": workload_mib, "dirty_rate": dirty_rate}
-        spec = {"name": "demo-vm", "memory_mib": memory, "tenant": "acme", "workload": workload}
+        spec: dict[str, Any] = {"name": "demo-vm", "memory_mib": memory, "tenant": "acme",
+                                "workload": workload}  # fmt: skip
+        if measure and not postcopy:  # the kernel's code is measured on both ends (pre-copy)
+            spec["measure"] = [kernel_text_region(build_image().kernel).model_dump()]
         say(
             f"booting demo-vm on {SOURCE} ({memory} MiB, workload {workload_mib} MiB "
             f"dirtied at {dirty_rate:g} MiB/s)"
@@ -116,7 +123,7 @@ async def _migrate_and_measure(
         if debian is None:
             await src.call("vm.start", {"spec": spec, "policy": policy}, timeout=300)
         else:
-            definition = debian.definition(workload, memory)
+            definition = debian.definition(workload, memory, measure=measure and not postcopy)
             await src.call("vm.define", {"definition": definition})
             await src.call("vm.start", {"name": "demo-vm", "policy": policy}, timeout=300)
             prepared = await asyncio.to_thread(debian.before)
@@ -157,9 +164,14 @@ async def _migrate_and_measure(
                 "receipt_id",
                 "destination_claim",
                 "stream_recoveries",
+                "runtime_measurement",
             ):
                 result[k] = res.get(k)
             result["status"] = "completed"
+            if postcopy:
+                result["runtime_measurement"] = {
+                    "skipped": "post-copy runs the guest before all of its memory arrived"
+                }
             await asyncio.sleep(1.0)  # let the destination guest run and print heartbeats
             hbs = await dst.call("vm.heartbeats", {"name": "demo-vm", "since": t_mig - 5})
             cont = analyse(
@@ -219,6 +231,7 @@ def run_demo(
     say: Callable[[str], None] = lambda s: None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     guest: str = "lab",
+    measure: bool = True,
 ) -> dict[str, Any]:
     tmp = None
     if state_dir is None:
@@ -254,6 +267,7 @@ def run_demo(
                 say=say,
                 on_event=on_event,
                 debian=DebianGuest(cluster, image) if image is not None else None,
+                measure=measure,
             )
         )
         res["state_dir"] = str(state_dir) if tmp is None else None

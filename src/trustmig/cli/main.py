@@ -592,6 +592,9 @@ def demo(
         Literal["lab", "debian"],
         typer.Option(help="lab: the fast busybox guest; debian: a real OS checked over ssh."),
     ] = "lab",
+    measure: Annotated[
+        bool, typer.Option(help="Measure the guest kernel's code on both ends (pre-copy).")
+    ] = True,
 ) -> None:
     """Two agents on loopback; boot a guest on one, live-migrate it to the other, measure."""
     from trustmig.cli.demo import run_demo
@@ -610,6 +613,7 @@ def demo(
                 say=say,
                 on_event=view.event,
                 guest=guest,
+                measure=measure,
             )
         if as_json:
             print(json.dumps(res, default=str))

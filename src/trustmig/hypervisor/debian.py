@@ -114,6 +114,13 @@ mount --move /dev /newroot/dev
 exec switch_root /newroot /sbin/init
 """
 
+#: sshd checks passwords itself (no PAM), as many appliance images do: the lab's Xensploit
+#: attack patches that check in the guest's memory
+_SSHD = """UsePAM no
+PasswordAuthentication yes
+KbdInteractiveAuthentication no
+"""
+
 _NETWORK = """[Match]
 Name=en* eth*
 
@@ -141,11 +148,15 @@ class DebianImage:
         )
 
 
+def _sha(texts: tuple[str, ...]) -> str:
+    return hashlib.sha256("\0".join(texts).encode()).hexdigest()
+
+
 def _image_key(kernel_sha256: str, workload_source: bytes) -> str:
     h = hashlib.sha256()
     for part in (OS_NAME, str(RECIPE_VERSION), SUITE, ",".join(PACKAGES), ROOT_SIZE,
                  kernel_sha256, hashlib.sha256(workload_source).hexdigest(),
-                 hashlib.sha256((_SERVICE + _RUNNER + _NETWORK + _INIT).encode()).hexdigest(),
+                 _sha((_SERVICE, _RUNNER, _NETWORK, _INIT, _SSHD)),
                  ",".join(INITRD_MODULES)):  # fmt: skip
         h.update(part.encode() + b"\0")
     return h.hexdigest()
@@ -194,7 +205,7 @@ def build_debian_image(
                 shutil.rmtree(final)
             os.rename(tmp, final)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_tree(tmp)
             raise
         _prune_other_images(cache, key)
     image = _cached(final)
@@ -209,7 +220,24 @@ def _prune_other_images(cache: Path, key: str) -> None:
     for entry in cache.iterdir():
         stale = entry.name.startswith(".tmp-") or (entry / RECORD).exists()
         if entry.is_dir() and entry.name != key and stale:
-            shutil.rmtree(entry, ignore_errors=True)
+            _remove_tree(entry)
+
+
+def _mounts_below(path: Path) -> list[str]:
+    """Mount points inside ``path`` (an interrupted mmdebstrap leaves /proc, /sys, /dev/*)."""
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1].encode().decode("unicode_escape") for line in f]
+    return sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a build directory, never crossing into a file system still mounted in it."""
+    for point in _mounts_below(path):
+        subprocess.run(["umount", "-l", point], capture_output=True, timeout=30, check=False)
+    if _mounts_below(path):
+        raise ImageBuildError(f"{path} still has file systems mounted in it: unmount them")
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _assemble(out: Path, kernel_deb: Path, workload_source: bytes, say: Any) -> str:
@@ -242,7 +270,7 @@ def _assemble(out: Path, kernel_deb: Path, workload_source: bytes, say: Any) -> 
     _run(["mke2fs", "-q", "-t", "ext4", "-L", "tmroot", "-d", str(tree), str(out / ROOT_IMAGE),
           ROOT_SIZE], what="mke2fs -d", fix="install e2fsprogs")  # fmt: skip
     (out / ROOT_IMAGE).chmod(0o444)
-    shutil.rmtree(tree)
+    _remove_tree(tree)
     return version
 
 
@@ -327,6 +355,7 @@ def _install_workload(tree: Path, binary: bytes) -> None:
 def _configure(tree: Path, out: Path) -> None:
     """Hostname, network, the serial console left to the workload, the test user and keys."""
     (tree / "etc/hostname").write_text("tm-guest\n")
+    (tree / "etc/ssh/sshd_config.d/trustmig-lab.conf").write_text(_SSHD)
     (tree / "etc/systemd/network/80-dhcp.network").write_text(_NETWORK)
     (tree / "etc/fstab").write_text("/dev/vda / ext4 rw,errors=remount-ro 0 1\n")
     # ttyS0 carries the workload's protocol: no login prompt there (logins go through ssh)
@@ -352,6 +381,7 @@ def _configure(tree: Path, out: Path) -> None:
 
 def create_overlay(image: DebianImage, path: Path) -> Path:
     """A qcow2 disk for one VM on top of the read-only image (the VM writes only there)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image.root),
           str(path)], what="qemu-img create", fix="install qemu-utils")  # fmt: skip
     return path
@@ -367,6 +397,7 @@ def debian_definition(
     shared: bool = True,
     workload: dict[str, Any] | None = None,
     mac: str | None = None,
+    measure_kernel: bool = False,
 ) -> dict[str, Any]:
     """A definition for the Debian guest: root on virtio-blk, a virtio NIC with ssh forwarded."""
     mac = mac or "52:54:00:" + ":".join(
@@ -427,6 +458,36 @@ def guest_ssh(
         out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return SshResult(255, "", f"ssh timed out after {timeout:.0f}s")
+    return SshResult(out.returncode, out.stdout, out.stderr.strip())
+
+
+def password_login(
+    image: DebianImage, address: str, port: int, password: str, *, timeout: float = 60.0
+) -> SshResult:
+    """Try a password login (never a key) as the test user with the real OpenSSH client; the
+    password is handed over by an askpass helper, as an interactive user would type it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tm-askpass-") as tmp:
+        helper = Path(tmp) / "askpass"
+        secret = Path(tmp) / "password"
+        secret.write_text(password)
+        helper.write_text(f"#!/bin/sh\ncat {secret}\n")
+        helper.chmod(0o700)
+        env = {**os.environ, "SSH_ASKPASS": str(helper), "SSH_ASKPASS_REQUIRE": "force",
+               "DISPLAY": ":0"}  # fmt: skip
+        argv = [
+            "ssh", "-p", str(port), "-o", "PubkeyAuthentication=no",
+            "-o", "PreferredAuthentications=password", "-o", "NumberOfPasswordPrompts=1",
+            "-o", f"UserKnownHostsFile={image.known_hosts}", "-o", "HostKeyAlias=tm-guest",
+            "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10",
+            f"{TEST_USER}@{address}", "id -un",
+        ]  # fmt: skip
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                                 env=env, stdin=subprocess.DEVNULL, check=False)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return SshResult(255, "", f"ssh timed out after {timeout:.0f}s")
     return SshResult(out.returncode, out.stdout, out.stderr.strip())
 
 

@@ -178,6 +178,25 @@ class BridgeNet(_Strict):
 
 NetBackend = Annotated[UserNet | BridgeNet, Field(discriminator="kind")]
 
+#: the most guest memory one measured region may span
+MAX_MEASURED_BYTES = 256 * 1024 * 1024
+
+
+class MeasuredRegion(_Strict):
+    """Guest-physical memory that must arrive unchanged (e.g. the kernel's code): measured on
+    the source once it stopped and on the destination before the guest runs there."""
+
+    name: str
+    gpa: int = Field(ge=0, description="guest-physical start address")
+    size: int = Field(ge=4096, le=MAX_MEASURED_BYTES)
+
+    @field_validator("name")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not DEVICE_ID_RE.match(v):
+            raise ValueError("region name must be 1-16 chars: a lowercase letter, then a-z 0-9 _ -")
+        return v
+
 
 class NicSpec(_Strict):
     """A network card of the guest; its MAC travels with it."""
@@ -219,6 +238,7 @@ class VMSpec(_Strict):
     disks: list[DiskSpec] = Field(default_factory=list, max_length=16)
     nics: list[NicSpec] = Field(default_factory=list, max_length=8)
     workload: WorkloadSpec | None = None
+    measure: list[MeasuredRegion] = Field(default_factory=list, max_length=8)
     image_key: str | None = Field(None, description="lab guest image digest both hosts hold")
 
     @model_validator(mode="before")
@@ -264,6 +284,11 @@ class VMSpec(_Strict):
         macs = [n.mac for n in self.nics]
         if len(set(macs)) != len(macs):
             raise ValueError("nics: two NICs have the same mac")
+        for r in self.measure:
+            if r.gpa + r.size > self.memory_mib * 1024 * 1024:
+                raise ValueError(
+                    f"measure: region {r.name} ends beyond the guest's {self.memory_mib} MiB"
+                )
         if self.boot.kind == "disk" and not self.disks:
             raise ValueError("boot.kind = 'disk' needs at least one disk")
         if self.boot.kind == "disk" and self.workload is not None:
@@ -277,9 +302,12 @@ class VMSpec(_Strict):
     def kernel_cmdline(self) -> str:
         """The command line for lab and kernel boots (the workload's settings included)."""
         workload = self.workload.kernel_args() if self.workload else []
+        # measured regions are physical addresses: the kernel must not move itself at random
+        fixed = ["nokaslr"] if self.measure else []
         if isinstance(self.boot, KernelBoot):
-            return " ".join([*self.boot.cmdline.split(), *workload])
-        return " ".join(["console=ttyS0", "quiet", "loglevel=1", "panic=-1", *workload])
+            args = self.boot.cmdline.split()
+            return " ".join([*args, *(a for a in fixed if a not in args), *workload])
+        return " ".join(["console=ttyS0", "quiet", "loglevel=1", "panic=-1", *fixed, *workload])
 
     @property
     def needs_workload(self) -> WorkloadSpec:

@@ -30,6 +30,8 @@ from typing import Any
 from trustmig.agent.client import ControlClient, ControlError
 from trustmig.agent.local_cluster import LocalCluster, free_port
 from trustmig.hypervisor.accel import AccelChoice, choose_accel
+from trustmig.hypervisor.debian import DebianImage, build_debian_image
+from trustmig.hypervisor.devices import HostNet
 from trustmig.hypervisor.image import GuestImage, build_image
 from trustmig.hypervisor.migration import MigrationProgress, query
 from trustmig.hypervisor.qemu import QemuVM
@@ -83,24 +85,36 @@ class Baseline:
 
     async def boot(self, name: str) -> QemuVM:
         """A running guest whose workload has filled its memory."""
-        vm = QemuVM(guest_spec(name, self.image), self.image, self._dir(f"{name}-src"), self.accel)
+        return await self.boot_spec(guest_spec(name, self.image))
+
+    async def boot_spec(self, spec: VMSpec, host_net: HostNet | None = None) -> QemuVM:
+        """A running guest of any definition, ready once its workload says so."""
+        vm = QemuVM(spec, self.image, self._dir(f"{spec.name}-src"), self.accel,
+                    host_net=host_net, die_with_parent=True)  # fmt: skip
         self._vms.append(vm)
         await vm.start()
-        await vm.console.wait_for("READY", BOOT_TIMEOUT_S)
+        if spec.waits_for_workload:
+            await vm.console.wait_for("READY", BOOT_TIMEOUT_S)
         return vm
 
     async def destination(
         self, name: str, *, binary: str = "qemu-system-x86_64"
     ) -> tuple[QemuVM, int]:
         """An incoming QEMU listening on a loopback TCP port; it runs the guest once loaded."""
+        return await self.destination_spec(guest_spec(name, self.image), binary=binary)
+
+    async def destination_spec(
+        self, spec: VMSpec, host_net: HostNet | None = None, *, binary: str = "qemu-system-x86_64"
+    ) -> tuple[QemuVM, int]:
         vm = QemuVM(
-            guest_spec(name, self.image),
+            spec,
             self.image,
-            self._dir(f"{name}-dst"),
+            self._dir(f"{spec.name}-dst"),
             self.accel,
             binary=binary,
             incoming=True,
             die_with_parent=True,
+            host_net=host_net,
         )
         self._vms.append(vm)
         await vm.start()
@@ -417,6 +431,13 @@ class LabEnv:
         self.baseline = Baseline(workdir / "baseline", self.image, self.accel)
         self.trustmig = TrustmigCluster(workdir / "trustmig")
         self._started = False
+        self._debian: DebianImage | None = None
+
+    def debian_image(self) -> DebianImage:
+        """The Debian guest (built on first use, cached like the lab image)."""
+        if self._debian is None:
+            self._debian = build_debian_image(progress=self.say)
+        return self._debian
 
     def start(self) -> None:
         if not self._started:

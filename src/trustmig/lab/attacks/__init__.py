@@ -13,12 +13,14 @@ from trustmig.lab.attacks import (
     memory_rewrite,
     replay,
     rogue_destination,
+    sshd_rewrite,
     unauthorized,
 )
 
 ATTACKS: tuple[Attack, ...] = (
     eavesdrop.ATTACK,
     memory_rewrite.ATTACK,
+    sshd_rewrite.ATTACK,
     replay.ATTACK,
     unauthorized.ATTACK,
     control_plane.ATTACK,
