@@ -69,8 +69,10 @@ async def migrate_with_hook(
     *,
     when_bytes: int | None = None,
     hook: Any = None,
+    on: str = "progress",
 ) -> tuple[dict[str, Any] | None, str | None]:
-    """Start a migration; once ``when_bytes`` were transferred call ``hook()``.
+    """Start a migration; once ``when_bytes`` were transferred (events named ``on``: memory
+    ``progress``, or ``disk-progress``) call ``hook()``.
 
     Returns (result, error line)."""
     fired = False
@@ -80,7 +82,7 @@ async def migrate_with_hook(
         if (
             hook is not None
             and not fired
-            and ev.get("event") == "progress"
+            and ev.get("event") == on
             and int(ev.get("transferred", 0)) >= (when_bytes or 0)
         ):
             fired = True

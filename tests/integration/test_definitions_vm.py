@@ -4,6 +4,7 @@ cannot satisfy are refused in one line before anything starts."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -133,11 +134,18 @@ def test_what_the_destination_cannot_run_is_refused_before_anything_starts(
             with pytest.raises(ControlError) as absent:
                 await a.call("vm.start", {"name": "vm1"}, timeout=120)
             assert not (await a.call("vm.list"))["vms"][0]["pid"]
-            await a.call("vm.define", {"definition": _lab_with_disk(tmp_path)})  # not shared
+            forwarded = {**_lab_with_disk(tmp_path), "nics": [{
+                "id": "net0", "mac": "52:54:00:aa:bb:02",
+                "backend": {"kind": "user", "forwards": [{"host_port": 2299, "guest_port": 22}]},
+            }]}  # fmt: skip
+            await a.call("vm.define", {"definition": forwarded})
             policy = cluster.signed_policy("alice", "vm1")
             await a.call("vm.start", {"name": "vm1", "policy": policy}, timeout=120)
-            with pytest.raises(ControlError) as local:
-                await _migrate(a, "vm1", "host-b")
+            with socket.socket() as busy:  # something on host-b holds the guest's port
+                busy.bind((cluster.forward_address("host-b"), 2299))
+                busy.listen()
+                with pytest.raises(ControlError) as local:
+                    await _migrate(a, "vm1", "host-b")
             await assert_running_and_beating(a, "vm1")
             return str(typo.value), str(absent.value), str(local.value), await incoming_pids(b)
         finally:
@@ -147,7 +155,7 @@ def test_what_the_destination_cannot_run_is_refused_before_anything_starts(
     typo, absent, local, incoming = arun(go())
     assert "memroy_mib: unknown field" in typo and "\n" not in typo
     assert "disk data" in absent and "does not exist on this host" in absent
-    assert "host-b cannot run VM vm1: disk data is not on shared storage" in local, local
+    assert "host-b cannot run VM vm1: forwarded port tcp 127.0.1.2:2299 is not free" in local, local
     assert incoming == []
 
 

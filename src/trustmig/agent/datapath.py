@@ -71,6 +71,8 @@ class SessionTarget:
     qemu_socket: Path
     #: ``qemu-tls``: the session only authenticates and attests; QEMU carries the data itself.
     handshake_only: bool = False
+    #: streams that carry a copied disk, to the incoming QEMU's NBD server socket
+    disk_sockets: dict[int, Path] = field(default_factory=dict)
 
 
 class IncomingSessions(Protocol):
@@ -206,9 +208,14 @@ def open_outbound_session(
 
 
 def hand_to_relay(
-    session: OutboundSession, relay: RelayHandle, qemu_socket: Path, mid: str
+    session: OutboundSession,
+    relay: RelayHandle,
+    qemu_socket: Path,
+    mid: str,
+    disk_sockets: dict[int, Path] | None = None,
 ) -> None:
-    """Blocking: the relay listens for QEMU on ``qemu_socket`` and carries every stream."""
+    """Blocking: the relay listens for QEMU on ``qemu_socket`` (and for its NBD clients on
+    ``disk_sockets``) and carries every stream."""
     keys = session.result.session
     try:
         relay.configure(
@@ -216,6 +223,7 @@ def hand_to_relay(
             [keys.stream_keys(i, "c2s", "s2c") for i in range(session.n_streams)],
             qemu_socket,
             mid,
+            disk_sockets,
         )
         for i, s in enumerate(session.sockets):
             relay.add_stream(i, s)
@@ -354,6 +362,7 @@ class DataListener:
             [keys.stream_keys(i, "s2c", "c2s") for i in range(keys.n_streams)],
             target.qemu_socket,
             target.migration_id,
+            target.disk_sockets,
         )
         sess = _InboundSession(target, keys, JoinVerifier(keys), result.peer_name)
         self._inbound[result.session_id] = sess

@@ -25,6 +25,12 @@ from trustmig.agent.journal import JournalError, MigrationRow
 from trustmig.agent.runtime import HostServices
 from trustmig.agent.vms import ManagedVM
 from trustmig.channel.errors import ChannelError
+from trustmig.hypervisor.blockcopy import (
+    NBD_SOCKET,
+    copied_disks,
+    remove_targets,
+    unexport_targets,
+)
 from trustmig.hypervisor.measure import MeasurementError, measure
 from trustmig.hypervisor.migration import MigrationOptions, query
 from trustmig.migration import actions as A
@@ -60,6 +66,10 @@ class DestinationContext:
     expected_measurement: dict[str, str] | None = None
     #: what this host measured before running the guest (with the comparison)
     measurement: dict[str, Any] | None = None
+    #: target images of copied disks this migration created (deleted if it aborts)
+    created_disks: list[str] = field(default_factory=list)
+    #: the VM was defined on the source: its definition is kept here once it is ours
+    persistent: bool = False
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -215,7 +225,8 @@ class DestinationDriver:
         with contextlib.suppress(Exception):
             self.svc.gov.record_migration(self.core.vm)
         try:
-            self.svc.vms.keep_definition(self.vm)
+            if self.ctx.persistent:
+                self.svc.vms.keep_definition(self.vm)
         except Exception as e:  # noqa: BLE001 - the guest is ours anyway; say why
             log.error("incoming %s: definition not kept: %s", self.migration_id, e)
         if self.ctx.policy_json:
@@ -339,10 +350,18 @@ class DestinationDriver:
             raise ChannelError(f"migration {self.migration_id} has no relay to carry it")
         self.ctx.session = summary
         self._apply(self.core.handle(ev.SessionClaimed(), time.monotonic()))
+        first_disk = self.ctx.options.streams
+        nbd = self.vm.qemu.sock_dir / NBD_SOCKET
+        disks = {first_disk + i: nbd for i in range(len(copied_disks(self.vm.spec)))}
         return SessionTarget(
             self.migration_id, self.relay, Path(self.ctx.qemu_socket),
-            handshake_only=self.ctx.options.channel == "qemu-tls",
+            handshake_only=self.ctx.options.channel == "qemu-tls", disk_sockets=disks,
         )  # fmt: skip
+
+    @property
+    def n_streams(self) -> int:
+        """QEMU's migration streams, then one per copied disk."""
+        return self.ctx.options.streams + len(copied_disks(self.vm.spec))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -386,6 +405,7 @@ class DestinationDriver:
 
     async def _discard(self, reason: str) -> None:
         await self.vm.qemu.kill()
+        remove_targets([Path(p) for p in self.ctx.created_disks])
         await self.close_relay()
         self.forget_session(self.migration_id)
         self.svc.vms.release(self.vm, "discarded")
@@ -399,7 +419,7 @@ class DestinationDriver:
             return
         state = await qemu.status()
         if state != "running":
-            refusal = await self._verify_measurement()
+            refusal = await self._release_disks() or await self._verify_measurement()
             if refusal is not None:
                 self.post(ev.GuestResumed(False, refusal, rid))
                 return
@@ -411,6 +431,17 @@ class DestinationDriver:
             log.error("incoming %s: QEMU does not answer after cont", self.migration_id)
             return
         self.post(ev.GuestResumed(state == "running", f"QEMU is {state}", rid))
+
+    async def _release_disks(self) -> str | None:
+        """The copied disks stop being served before the guest runs here (nothing else may
+        write them then); a refusal line if that fails."""
+        if not copied_disks(self.vm.spec):
+            return None
+        try:
+            await unexport_targets(self.vm.qemu)
+        except Exception as e:  # noqa: BLE001 - QMP errors and BlockCopyError alike
+            return f"the copied disks could not be closed: {e}"
+        return None
 
     def expect_measurement(self, digests: dict[str, str]) -> None:
         """The source's measurement arrives with its (first) commit request; kept, journaled."""

@@ -31,6 +31,7 @@ from trustmig.agent.source_driver import SourceContext, SourceDriver, source_pla
 from trustmig.agent.vms import ManagedVM
 from trustmig.channel.errors import ChannelError
 from trustmig.config import parse_hostport
+from trustmig.hypervisor import blockcopy
 from trustmig.hypervisor.devices import HostCannotRun, require_host_can_run
 from trustmig.hypervisor.migration import MigrationOptions, configure_destination
 from trustmig.hypervisor.spec import VMSpec
@@ -43,9 +44,17 @@ log = logging.getLogger("trustmig.agent")
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-def _with_measurement(spec: VMSpec, opts: MigrationOptions) -> MigrationOptions:
-    """A VM with measured memory migrates pre-copy only: after a post-copy switch the
-    destination runs before all of its memory arrived, so nothing could be compared first."""
+def _checked_options(spec: VMSpec, opts: MigrationOptions) -> MigrationOptions:
+    """What the VM's definition allows of the options. Copied disks travel through trustmig's
+    channel (``qemu-tls`` carries memory only). A VM with measured memory migrates pre-copy
+    only: after a post-copy switch the destination runs before all of its memory arrived, so
+    nothing could be compared first. Raises RequestError(invalid)."""
+    if blockcopy.copied_disks(spec) and opts.channel == "qemu-tls":
+        raise RequestError(
+            f"VM {spec.name} has local disks, which are copied through trustmig's channel: "
+            "use --channel secure (or put the disks on shared storage)",
+            Code.INVALID,
+        )
     if not spec.measure:
         return opts
     if opts.mode == "postcopy":
@@ -81,7 +90,7 @@ class MigrationRegistry:
                 Code.INVALID,
             )
         mid = str(uuid.uuid4())
-        opts = _with_measurement(svc.vms.get(name).spec, opts)
+        opts = _checked_options(svc.vms.get(name).spec, opts)
         vm = svc.vms.claim(name, mid)  # atomic: a second request for this VM gets 'busy'
         user = {"name": principal.name, "roles": list(principal.roles),
                 "tenant": principal.tenant, "fingerprint": principal.fingerprint}  # fmt: skip
@@ -181,6 +190,9 @@ class MigrationRegistry:
         await self._require_can_run(spec)
         if spec.measure and opts.mode == "postcopy":
             raise RequestError("measured memory regions need a pre-copy migration", Code.INVALID)
+        if blockcopy.copied_disks(spec) and opts.channel == "qemu-tls":
+            raise RequestError("local disks are copied through trustmig's channel, not qemu-tls",
+                               Code.INVALID)  # fmt: skip
         await svc.admission.admit("in", tenant=spec.tenant, vm=spec.name, migration_id=mid)
         try:
             return await self._start_incoming(
@@ -232,6 +244,9 @@ class MigrationRegistry:
         params: dict[str, Any], peer_cert_der: bytes | None, lease: asyncio.Event,
     ) -> dict[str, Any]:  # fmt: skip
         svc = self.svc
+        # copied disks get empty targets in this host's own directory, deleted if this fails
+        spec = blockcopy.target_spec(spec, svc.disk_dir / f"{spec.name}-{mid[:8]}")
+        created = await asyncio.to_thread(blockcopy.create_targets, spec)
         qemu = svc.make_qemu(spec, incoming=True, run_name=f"in-{mid[:8]}-{spec.name}",
                              prealloc=opts.prealloc_destination)  # fmt: skip
         vm = svc.vms.add_incoming(spec, qemu, mid, epoch)
@@ -239,7 +254,8 @@ class MigrationRegistry:
         ctx = DestinationContext(
             options=opts, user=user, policy_json=policy_json, spec=spec.model_dump(mode="json"),
             decision_in=decision, peer_audit_pub=str(params.get("audit_pub") or ""),
-            qemu_socket=str(sock),
+            qemu_socket=str(sock), created_disks=[str(p) for p in created],
+            persistent=bool(params.get("persistent")),
         )  # fmt: skip
         m = svc.cfg.migration
         plan = DestinationPlan(
@@ -263,11 +279,13 @@ class MigrationRegistry:
                 port = int(info["socket-address"][0]["port"])
                 tls_address = f"{parse_hostport(svc.data_advertise())[0]}:{port}"
             else:
+                await blockcopy.export_targets(qemu, spec, qemu.sock_dir / blockcopy.NBD_SOCKET)
                 await qemu.cmd("migrate-incoming", {"uri": f"unix:{sock}"})
                 await driver.new_relay()
                 driver._persist()
         except BaseException as e:
             await qemu.kill()
+            blockcopy.remove_targets(created)
             await driver.close_relay()
             # the core records the abort (its one place that changes a state); nothing else
             # of it runs: QEMU is already gone
@@ -387,8 +405,8 @@ class MigrationRegistry:
         if opts.channel == "qemu-tls":
             if n_streams != 1:
                 raise ChannelError("a qemu-tls migration uses the channel for its handshake only")
-        elif n_streams != opts.streams and d.core.state.value == "prepared":
-            raise ChannelError(f"expected {opts.streams} streams, client asked {n_streams}")
+        elif n_streams != d.n_streams and d.core.state.value == "prepared":
+            raise ChannelError(f"expected {d.n_streams} streams, client asked {n_streams}")
 
     def claim(self, migration_id: bytes, peer: str, summary: dict[str, str]) -> SessionTarget:
         d = self._by_raw_id(migration_id)

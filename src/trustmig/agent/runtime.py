@@ -101,6 +101,11 @@ class HostServices:
     def name(self) -> str:
         return self.cfg.name
 
+    @property
+    def disk_dir(self) -> Path:
+        """Where disks copied to this host live (one directory per arrival)."""
+        return self.cfg.state_dir / "disks"
+
     def sock_dir(self, label: str) -> Path:
         """A short private directory for unix sockets (paths must stay under 108 bytes)."""
         return self.sock_root / f"{label[:2]}-{uuid.uuid4().hex[:8]}"

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from trustmig.agent import qemu_tls
@@ -26,6 +27,14 @@ from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.journal import JournalError, MigrationRow
 from trustmig.agent.runtime import HostServices
 from trustmig.agent.vms import ManagedVM
+from trustmig.hypervisor.blockcopy import (
+    BlockCopyError,
+    DiskProgress,
+    copied_disks,
+    finish_mirrors,
+    start_mirrors,
+    wait_mirrors_ready,
+)
 from trustmig.hypervisor.measure import MeasurementError, measure
 from trustmig.hypervisor.migration import MigrationOptions, configure_source, query
 from trustmig.migration import actions as A
@@ -417,14 +426,45 @@ class SourceDriver:
                         self.ctx.info["destination_error"] = st["error"]
         except (ControlError, RequestError, OSError) as e:
             self._peer_failed(a.op, e)
-        except MeasurementError as e:
+        except (MeasurementError, BlockCopyError) as e:
             # nothing was sent: the destination cannot run the guest, ours runs again
-            self.post(ev.CommitRefused("refused", f"runtime measurement on the source: {e}"))
+            self.post(ev.CommitRefused("refused", f"on the source: {e}"))
+
+    def _disk_sockets(self) -> dict[int, tuple[str, Path]]:
+        """Stream index -> (disk id, the relay's socket for its NBD client): after QEMU's
+        migration streams, one per copied disk."""
+        assert self.relay is not None
+        base, first = self.relay.record.control.parent, self.ctx.options.streams
+        return {first + i: (d.id, base / f"disk-{d.id}.sock")
+                for i, d in enumerate(copied_disks(self.vm.spec))}  # fmt: skip
+
+    async def _copy_disks(self) -> None:
+        """Mirror every copied disk to the destination and wait until all are in sync (the
+        memory migration starts only then); raises BlockCopyError."""
+        if not copied_disks(self.vm.spec):
+            return
+        t0 = time.monotonic()
+        sockets = {disk: path for disk, path in self._disk_sockets().values()}
+        await start_mirrors(self.vm.qemu, self.vm.spec, sockets)
+
+        def progress(prog: list[DiskProgress]) -> None:
+            done, total = sum(p.done for p in prog), sum(p.total for p in prog)
+            self._emit({"event": "disk-progress", "transferred": done, "total": total,
+                               "disks": {p.disk: [p.done, p.total] for p in prog}})  # fmt: skip
+
+        prog = await wait_mirrors_ready(self.vm.qemu, self.vm.spec, progress)
+        self.ctx.info["disks"] = {
+            p.disk: {"bytes": p.total, "sync_ms": round((time.monotonic() - t0) * 1000, 1)}
+            for p in prog
+        }
 
     async def _commit_params(self) -> dict[str, Any]:
         """The commit carries the measurement of the stopped source guest, if its definition
         asks for one (taken once: a repeated commit sends the same digests). Raises
         MeasurementError, and the commit is then never sent."""
+        if copied_disks(self.vm.spec):
+            # the source is stopped for good: its ready mirrors end with complete targets
+            await finish_mirrors(self.vm.qemu)
         regions = self.vm.spec.measure
         if not regions:
             return {}
@@ -459,6 +499,8 @@ class SourceDriver:
             "policy": self.svc.gov.vm_policy_json(self.core.vm),
             "audit_pub": self.svc.gov.audit_public_pem,
             "epoch": self.core.epoch,
+            # a defined VM stays defined where it goes; a transient one stays transient
+            "persistent": self.core.vm in self.svc.vms.definitions,
         }
 
     def _on_prepared(self, prep: dict[str, Any]) -> None:
@@ -503,11 +545,13 @@ class SourceDriver:
                 self.relay = await self._new_relay()
                 sock = self.relay.record.control.parent / "qemu-out.sock"
                 self.ctx.qemu_socket = str(sock)
+                disks = self._disk_sockets()
                 session = await asyncio.to_thread(
                     open_outbound_session, self.svc.security, self.ctx.data_address,
-                    self.core.peer, self.migration_id, opts.streams,
+                    self.core.peer, self.migration_id, opts.streams + len(disks),
                 )  # fmt: skip
-                await asyncio.to_thread(hand_to_relay, session, self.relay, sock, self.migration_id)
+                await asyncio.to_thread(hand_to_relay, session, self.relay, sock, self.migration_id,
+                                        {i: p for i, (_d, p) in disks.items()})  # fmt: skip
         except Exception as e:  # noqa: BLE001 - every failure is a verdict on this peer
             await self._close_relay()
             self.post(ev.DataPathFailed(str(e).splitlines()[0] if str(e) else type(e).__name__))
@@ -549,6 +593,7 @@ class SourceDriver:
                 uri = f"tcp:{self.ctx.qemu_tls_address}"
             else:
                 uri = f"unix:{self.ctx.qemu_socket}"
+            await self._copy_disks()
             self.t_transfer = time.monotonic()
             self.ctx.info["cpu0"] = qemu.cpu_seconds()
             self.ctx.info["migrate_sent"] = True
@@ -565,6 +610,8 @@ class SourceDriver:
         if qemu.alive():
             with contextlib.suppress(Exception):
                 await qemu.cmd("migrate_cancel", timeout=10)
+            with contextlib.suppress(Exception):
+                await finish_mirrors(qemu, force=True)
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and qemu.alive():
                 if await self._qemu_status() not in ACTIVE_QEMU:
@@ -578,6 +625,9 @@ class SourceDriver:
             self.post(ev.GuestResumed(False, "source QEMU is gone"))
             return
         state = await qemu.status()
+        if copied_disks(self.vm.spec):
+            with contextlib.suppress(Exception):
+                await finish_mirrors(qemu, force=True)
         if state in ("paused", "postmigrate", "finish-migrate", "prelaunch"):
             with contextlib.suppress(Exception):
                 await qemu.cmd("cont")
@@ -739,6 +789,7 @@ class SourceDriver:
             "postcopy_requests": getattr(prog, "postcopy_requests", None),
             "stream_recoveries": info.get("stream_recoveries", []),
             "runtime_measurement": info.get("runtime_measurement"),
+            "disks": info.get("disks"),
             "throughput_mbps": round(transferred / 1e6 / (total_ms / 1000), 1)
             if total_ms and transferred
             else None,

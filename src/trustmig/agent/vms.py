@@ -234,7 +234,8 @@ class VmManager:
             del self.definitions[vm.name]
 
     def keep_definition(self, vm: ManagedVM) -> None:
-        """An arrived VM is defined here from now on (called when this host becomes owner)."""
+        """An arrived VM that was defined on its source is defined here from now on (called
+        when this host becomes its owner)."""
         spec = vm.spec
         row = DefinitionRow(spec.name, spec.tenant, spec.owner,
                             spec.model_dump(mode="json"), vm.arrived_by)  # fmt: skip

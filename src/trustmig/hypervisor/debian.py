@@ -46,7 +46,7 @@ from trustmig.hypervisor.image import (
 __all__ = ["DebianImage", "build_debian_image", "create_overlay", "debian_definition"]
 
 #: Bump whenever the way the image is assembled changes.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 SUITE = "bookworm"
 OS_NAME = "debian-12"
 PACKAGES = (
@@ -363,8 +363,9 @@ def _configure(tree: Path, out: Path) -> None:
     chroot = ["chroot", str(tree)]
     _run([*chroot, "/usr/bin/systemctl", "enable", "systemd-networkd", "tm-workload.service"],
          what="systemctl enable", fix="check the guest tree")  # fmt: skip
-    _run([*chroot, "/usr/sbin/useradd", "-m", "-s", "/bin/sh", TEST_USER], what="useradd",
-         fix="include passwd")  # fmt: skip
+    # in group disk: the tests read and write the guest's spare disks as the test user
+    _run([*chroot, "/usr/sbin/useradd", "-m", "-s", "/bin/sh", "-G", "disk", TEST_USER],
+         what="useradd", fix="include passwd")  # fmt: skip
     subprocess.run([*chroot, "/usr/sbin/chpasswd"], input=f"{TEST_USER}:{TEST_PASSWORD}\n",
                    text=True, check=True, capture_output=True, timeout=60)  # fmt: skip
     key = out / CLIENT_KEY

@@ -90,6 +90,9 @@ def stamp_disks(spec: VMSpec) -> VMSpec:
         _require_file(d.path, f"disk {d.id}")
         if d.shared:
             d = d.model_copy(update={"identity": disk_identity(d.path, create=True)})
+        else:  # a disk that is copied when the VM migrates: its target gets this size
+            size = image_info(d.path, d.format).get("virtual-size")
+            d = d.model_copy(update={"virtual_size": size if isinstance(size, int) else None})
         disks.append(d)
     boot = spec.boot
     if isinstance(boot, KernelBoot):
@@ -113,6 +116,8 @@ def host_problems(spec: VMSpec, net: HostNet, *, incoming: bool) -> list[str]:
     for check in (_boot_problems(spec), _bridge_problems(spec), _port_problems(spec, net)):
         problems.extend(check)
     for d in spec.disks:
+        if incoming and not d.shared:
+            continue  # created here
         problems.extend(_disk_problems(d, incoming=incoming))
     return problems
 
@@ -169,13 +174,8 @@ def _port_problems(spec: VMSpec, net: HostNet) -> list[str]:
 def _disk_problems(d: DiskSpec, *, incoming: bool) -> list[str]:
     if not d.path.is_file():
         return [f"disk {d.id}: {d.path} does not exist"]
-    if not incoming:
-        return []
-    if not d.shared:
-        return [
-            f"disk {d.id} is not on shared storage and this migration does not copy disks "
-            "(mark it shared = true if both hosts see the same image)"
-        ]
+    if not incoming or not d.shared:
+        return []  # a copied disk's target is created here, in the host's own directory
     try:
         tag = disk_identity(d.path, create=False)
     except HostCannotRun as e:

@@ -130,6 +130,9 @@ class DiskSpec(_Strict):
     identity: str | None = Field(
         None, pattern=r"^[0-9a-f]{32}$", description="the image's identity tag, set at start"
     )
+    virtual_size: int | None = Field(
+        None, ge=0, description="bytes the guest sees (recorded at start, for the copy)"
+    )
 
     @field_validator("id")
     @classmethod

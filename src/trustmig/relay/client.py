@@ -189,8 +189,15 @@ class RelayHandle:
         return result if isinstance(result, dict) else {}
 
     def configure(
-        self, role: str, keys: list[StreamKeys], qemu_socket: Path, migration_id: str
+        self,
+        role: str,
+        keys: list[StreamKeys],
+        qemu_socket: Path,
+        migration_id: str,
+        disk_sockets: dict[int, Path] | None = None,
     ) -> dict[str, Any]:
+        """``disk_sockets``: streams that carry a disk, and the unix socket of each (the
+        source listens there for QEMU's NBD client; the destination connects there)."""
         return self.call(
             "configure",
             {
@@ -198,6 +205,7 @@ class RelayHandle:
                 "keys": [k.to_wire() for k in keys],
                 "qemu_socket": str(qemu_socket),
                 "migration_id": migration_id,
+                "disk_sockets": {str(i): str(p) for i, p in (disk_sockets or {}).items()},
             },
         )
 

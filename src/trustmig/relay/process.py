@@ -39,6 +39,17 @@ log = logging.getLogger("trustmig.relay")
 QEMU_CONNECT_TIMEOUT = 10.0
 
 
+def _listen(path: Path, backlog: int) -> socket.socket:
+    """A unix socket only its owner may connect to."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(str(path))
+    os.chmod(path, 0o600)
+    lsock.listen(backlog)
+    return lsock
+
+
 def keepalive(sock: socket.socket) -> None:
     """Notice a peer host that vanished without closing (a dead machine, a cut cable)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -58,6 +69,8 @@ class Relay:
         self.role = ""
         self.migration_id = ""
         self.qemu_path: Path | None = None
+        #: streams that carry a disk (NBD) instead of QEMU's migration: index -> unix socket
+        self.disk_paths: dict[int, Path] = {}
         self.keys: dict[int, StreamKeys] = {}
         self.n_streams = 0
         self.cipher_socks: dict[int, socket.socket] = {}
@@ -235,15 +248,16 @@ class Relay:
             raise ValueError("stream keys must cover streams 0..n-1")
         self.qemu_path = Path(str(msg["qemu_socket"]))
         self.migration_id = str(msg.get("migration_id", ""))
+        self.disk_paths = {int(i): Path(str(p)) for i, p in (msg.get("disk_sockets") or {}).items()}
+        if not set(self.disk_paths) <= set(self.keys) or 0 in self.disk_paths:
+            raise ValueError("disk streams must be streams 1..n-1")
         if role == "source":
-            with contextlib.suppress(FileNotFoundError):
-                self.qemu_path.unlink()
-            lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            lsock.bind(str(self.qemu_path))
-            os.chmod(self.qemu_path, 0o600)
-            lsock.listen(self.n_streams + 1)
+            lsock = _listen(self.qemu_path, self.n_streams + 1)
             self._qemu_listener = lsock
             threading.Thread(target=self._accept_qemu, name="tm-qemu-accept", daemon=True).start()
+            for index, path in self.disk_paths.items():
+                threading.Thread(target=self._accept_disk, args=(index, _listen(path, 1)),
+                                 name=f"tm-disk-{index}", daemon=True).start()  # fmt: skip
         self.role = role
         return {"listening": str(self.qemu_path) if role == "source" else None}
 
@@ -260,8 +274,9 @@ class Relay:
         with self._lock:
             self.cipher_socks[index] = sock
         if self.role == "destination":
+            target = self._connect_disk if index in self.disk_paths else self._connect_qemu
             threading.Thread(
-                target=self._connect_qemu, args=(index,), name=f"tm-qemu-{index}", daemon=True
+                target=target, args=(index,), name=f"tm-qemu-{index}", daemon=True
             ).start()
         return {"stream": index}
 
@@ -271,7 +286,8 @@ class Relay:
         assert self._qemu_listener is not None
         self._qemu_listener.settimeout(0.5)
         index = 0
-        while index < self.n_streams and not self.closing and self.failure is None:
+        migration_streams = self.n_streams - len(self.disk_paths)
+        while index < migration_streams and not self.closing and self.failure is None:
             try:
                 conn, _ = self._qemu_listener.accept()
             except TimeoutError:
@@ -290,6 +306,45 @@ class Relay:
             index += 1
         with contextlib.suppress(OSError):
             self._qemu_listener.close()
+
+    def _accept_disk(self, index: int, lsock: socket.socket) -> None:
+        """Source: the one NBD client connection of a disk is carried by its stream."""
+        lsock.settimeout(0.5)
+        try:
+            while not self.closing and self.failure is None:
+                try:
+                    conn, _ = lsock.accept()
+                except TimeoutError:
+                    continue
+                conn.settimeout(None)
+                deadline = time.monotonic() + QEMU_CONNECT_TIMEOUT
+                while index not in self.cipher_socks and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                if index not in self.cipher_socks:
+                    conn.close()
+                    failure = StreamFailure(index, None, "setup", "no channel stream for a disk")
+                    self._on_failure(failure)
+                    return
+                self._start_pump(index, conn, "source→destination (disk)",
+                                 "destination→source (disk)")  # fmt: skip
+                return
+        except OSError:
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                lsock.close()
+
+    def _connect_disk(self, index: int) -> None:
+        """Destination: a disk stream goes to the incoming QEMU's NBD server."""
+        try:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(QEMU_CONNECT_TIMEOUT)
+            s.connect(str(self.disk_paths[index]))
+            s.settimeout(None)
+        except OSError as e:
+            self._on_failure(StreamFailure(index, None, "setup", f"incoming QEMU's disks: {e}"))
+            return
+        self._start_pump(index, s, "destination→source (disk)", "source→destination (disk)")
 
     def _connect_qemu(self, index: int) -> None:
         """Destination: connect the stream to the incoming QEMU, the main channel first."""
