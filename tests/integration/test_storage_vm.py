@@ -203,3 +203,80 @@ def test_a_destination_killed_mid_copy_leaves_the_source_and_its_disk_intact(
 
     arun(stop())
     assert _sha256(disk) == before
+
+
+def test_a_source_agent_killed_mid_copy_is_undone_after_its_restart(
+    make_cluster: Any, tmp_path: Path
+) -> None:
+    """The agent dies while QEMU mirrors the disk; its successor ends the mirror and rolls the
+    migration back, and the next migration of the VM copies the disk completely."""
+    import time
+
+    cluster = make_cluster()
+    disk = tmp_path / "data.raw"
+    with disk.open("wb") as f:
+        for _ in range(128):
+            f.write(os.urandom(1 << 20))
+    before = _sha256(disk)
+    spec = {"name": "vm1", "tenant": "acme", "memory_mib": 256, "workload": {"mem_mib": 32},
+            "disks": [{"id": "data", "path": str(disk), "format": "raw"}]}  # fmt: skip
+    killed: list[bool] = []
+
+    async def start_and_kill() -> None:
+        a = await cluster.client("host-a", "alice")
+        try:
+            await a.call("vm.start", {"spec": spec, "policy": cluster.signed_policy("alice",
+                                                                                   "vm1")},
+                         timeout=120)  # fmt: skip
+
+            def kill() -> None:
+                cluster.kill_agent("host-a", signal.SIGKILL)
+                killed.append(True)
+
+            await migrate_with_hook(cluster, a, "vm1", "host-b", {"max_bandwidth_mibps": 16},
+                                    when_bytes=0, hook=kill, on="disk-progress")  # fmt: skip
+        finally:
+            await a.close()
+
+    arun(start_and_kill())
+    assert killed
+    cluster.start_agent("host-a")
+
+    async def settled() -> tuple[dict[str, Any], list[int]]:
+        a = await cluster.client("host-a", "alice")
+        b = await cluster.client("host-b", "alice")
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                vm = next(v for v in (await a.call("vm.list"))["vms"] if v["name"] == "vm1")
+                if vm["state"] == "running" and vm["migration"] is None:
+                    break
+                assert time.monotonic() < deadline, vm
+                await asyncio_sleep(0.5)
+            await assert_running_and_beating(a, "vm1")
+            # no mirror job was left behind: the next migration copies the disk again
+            res = await a.call("migrate", {"vm": "vm1", "to": "host-b", "options": {}},
+                               timeout=300)  # fmt: skip
+            res["definition"] = {
+                "disks": [
+                    {"id": "data", "path": str(p)}
+                    for p in (cluster.hosts["host-b"].dir / "disks").rglob("data.raw")
+                ]
+            }
+            await b.call("vm.stop", {"name": "vm1"}, timeout=60)
+            return res, await incoming_pids(b)
+        finally:
+            await a.close()
+            await b.close()
+
+    res, left = arun(settled())
+    assert res["status"] == "completed" and left == []
+    copies = [Path(d["path"]) for d in res["definition"]["disks"]]
+    assert len(copies) == 1, copies  # the rolled-back attempt left no partial image behind
+    assert _sha256(copies[0]) == before == _sha256(disk)
+
+
+async def asyncio_sleep(s: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(s)

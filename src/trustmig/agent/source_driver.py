@@ -445,7 +445,9 @@ class SourceDriver:
             return
         t0 = time.monotonic()
         sockets = {disk: path for disk, path in self._disk_sockets().values()}
-        await start_mirrors(self.vm.qemu, self.vm.spec, sockets)
+        limit = self.ctx.options.max_bandwidth_mibps
+        await start_mirrors(self.vm.qemu, self.vm.spec, sockets,
+                            limit * 1024 * 1024 if limit else None)  # fmt: skip
 
         def progress(prog: list[DiskProgress]) -> None:
             done, total = sum(p.done for p in prog), sum(p.total for p in prog)

@@ -106,6 +106,7 @@ class MigrationProgressView:
         self.enabled = enabled and sys.stderr.isatty()
         self.progress: Progress | None = None
         self.task: TaskID | None = None
+        self.disk_task: TaskID | None = None
 
     def __enter__(self) -> MigrationProgressView:
         if self.enabled:
@@ -126,6 +127,18 @@ class MigrationProgressView:
         if self.progress:
             self.progress.stop()
 
+    def _disk(self, ev: dict[str, Any]) -> None:
+        """Disks copy before memory: a bar of their own, per disk in the detail."""
+        assert self.progress is not None
+        total = max(1, int(ev.get("total") or 1))
+        done = int(ev.get("transferred") or 0)
+        if self.disk_task is None:
+            self.disk_task = self.progress.add_task("disks", total=100, detail="")
+        mib = 1024 * 1024
+        per = ", ".join(f"{d} {a // mib}/{b // mib} MiB"
+                        for d, (a, b) in sorted((ev.get("disks") or {}).items()))  # fmt: skip
+        self.progress.update(self.disk_task, completed=100.0 * done / total, detail=per)
+
     def event(self, ev: dict[str, Any]) -> None:
         if not self.progress or self.task is None:
             if not self.enabled and ev.get("event") == "phase" and sys.stderr.isatty():
@@ -133,6 +146,8 @@ class MigrationProgressView:
             return
         if ev.get("event") == "phase":
             self.progress.update(self.task, description=str(ev.get("phase")))
+        elif ev.get("event") == "disk-progress":
+            self._disk(ev)
         elif ev.get("event") == "progress":
             total = max(1, int(ev.get("total") or 1))
             remaining = int(ev.get("remaining") or 0)

@@ -141,17 +141,22 @@ async def _node_names(qemu: QemuVM) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------- source
-async def start_mirrors(qemu: QemuVM, spec: VMSpec, sockets: dict[str, Path]) -> None:
-    """Connect an NBD client per copied disk to its relay socket and start its mirror."""
+async def start_mirrors(
+    qemu: QemuVM, spec: VMSpec, sockets: dict[str, Path], speed_bps: int | None = None
+) -> None:
+    """Connect an NBD client per copied disk to its relay socket and start its mirror
+    (``speed_bps`` limits the background copy; the guest's own writes are never delayed)."""
     for d in copied_disks(spec):
         node = f"{NODE_PREFIX}{d.id}"
         await qemu.cmd("blockdev-add", {"driver": "nbd", "node-name": node, "export": d.id,
                                         "server": {"type": "unix",
                                                    "path": str(sockets[d.id])}})  # fmt: skip
-        await qemu.cmd("blockdev-mirror", {"job-id": f"{JOB_PREFIX}{d.id}",
-                                           "device": f"drive-{d.id}", "target": node,
-                                           "sync": "full", "copy-mode": "write-blocking",
-                                           "auto-dismiss": False})  # fmt: skip
+        args: dict[str, Any] = {"job-id": f"{JOB_PREFIX}{d.id}", "device": f"drive-{d.id}",
+                                "target": node, "sync": "full", "copy-mode": "write-blocking",
+                                "auto-dismiss": False}  # fmt: skip
+        if speed_bps:
+            args["speed"] = speed_bps
+        await qemu.cmd("blockdev-mirror", args)
 
 
 async def mirror_progress(qemu: QemuVM) -> list[DiskProgress]:
