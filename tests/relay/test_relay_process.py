@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from trustmig.channel.session import SessionKeys
-from trustmig.relay.client import RelayHandle, RelayRecord, read_status, spawn
+from trustmig.relay.client import RelayError, RelayHandle, RelayRecord, read_status, spawn
 
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 123)
 
@@ -162,3 +162,61 @@ def test_relay_refuses_streams_it_has_no_keys_for(tmp_path: Path) -> None:
         b.close()
     finally:
         h.close()
+
+
+def test_a_disk_stream_goes_from_its_own_socket_to_the_nbd_server_both_ways(
+    tmp_path: Path, relays: tuple[RelayRecord, RelayRecord]
+) -> None:
+    """Stream 1 carries a disk: the source relay listens on the disk's socket, the destination
+    relay connects to the NBD server's; requests go one way and replies the other."""
+    keys = SessionKeys(master_secret=os.urandom(32), cipher="aes-256-gcm", n_streams=2)
+    src_rec, dst_rec = relays
+    qemu_in, nbd = tmp_path / "incoming.sock", tmp_path / "nbd.sock"
+    listeners = []
+    for path in (qemu_in, nbd):
+        ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        ls.bind(str(path))
+        ls.listen(1)
+        listeners.append(ls)
+    src, dst = RelayHandle(src_rec), RelayHandle(dst_rec)
+    src.connect()
+    dst.connect()
+    pairs = [_tcp_pair(), _tcp_pair()]
+    disk_out = tmp_path / "disk-data.sock"
+    dst.configure("destination", [keys.stream_keys(i, "s2c", "c2s") for i in range(2)], qemu_in,
+                  "m1", {1: nbd})  # fmt: skip
+    src.configure("source", [keys.stream_keys(i, "c2s", "s2c") for i in range(2)],
+                  tmp_path / "out.sock", "m1", {1: disk_out})  # fmt: skip
+    for i, (a, b) in enumerate(pairs):
+        src.add_stream(i, a)
+        dst.add_stream(i, b)
+    # the "NBD client" of the source QEMU, and the "NBD server" of the destination QEMU
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    assert _wait(lambda: disk_out.exists())
+    client.connect(str(disk_out))
+    server, _ = listeners[1].accept()
+    client.sendall(b"read 4096 at 0")
+    assert server.recv(64) == b"read 4096 at 0"
+    server.sendall(PAYLOAD[:4096])
+    got = bytearray()
+    while len(got) < 4096:
+        got += client.recv(65536)
+    assert bytes(got) == PAYLOAD[:4096]
+    st = src.status()
+    assert {s["index"] for s in st["streams"]} == {1} and st["failure"] is None
+    for s in (client, server, *listeners):
+        s.close()
+    src.close()
+    dst.close()
+
+
+def test_a_disk_stream_cannot_replace_the_migration_stream(
+    tmp_path: Path, relays: tuple[RelayRecord, RelayRecord]
+) -> None:
+    keys = SessionKeys(master_secret=os.urandom(32), cipher="aes-256-gcm", n_streams=2)
+    src = RelayHandle(relays[0])
+    src.connect()
+    with pytest.raises(RelayError, match=r"disk streams must be streams 1\.\.n-1"):
+        src.configure("source", [keys.stream_keys(i, "c2s", "s2c") for i in range(2)],
+                      tmp_path / "out.sock", "m1", {0: tmp_path / "d.sock"})  # fmt: skip
+    src.close()

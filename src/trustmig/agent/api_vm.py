@@ -56,13 +56,15 @@ class VmApi:
             self.tenancy.deny(req.peer, req.op, name, got.rule, got.reason)
         return VmOwnership(name, got[0], got[1])
 
-    def _parse(self, raw: Any) -> VMSpec:
+    def _parse(self, op: str, raw: Any) -> VMSpec:
         if not isinstance(raw, dict):
-            raise RequestError("the VM definition must be a table of fields", Code.INVALID)
+            raise RequestError(f"{op}: the VM definition must be a table of fields", Code.INVALID)
         try:
             return parse_definition(raw)
         except DefinitionError as e:
-            raise RequestError(f"VM definition: {e}", Code.INVALID) from None
+            head = str(e).split(":", 1)[0]
+            named = " " not in head and head != "definition"  # "memory_mib: ..." names a field
+            raise RequestError(f"{op}: {'field ' if named else ''}{e}", Code.INVALID) from None
 
     async def start(self, req: Request) -> dict[str, Any]:
         """Start a defined VM by ``name``, or a transient one from a ``spec``."""
@@ -75,7 +77,7 @@ class VmApi:
             spec = self.vms.defined(name)
         else:
             raw = req.param("spec", dict)
-            spec = self._parse(raw)
+            spec = self._parse(req.op, raw)
             if spec.name in self.vms.definitions:
                 raise RequestError(
                     f"a VM named {spec.name} is defined on {self.host}: start it by name "
@@ -99,7 +101,7 @@ class VmApi:
     async def define(self, req: Request) -> dict[str, Any]:
         """Store a definition; its tenant and owner are fixed here like a started VM's."""
         raw = req.param("definition", dict)
-        spec = self._parse(raw)
+        spec = self._parse(req.op, raw)
         old = self.vms.definitions.get(spec.name)
         if old is not None:
             own = ownership_of_definition(old, spec.name)

@@ -6,6 +6,7 @@ from trustmig.lab.attack import Attack
 from trustmig.lab.attacks import (
     connection_abort,
     control_plane,
+    disk_stream,
     eavesdrop,
     false_resources,
     flood,
@@ -21,6 +22,7 @@ ATTACKS: tuple[Attack, ...] = (
     eavesdrop.ATTACK,
     memory_rewrite.ATTACK,
     sshd_rewrite.ATTACK,
+    disk_stream.ATTACK,
     replay.ATTACK,
     unauthorized.ATTACK,
     control_plane.ATTACK,
