@@ -222,3 +222,22 @@ def test_vm_define_refuses_a_bad_file_in_one_line_before_contacting_anyone(
     assert p.returncode == 1
     err = json.loads(p.stdout)["error"]
     assert err == f"{f}: nics.0.mac: mac must be six hex pairs like 52:54:00:12:34:56", err
+
+
+def test_machine_aliases_are_pinned_to_the_versioned_type_and_unknown_types_named() -> None:
+    from trustmig.hypervisor.devices import machine_types, parse_machine_help
+
+    types = parse_machine_help(
+        "Supported machines are:\n"
+        "pc                   Standard PC (i440FX + PIIX, 1996) (alias of pc-i440fx-7.2)\n"
+        "pc-i440fx-7.2        Standard PC (i440FX + PIIX, 1996) (default)\n"
+        "q35                  Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-7.2)\n"
+        "pc-q35-7.2           Standard PC (Q35 + ICH9, 2009)\n"
+    )
+    assert (
+        types.canonical("pc") == "pc-i440fx-7.2" and types.canonical("pc-q35-7.2") == "pc-q35-7.2"
+    )
+    with pytest.raises(HostCannotRun, match=r"machine type pc-q35-99\.0 is not offered"):
+        types.canonical("pc-q35-99.0")
+    real = machine_types("qemu-system-x86_64")  # the host's own QEMU
+    assert real.canonical("pc").startswith("pc-i440fx-")

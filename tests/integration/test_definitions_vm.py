@@ -82,6 +82,7 @@ def test_a_debian_guest_with_disk_and_nic_migrates_and_back(
             assert not [v for v in listed_a if v["name"] == "web"], listed_a  # undefined there
             moved = (await b.call("vm.definition", {"name": "web"}))["definition"]
             assert moved["disks"][0]["identity"]
+            assert moved["machine"].startswith("pc-i440fx-")  # the alias pinned at start
             # while the guest is on host-b, its process and file are there too
             assert _ssh(cluster, "host-b", debian_image, f"kill -0 {pid} && echo alive") == "alive"
             back = await _migrate(b, "web", "host-a", mode="postcopy", postcopy_after_rounds=1,

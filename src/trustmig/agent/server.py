@@ -174,7 +174,8 @@ class Agent:
         self.admission = Admission(AdmissionLimits(**cfg.admission))
         self.quarantine = Quarantine(self.state_dir / "quarantine.json")
         self.accel = choose_accel(cfg.qemu.accel)
-        self.host_net = HostNet(forward_address=cfg.qemu.forward_address)
+        self.host_net = HostNet(forward_address=cfg.qemu.forward_address,
+                                qemu_binary=cfg.qemu.binary)  # fmt: skip
         if self.accel.warning:
             log.warning("%s", self.accel.warning)
         self._image: GuestImage | None = None

@@ -25,7 +25,13 @@ from typing import Any, Protocol
 
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.journal import DefinitionRow, Journal, VmRow
-from trustmig.hypervisor.devices import HostCannotRun, HostNet, require_host_can_run, stamp_disks
+from trustmig.hypervisor.devices import (
+    HostCannotRun,
+    HostNet,
+    machine_types,
+    require_host_can_run,
+    stamp_disks,
+)
 from trustmig.hypervisor.qemu import QemuError, QemuVM
 from trustmig.hypervisor.spec import VMSpec
 from trustmig.proc import ProcessRef
@@ -181,7 +187,8 @@ class VmManager:
         """The definition stamped with its disks' identities and boot files' digests, if this
         host can run it; raises RequestError(refused) naming what is missing."""
         try:
-            spec = stamp_disks(spec)
+            machine = machine_types(self.host_net.qemu_binary).canonical(spec.machine)
+            spec = stamp_disks(spec.model_copy(update={"machine": machine}))
             require_host_can_run(spec, self.host_net, incoming=False, host=self.host)
         except HostCannotRun as e:
             raise RequestError(str(e), Code.REFUSED) from None

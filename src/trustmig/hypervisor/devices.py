@@ -10,9 +10,11 @@ same image, which neither the path nor the size can prove.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -31,9 +33,10 @@ class HostCannotRun(Exception):
 
 @dataclass(frozen=True)
 class HostNet:
-    """The host side of guest networking: where forwarded ports bind, how taps are named."""
+    """The host side of a guest: where forwarded ports bind, and the QEMU it runs."""
 
     forward_address: str = "127.0.0.1"
+    qemu_binary: str = "qemu-system-x86_64"
 
 
 def sha256_file(path: Path) -> str:
@@ -113,6 +116,10 @@ def _require_file(path: Path, what: str) -> None:
 def host_problems(spec: VMSpec, net: HostNet, *, incoming: bool) -> list[str]:
     """Everything this host lacks to run ``spec`` (empty when it can), one line each."""
     problems: list[str] = []
+    try:
+        machine_types(net.qemu_binary).canonical(spec.machine)
+    except HostCannotRun as e:
+        problems.append(str(e))
     for check in (_boot_problems(spec), _bridge_problems(spec), _port_problems(spec, net)):
         problems.extend(check)
     for d in spec.disks:
@@ -217,3 +224,47 @@ def delete_tap(name: str) -> None:
     if Path(f"/sys/class/net/{name}").exists():
         subprocess.run(["ip", "link", "del", "dev", name], capture_output=True, timeout=10,
                        check=False)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MachineTypes:
+    """The machine types a QEMU binary offers, and which names are aliases of which."""
+
+    names: frozenset[str]
+    aliases: dict[str, str]
+
+    def canonical(self, machine: str) -> str:
+        """The versioned type behind ``machine`` (``pc`` → ``pc-i440fx-7.2``): both hosts of a
+        migration must run the same one, which an alias does not promise across QEMU versions.
+        Raises HostCannotRun for a type this QEMU does not offer."""
+        if machine not in self.names:
+            raise HostCannotRun(
+                f"machine type {machine} is not offered by this host's QEMU "
+                "(see qemu-system-x86_64 -machine help)"
+            )
+        return self.aliases.get(machine, machine)
+
+
+def parse_machine_help(text: str) -> MachineTypes:
+    names: set[str] = set()
+    aliases: dict[str, str] = {}
+    for line in text.splitlines()[1:]:
+        parts = line.split(None, 1)
+        if not parts:
+            continue
+        names.add(parts[0])
+        m = re.search(r"\(alias of ([^)]+)\)", line)
+        if m:
+            aliases[parts[0]] = m.group(1)
+    return MachineTypes(frozenset(names), aliases)
+
+
+@functools.lru_cache(maxsize=8)
+def machine_types(binary: str) -> MachineTypes:
+    """What ``binary -machine help`` lists (asked once per binary and process)."""
+    try:
+        out = subprocess.run([binary, "-machine", "help"], capture_output=True, text=True,
+                             timeout=30, check=False)  # fmt: skip
+    except OSError as e:
+        raise HostCannotRun(f"{binary}: cannot run it ({e.strerror})") from None
+    return parse_machine_help(out.stdout)
