@@ -294,18 +294,27 @@ class Relay:
                 continue
             except OSError:
                 return
-            conn.settimeout(None)
-            deadline = time.monotonic() + QEMU_CONNECT_TIMEOUT
-            while index not in self.cipher_socks and time.monotonic() < deadline:
-                time.sleep(0.005)
-            if index not in self.cipher_socks:
-                conn.close()
-                self._on_failure(StreamFailure(index, None, "setup", "no channel stream for QEMU"))
+            if not self._pair(index, conn, "QEMU", "source→destination",
+                              "destination→source (return path)"):  # fmt: skip
                 return
-            self._start_pump(index, conn, "source→destination", "destination→source (return path)")
             index += 1
         with contextlib.suppress(OSError):
             self._qemu_listener.close()
+
+    def _pair(self, index: int, conn: socket.socket, what: str, out_name: str,
+              in_name: str) -> bool:  # fmt: skip
+        """Source: pump a local connection through channel stream ``index`` once the agent
+        handed that stream over; False (a failure reported) if it never came."""
+        conn.settimeout(None)
+        deadline = time.monotonic() + QEMU_CONNECT_TIMEOUT
+        while index not in self.cipher_socks and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if index not in self.cipher_socks:
+            conn.close()
+            self._on_failure(StreamFailure(index, None, "setup", f"no channel stream for {what}"))
+            return False
+        self._start_pump(index, conn, out_name, in_name)
+        return True
 
     def _accept_disk(self, index: int, lsock: socket.socket) -> None:
         """Source: the one NBD client connection of a disk is carried by its stream."""
@@ -316,17 +325,8 @@ class Relay:
                     conn, _ = lsock.accept()
                 except TimeoutError:
                     continue
-                conn.settimeout(None)
-                deadline = time.monotonic() + QEMU_CONNECT_TIMEOUT
-                while index not in self.cipher_socks and time.monotonic() < deadline:
-                    time.sleep(0.005)
-                if index not in self.cipher_socks:
-                    conn.close()
-                    failure = StreamFailure(index, None, "setup", "no channel stream for a disk")
-                    self._on_failure(failure)
-                    return
-                self._start_pump(index, conn, "source→destination (disk)",
-                                 "destination→source (disk)")  # fmt: skip
+                self._pair(index, conn, "a disk", "source→destination (disk)",
+                           "destination→source (disk)")  # fmt: skip
                 return
         except OSError:
             return
