@@ -19,6 +19,7 @@ from trustmig.hypervisor.debian import (
     guest_ssh,
     wait_for_ssh,
 )
+from trustmig.hypervisor.image import sha256_file
 
 from .helpers import arun, assert_running_and_beating, incoming_pids, migrate_with_hook
 
@@ -31,14 +32,6 @@ DATA_MIB = 64
 @pytest.fixture(scope="session")
 def debian_image() -> DebianImage:
     return build_debian_image()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _sha256_zeros(mib: int) -> str:
@@ -148,7 +141,7 @@ def test_local_disks_are_copied_while_the_guest_writes(
     back_paths = {d["id"]: Path(d["path"]) for d in back["definition"]["disks"]}
     assert all(str(p).startswith(str(cluster.hosts["host-a"].dir)) for p in back_paths.values())
     # what the guest read is on host-b's copy, and host-a's new copy equals it
-    assert _sha256(moved_paths["data"]) == in_guest == _sha256(back_paths["data"])
+    assert sha256_file(moved_paths["data"]) == in_guest == sha256_file(back_paths["data"])
 
 
 def test_a_destination_killed_mid_copy_leaves_the_source_and_its_disk_intact(
@@ -159,7 +152,7 @@ def test_a_destination_killed_mid_copy_leaves_the_source_and_its_disk_intact(
     with disk.open("wb") as f:
         for _ in range(256):
             f.write(os.urandom(1 << 20))
-    before = _sha256(disk)
+    before = sha256_file(disk)
     killed: list[int] = []
     spec = {"name": "vm1", "tenant": "acme", "memory_mib": 256, "workload": {"mem_mib": 32},
             "disks": [{"id": "data", "path": str(disk), "format": "raw"}]}  # fmt: skip
@@ -202,7 +195,7 @@ def test_a_destination_killed_mid_copy_leaves_the_source_and_its_disk_intact(
             await a.close()
 
     arun(stop())
-    assert _sha256(disk) == before
+    assert sha256_file(disk) == before
 
 
 def test_a_source_agent_killed_mid_copy_is_undone_after_its_restart(
@@ -217,7 +210,7 @@ def test_a_source_agent_killed_mid_copy_is_undone_after_its_restart(
     with disk.open("wb") as f:
         for _ in range(128):
             f.write(os.urandom(1 << 20))
-    before = _sha256(disk)
+    before = sha256_file(disk)
     spec = {"name": "vm1", "tenant": "acme", "memory_mib": 256, "workload": {"mem_mib": 32},
             "disks": [{"id": "data", "path": str(disk), "format": "raw"}]}  # fmt: skip
     killed: list[bool] = []
@@ -273,7 +266,7 @@ def test_a_source_agent_killed_mid_copy_is_undone_after_its_restart(
     assert res["status"] == "completed" and left == []
     copies = [Path(d["path"]) for d in res["definition"]["disks"]]
     assert len(copies) == 1, copies  # the rolled-back attempt left no partial image behind
-    assert _sha256(copies[0]) == before == _sha256(disk)
+    assert sha256_file(copies[0]) == before == sha256_file(disk)
 
 
 async def asyncio_sleep(s: float) -> None:

@@ -21,6 +21,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from trustmig.hypervisor.image import sha256_file
 from trustmig.hypervisor.spec import DiskSpec, KernelBoot, VMSpec
 
 IDENTITY_XATTR = "user.trustmig.id"
@@ -37,14 +38,6 @@ class HostNet:
 
     forward_address: str = "127.0.0.1"
     qemu_binary: str = "qemu-system-x86_64"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def disk_identity(path: Path, *, create: bool) -> str | None:

@@ -34,7 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GuestImage", "ImageBuildError", "build_image", "default_cache_dir"]
+__all__ = ["GuestImage", "ImageBuildError", "build_image", "default_cache_dir", "sha256_file"]
 
 #: Bump whenever the way an image is assembled changes (layout, compiler flags, initramfs).
 RECIPE_VERSION = 1
@@ -175,7 +175,7 @@ def _debs_from_manifest(cache: Path) -> list[_Deb] | None:
         return None
     for d in debs:
         path = cache / DEBS_DIR / d.file
-        if not path.is_file() or _sha256_file(path) != d.sha256:
+        if not path.is_file() or sha256_file(path) != d.sha256:
             return None
     return debs if len(debs) == 2 else None
 
@@ -203,7 +203,7 @@ def _validated_image(cache: Path, key: str) -> GuestImage | None:
         return None
     kernel, initrd = root / KERNEL_FILE, root / INITRD_FILE
     for path, field in ((kernel, "kernel_sha256"), (initrd, "initrd_sha256")):
-        if not path.is_file() or _sha256_file(path) != record.get(field):
+        if not path.is_file() or sha256_file(path) != record.get(field):
             return None
     return GuestImage(kernel=kernel, initrd=initrd, key=key)
 
@@ -238,7 +238,7 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
         while chunk := fh.read(1 << 20):
@@ -331,7 +331,7 @@ def _fetch_deb(debs_dir: Path, package: str, say: Progress) -> _Deb:
         raise ImageBuildError(f"no {package} package found in apt: run apt-get update")
     want = record["SHA256"]
     for existing in sorted(debs_dir.glob(f"{package}_*.deb")):
-        if _sha256_file(existing) == want:
+        if sha256_file(existing) == want:
             say(f"using cached {existing.name}")
             return _Deb(package, existing.name, want)
     say(f"downloading {package} {record['Version']} with apt-get download")
@@ -348,7 +348,7 @@ def _fetch_deb(debs_dir: Path, package: str, say: Progress) -> _Deb:
                 f"apt-get download {package} produced {len(got)} .deb files: run apt-get clean "
                 "and retry"
             )
-        if _sha256_file(got[0]) != want:
+        if sha256_file(got[0]) != want:
             raise ImageBuildError(
                 f"downloaded {got[0].name} does not match apt's SHA256: "
                 "run apt-get update and retry"
@@ -394,8 +394,8 @@ def _assemble(
             "key": key,
             "recipe": RECIPE_VERSION,
             "debs": [d.as_json() for d in debs],
-            "kernel_sha256": _sha256_file(tmp / KERNEL_FILE),
-            "initrd_sha256": _sha256_file(tmp / INITRD_FILE),
+            "kernel_sha256": sha256_file(tmp / KERNEL_FILE),
+            "initrd_sha256": sha256_file(tmp / INITRD_FILE),
         }
         _write_json_atomic(tmp / IMAGE_RECORD, record)
         final = cache / key
