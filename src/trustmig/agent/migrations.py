@@ -188,11 +188,7 @@ class MigrationRegistry:
         if existing is not None and existing.state not in ("crashed", "handed-over", "discarded"):
             raise RequestError(f"a VM named {spec.name} already runs on {svc.name}", Code.BUSY)
         await self._require_can_run(spec)
-        if spec.measure and opts.mode == "postcopy":
-            raise RequestError("measured memory regions need a pre-copy migration", Code.INVALID)
-        if blockcopy.copied_disks(spec) and opts.channel == "qemu-tls":
-            raise RequestError("local disks are copied through trustmig's channel, not qemu-tls",
-                               Code.INVALID)  # fmt: skip
+        opts = _checked_options(spec, opts)  # the source's checks, on what arrived here
         await svc.admission.admit("in", tenant=spec.tenant, vm=spec.name, migration_id=mid)
         try:
             return await self._start_incoming(
