@@ -358,14 +358,13 @@ def vm_define(
     as_json: JsonOpt = False,
 ) -> None:
     """Define a VM on the agent's host from a definition file (checked here and there)."""
-    from trustmig.hypervisor.spec import DefinitionError, load_definition
+    from trustmig.hypervisor.spec import DefinitionError, read_definition
 
     with _errors(as_json):
         try:
-            spec = load_definition(file)
+            raw, spec = read_definition(file)
         except DefinitionError as e:
             raise CliError(str(e)) from None
-        raw = tomllib_load(file)
 
         async def go() -> dict[str, Any]:
             c = await connect(agent, credentials)
@@ -381,12 +380,6 @@ def vm_define(
             f"start it with 'trustmig vm start {spec.name}'"
         )
         print_json(res) if as_json else out.print(escape(line))
-
-
-def tomllib_load(path: Path) -> dict[str, Any]:
-    import tomllib
-
-    return tomllib.loads(path.read_text())
 
 
 @vm_app.command("undefine")

@@ -378,8 +378,9 @@ def parse_definition(data: dict[str, Any]) -> VMSpec:
     return spec
 
 
-def load_definition(path: Path) -> VMSpec:
-    """Read a definition file (TOML); raises DefinitionError naming the file and the field."""
+def read_definition(path: Path) -> tuple[dict[str, Any], VMSpec]:
+    """A definition file's fields as written and as validated (the agent validates the former
+    again); raises DefinitionError naming the file and the field."""
     try:
         data = tomllib.loads(path.read_text())
     except OSError as e:
@@ -387,6 +388,11 @@ def load_definition(path: Path) -> VMSpec:
     except tomllib.TOMLDecodeError as e:
         raise DefinitionError(f"{path}: not valid TOML ({e})") from None
     try:
-        return parse_definition(data)
+        return data, parse_definition(data)
     except DefinitionError as e:
         raise DefinitionError(f"{path}: {e}") from None
+
+
+def load_definition(path: Path) -> VMSpec:
+    """Read and validate a definition file (TOML); raises DefinitionError."""
+    return read_definition(path)[1]
