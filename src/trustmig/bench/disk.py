@@ -29,6 +29,14 @@ from trustmig.agent.local_cluster import LocalCluster, free_port
 from trustmig.bench.errors import BenchError
 from trustmig.bench.secure import DEST, SOURCE, TENANT, USER, USER_ROLES, vm_policy
 from trustmig.hypervisor.accel import AccelChoice, choose_accel
+from trustmig.hypervisor.blockcopy import (
+    BlockCopyError,
+    export_disks,
+    finish_mirrors,
+    mirror_disk,
+    tcp_server,
+    wait_mirrors_ready,
+)
 from trustmig.hypervisor.image import GuestImage, build_image
 from trustmig.hypervisor.qemu import QemuVM
 from trustmig.hypervisor.spec import VMSpec
@@ -70,29 +78,17 @@ async def run_plain(
         await src.console.wait_for("READY", 180)  # a booting guest would compete for the CPU
         await dst.start()
         port = free_port()
-        await dst.cmd("nbd-server-start", {"addr": {"type": "inet", "data": {
-            "host": "127.0.0.1", "port": str(port)}}})  # fmt: skip
-        node = next(b["inserted"]["node-name"] for b in await dst.cmd("query-block")
-                    if b["device"] == "drive-data")  # fmt: skip
-        await dst.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": node,
-                                           "name": "data", "writable": True})  # fmt: skip
-        await src.cmd("blockdev-add", {"driver": "nbd", "node-name": "t", "export": "data",
-                                       "server": {"type": "inet", "host": "127.0.0.1",
-                                                  "port": str(port)}})  # fmt: skip
+        await export_disks(dst, ["data"], tcp_server("127.0.0.1", port))
         cpu0 = src.cpu_seconds() + dst.cpu_seconds()
-        t0 = time.monotonic()
-        await src.cmd("blockdev-mirror", {"job-id": "m", "device": "drive-data", "target": "t",
-                                          "sync": "full"})  # fmt: skip
-        while True:
-            jobs = await src.cmd("query-block-jobs")
-            if not jobs:
-                raise BenchError("QEMU's mirror ended before it was ready")
-            if jobs[0].get("ready"):
-                break
-            await asyncio.sleep(0.02)
+        t0 = time.monotonic()  # from the NBD connection on, as the secure run counts it
+        await mirror_disk(src, "data", tcp_server("127.0.0.1", port))
+        try:
+            await wait_mirrors_ready(src, spec, poll_s=0.02)
+        except BlockCopyError as e:
+            raise BenchError(f"QEMU's own mirror failed: {e}") from None
         elapsed = time.monotonic() - t0
         cpu = src.cpu_seconds() + dst.cpu_seconds() - cpu0
-        await src.cmd("block-job-cancel", {"device": "m"})
+        await finish_mirrors(src)
         return {"channel": "plain", "status": "completed", "bytes": size,
                 "seconds": round(elapsed, 3), "cpu_s_qemu": round(cpu, 2)}  # fmt: skip
     finally:

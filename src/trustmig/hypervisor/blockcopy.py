@@ -97,22 +97,38 @@ def remove_targets(paths: list[Path]) -> None:
             p.parent.rmdir()
 
 
+def unix_server(path: Path) -> dict[str, Any]:
+    """An NBD server address on a unix socket (QEMU's SocketAddress)."""
+    return {"type": "unix", "path": str(path)}
+
+
+def tcp_server(host: str, port: int) -> dict[str, Any]:
+    """An NBD server address on TCP (QEMU's SocketAddress)."""
+    return {"type": "inet", "host": host, "port": str(port)}
+
+
+async def export_disks(qemu: QemuVM, disk_ids: list[str], server: dict[str, Any]) -> None:
+    """QEMU serves the drives of ``disk_ids`` writable over NBD at ``server``, each under its
+    disk id as export name."""
+    legacy = {"type": server["type"], "data": {k: v for k, v in server.items() if k != "type"}}
+    await qemu.cmd("nbd-server-start", {"addr": legacy})  # SocketAddressLegacy there
+    nodes = await _node_names(qemu)
+    for disk in disk_ids:
+        node = nodes.get(f"drive-{disk}")
+        if node is None:
+            raise BlockCopyError(f"disk {disk}: the incoming QEMU has no drive-{disk}")
+        await qemu.cmd("block-export-add", {"type": "nbd", "id": f"{EXPORT_PREFIX}{disk}",
+                                            "node-name": node, "name": disk,
+                                            "writable": True})  # fmt: skip
+
+
 async def export_targets(qemu: QemuVM, spec: VMSpec, socket_path: Path) -> None:
     """The incoming QEMU serves every copied disk over NBD on ``socket_path``."""
     disks = copied_disks(spec)
     if not disks:
         return
     socket_path.unlink(missing_ok=True)
-    addr = {"type": "unix", "data": {"path": str(socket_path)}}  # SocketAddressLegacy
-    await qemu.cmd("nbd-server-start", {"addr": addr})
-    nodes = await _node_names(qemu)
-    for d in disks:
-        node = nodes.get(f"drive-{d.id}")
-        if node is None:
-            raise BlockCopyError(f"disk {d.id}: the incoming QEMU has no drive-{d.id}")
-        await qemu.cmd("block-export-add", {"type": "nbd", "id": f"{EXPORT_PREFIX}{d.id}",
-                                            "node-name": node, "name": d.id,
-                                            "writable": True})  # fmt: skip
+    await export_disks(qemu, [d.id for d in disks], unix_server(socket_path))
 
 
 async def unexport_targets(qemu: QemuVM) -> None:
@@ -141,22 +157,35 @@ async def _node_names(qemu: QemuVM) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------- source
+async def mirror_disk(
+    qemu: QemuVM,
+    disk: str,
+    server: dict[str, Any],
+    *,
+    copy_mode: str = "background",
+    speed_bps: int | None = None,
+) -> None:
+    """Connect an NBD client node to ``server``'s export of ``disk`` and mirror the drive of
+    that id into it (``sync=full``)."""
+    node = f"{NODE_PREFIX}{disk}"
+    await qemu.cmd("blockdev-add", {"driver": "nbd", "node-name": node, "export": disk,
+                                    "server": server})  # fmt: skip
+    args: dict[str, Any] = {"job-id": f"{JOB_PREFIX}{disk}", "device": f"drive-{disk}",
+                            "target": node, "sync": "full", "copy-mode": copy_mode,
+                            "auto-dismiss": False}  # fmt: skip
+    if speed_bps:
+        args["speed"] = speed_bps
+    await qemu.cmd("blockdev-mirror", args)
+
+
 async def start_mirrors(
     qemu: QemuVM, spec: VMSpec, sockets: dict[str, Path], speed_bps: int | None = None
 ) -> None:
-    """Connect an NBD client per copied disk to its relay socket and start its mirror
-    (``speed_bps`` limits the background copy; the guest's own writes are never delayed)."""
+    """Mirror every copied disk into its relay socket, write-blocking (``speed_bps`` limits
+    the background copy; the guest's own writes are never delayed)."""
     for d in copied_disks(spec):
-        node = f"{NODE_PREFIX}{d.id}"
-        await qemu.cmd("blockdev-add", {"driver": "nbd", "node-name": node, "export": d.id,
-                                        "server": {"type": "unix",
-                                                   "path": str(sockets[d.id])}})  # fmt: skip
-        args: dict[str, Any] = {"job-id": f"{JOB_PREFIX}{d.id}", "device": f"drive-{d.id}",
-                                "target": node, "sync": "full", "copy-mode": "write-blocking",
-                                "auto-dismiss": False}  # fmt: skip
-        if speed_bps:
-            args["speed"] = speed_bps
-        await qemu.cmd("blockdev-mirror", args)
+        await mirror_disk(qemu, d.id, unix_server(sockets[d.id]), copy_mode="write-blocking",
+                          speed_bps=speed_bps)  # fmt: skip
 
 
 async def mirror_progress(qemu: QemuVM) -> list[DiskProgress]:
@@ -179,6 +208,7 @@ async def wait_mirrors_ready(
     spec: VMSpec,
     on_progress: Callable[[list[DiskProgress]], Any] | None = None,
     timeout: float = READY_TIMEOUT_S,
+    poll_s: float = 0.1,
 ) -> list[DiskProgress]:
     """Wait until every copied disk's mirror is in sync; raises BlockCopyError."""
     want = {d.id for d in copied_disks(spec)}
@@ -194,7 +224,7 @@ async def wait_mirrors_ready(
             return prog
         if time.monotonic() > deadline:
             raise BlockCopyError(f"disks not in sync after {timeout:.0f}s")
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(poll_s)
 
 
 async def finish_mirrors(qemu: QemuVM, *, force: bool = False) -> None:

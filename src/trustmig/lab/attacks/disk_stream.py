@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from trustmig.agent.local_cluster import free_port
-from trustmig.hypervisor.qemu import QemuVM
+from trustmig.hypervisor.blockcopy import (
+    export_disks,
+    finish_mirrors,
+    mirror_disk,
+    tcp_server,
+    unexport_targets,
+    wait_mirrors_ready,
+)
 from trustmig.hypervisor.spec import VMSpec
 from trustmig.lab.attack import Attack, Outcome
 from trustmig.lab.proxy import BlindTamper, MitmProxy, Rewriter, Sniffer
@@ -64,23 +71,13 @@ async def _baseline_copy(env: LabEnv, tap: Sniffer | Rewriter, disk: Path) -> di
     dst_spec = spec.model_copy(update={"disks": [dst_disk]})
     dst, port = await b.destination_spec(dst_spec)
     nbd_port = free_port()
-    await dst.cmd("nbd-server-start", {"addr": {"type": "inet", "data": {
-        "host": "127.0.0.1", "port": str(nbd_port)}}})  # fmt: skip
-    node = next(x["inserted"]["node-name"] for x in await dst.cmd("query-block")
-                if x["device"] == "drive-data")  # fmt: skip
-    await dst.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": node,
-                                       "name": "data", "writable": True})  # fmt: skip
+    await export_disks(dst, ["data"], tcp_server("127.0.0.1", nbd_port))
     with MitmProxy(("127.0.0.1", nbd_port), tap) as proxy:
-        await src.cmd("blockdev-add", {"driver": "nbd", "node-name": "t", "export": "data",
-                                       "server": {"type": "inet", "host": "127.0.0.1",
-                                                  "port": str(proxy.address[1])}})  # fmt: skip
-        await src.cmd("blockdev-mirror", {"job-id": "m", "device": "drive-data", "target": "t",
-                                          "sync": "full"})  # fmt: skip
-        await _wait_ready(src)
+        await mirror_disk(src, "data", tcp_server("127.0.0.1", proxy.address[1]))
+        await wait_mirrors_ready(src, spec, timeout=60)
         prog = await b.migrate(src, port)
-        await src.cmd("block-job-cancel", {"device": "m"})
-        await dst.cmd("block-export-del", {"id": "e", "mode": "hard"})
-        await dst.cmd("nbd-server-stop")
+        await finish_mirrors(src)
+        await unexport_targets(dst)
         await b.settle(dst)
     guest = await b.state({"source": src, "destination": dst})
     content = target.read_bytes()
@@ -89,15 +86,6 @@ async def _baseline_copy(env: LabEnv, tap: Sniffer | Rewriter, disk: Path) -> di
     return {"migration": prog.status, "guest": guest,
             "destination_markers": content.count(MARKER),
             "destination_forged": content.count(FORGED)}  # fmt: skip
-
-
-async def _wait_ready(src: QemuVM, timeout: float = 60.0) -> None:
-    for _ in range(int(timeout / 0.05)):
-        jobs = await src.cmd("query-block-jobs")
-        if jobs and jobs[0].get("ready"):
-            return
-        await asyncio.sleep(0.05)
-    raise RuntimeError("the baseline's disk mirror never became ready")
 
 
 async def baseline(env: LabEnv) -> Outcome:
