@@ -281,3 +281,17 @@ def test_unexpected_message_and_huge_frame(pki: Pki, src_id: LocalIdentity, dst_
     _, server = make_pair(pki, src_id, dst_id)
     with pytest.raises(ChannelError, match="announces 4294967295 bytes"):
         server.receive(b"\xff\xff\xff\xff\x01")
+
+
+def test_exporter_agrees_on_both_ends_and_separates_purposes(
+    pki: Pki, src_id: LocalIdentity, dst_id: LocalIdentity
+):
+    c, s = run_handshake(*make_pair(pki, src_id, dst_id))
+    mid = c.migration_id
+    assert c.session.exporter("disk keys", mid) == s.session.exporter("disk keys", mid)
+    assert len(c.session.exporter("disk keys", mid)) == 32
+    assert c.session.exporter("disk keys", mid) != c.session.exporter("other", mid)
+    assert c.session.exporter("disk keys", mid) != c.session.exporter("disk keys", b"x" * 16)
+    # another handshake of the same hosts exports something else
+    c2, _ = run_handshake(*make_pair(pki, src_id, dst_id))
+    assert c2.session.exporter("disk keys", mid) != c.session.exporter("disk keys", mid)

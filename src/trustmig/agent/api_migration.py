@@ -36,6 +36,7 @@ class MigrationApi:
         ops.add("incoming.status", self.status, kinds=host)
         ops.add("incoming.receipt", self.receipt, kinds=host)
         ops.add("incoming.recover", self.recover, kinds=host)
+        ops.add("incoming.disk_keys", self.disk_keys, kinds=host)
 
     # ------------------------------------------------------------------ users
     async def migrate(self, req: Request) -> dict[str, Any]:
@@ -97,6 +98,15 @@ class MigrationApi:
     async def recover(self, req: Request) -> dict[str, Any]:
         return await self.registry.recover_in(
             req.param("migration_id"), req.peer.name, req.conn.closed
+        )
+
+    async def disk_keys(self, req: Request) -> dict[str, Any]:
+        wrapped = req.param("keys", dict)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in wrapped.items()):
+            raise RequestError("incoming.disk_keys: keys must map disk ids to wrapped keys",
+                               Code.INVALID)  # fmt: skip
+        return await self.registry.disk_keys_in(
+            req.param("migration_id"), req.peer.name, req.conn.closed, wrapped
         )
 
     async def receipt(self, req: Request) -> dict[str, Any]:

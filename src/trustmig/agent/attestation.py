@@ -638,6 +638,19 @@ class AgentAttestation:
         )
         log.info("sealed %s to PCRs %s with CA recovery copy", name, list(SEAL_PCRS))
 
+    def forget(self, name: str) -> bool:
+        """Delete the sealed secret ``name`` and its CA recovery copy (the secret moved to
+        another host, or its use ended); True if there was one."""
+        _check_key_name(name)
+        kdir = keys_dir(self.cfg)
+        found = False
+        for suffix in (".sealed", ".recovery"):
+            path = kdir / f"{name}{suffix}"
+            if path.exists():
+                path.unlink()
+                found = True
+        return found
+
     def unseal(self, name: str) -> bytes | None:
         """The sealed secret ``name``, or None when it was never sealed on this host.
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from trustmig.agent.diskkeys import EXPORTER_LABEL
 from trustmig.channel.errors import ChannelError
 from trustmig.channel.handshake import ClientHandshake, HandshakeResult, ServerHandshake
 from trustmig.channel.identity import LocalIdentity
@@ -81,9 +82,12 @@ class IncomingSessions(Protocol):
     def expect(self, migration_id: bytes, peer: str, n_streams: int) -> None:
         """Refuse (ChannelError) a session nobody expects, before any expensive crypto."""
 
-    def claim(self, migration_id: bytes, peer: str, summary: dict[str, str]) -> SessionTarget:
+    def claim(
+        self, migration_id: bytes, peer: str, summary: dict[str, str], disk_key_wrap: bytes
+    ) -> SessionTarget:
         """After mutual authentication: the one session this migration accepts, or
-        ChannelError. The migration journals that it is receiving before this returns."""
+        ChannelError. The migration journals that it is receiving before this returns.
+        ``disk_key_wrap`` is the session's exporter for disk keys (never journaled)."""
 
 
 class HandshakeWatchdog:
@@ -155,6 +159,10 @@ def _run_handshake(
 class OutboundSession:
     result: HandshakeResult
     sockets: list[socket.socket]
+
+    def disk_key_wrap(self) -> bytes:
+        """The session's exporter for disk keys (the destination derives the same)."""
+        return self.result.session.exporter(EXPORTER_LABEL, self.result.migration_id)
 
     @property
     def n_streams(self) -> int:
@@ -347,7 +355,8 @@ class DataListener:
             "evidence": result.peer_evidence_summary,
             "transcript_hash": result.transcript_hash.hex(),
         }
-        target = self.sessions.claim(result.migration_id, result.peer_name, summary)
+        wrap = result.session.exporter(EXPORTER_LABEL, result.migration_id)
+        target = self.sessions.claim(result.migration_id, result.peer_name, summary, wrap)
         self.guard.authenticated(conn_id, result.peer_name)
         # handed over to the migration, whose own stall detection supervises it from here
         self.guard.close(conn_id)

@@ -20,6 +20,7 @@ from typing import Any
 
 from trustmig.agent import qemu_tls
 from trustmig.agent.datapath import SessionTarget
+from trustmig.agent.diskkeys import encrypted_disks
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.journal import JournalError, MigrationRow
 from trustmig.agent.runtime import HostServices
@@ -27,12 +28,17 @@ from trustmig.agent.vms import ManagedVM
 from trustmig.channel.errors import ChannelError
 from trustmig.hypervisor.blockcopy import (
     NBD_SOCKET,
+    BlockCopyError,
+    add_exports,
     copied_disks,
     remove_targets,
     unexport_targets,
 )
+from trustmig.hypervisor.diskcrypt import DiskCryptError, create_encrypted
 from trustmig.hypervisor.measure import MeasurementError, measure
 from trustmig.hypervisor.migration import MigrationOptions, query
+from trustmig.hypervisor.qemu import QemuError
+from trustmig.hypervisor.spec import DiskSpec
 from trustmig.migration import actions as A
 from trustmig.migration import events as ev
 from trustmig.migration.destination import (
@@ -70,6 +76,11 @@ class DestinationContext:
     created_disks: list[str] = field(default_factory=list)
     #: the VM was defined on the source: its definition is kept here once it is ours
     persistent: bool = False
+    #: the incoming QEMU's process (also in the VM's row): a restarted agent that lost the row
+    #: still finds the very process to end or adopt
+    qemu_process: dict[str, int] | None = None
+    #: the source's disk keys were (or were about to be) sealed here: an abort forgets them
+    disk_keys_received: bool = False
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -115,6 +126,9 @@ class DestinationDriver:
         self.queue: asyncio.Queue[ev.Event] = asyncio.Queue()
         self.effects: asyncio.Queue[A.Action] = asyncio.Queue()
         self.relay: RelayHandle | None = None
+        #: the first attested session's exporter for disk keys (memory only: an agent that
+        #: restarts before the keys arrived cannot take them, and the migration rolls back)
+        self.disk_key_wrap: bytes | None = None
         self._ids = itertools.count(1)
         self._waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -200,6 +214,8 @@ class DestinationDriver:
                 self.effects.put_nowait(a)
 
     def _persist(self) -> None:
+        if self.vm.qemu.ref is not None:
+            self.ctx.qemu_process = self.vm.qemu.ref.to_json()
         row = MigrationRow(
             id=self.migration_id, role="destination", vm=self.core.vm, peer=self.core.peer,
             state=self.core.state.value, epoch=self.core.epoch, core=self.core.record(),
@@ -342,13 +358,14 @@ class DestinationDriver:
             "pid": self.vm.qemu.pid,
         }
 
-    async def claim_session(self, summary: dict[str, str]) -> SessionTarget:
+    async def claim_session(self, summary: dict[str, str], disk_key_wrap: bytes) -> SessionTarget:
         """The data listener authenticated a session for this migration: accept it once."""
         if not self.core.may_claim_session():
             raise ChannelError(f"migration {self.migration_id} already has a session (replay?)")
         if self.ctx.options.channel != "qemu-tls" and self.relay is None:
             raise ChannelError(f"migration {self.migration_id} has no relay to carry it")
         self.ctx.session = summary
+        self.disk_key_wrap = disk_key_wrap
         self._apply(self.core.handle(ev.SessionClaimed(), time.monotonic()))
         first_disk = self.ctx.options.streams
         nbd = self.vm.qemu.sock_dir / NBD_SOCKET
@@ -406,6 +423,8 @@ class DestinationDriver:
     async def _discard(self, reason: str) -> None:
         await self.vm.qemu.kill()
         remove_targets([Path(p) for p in self.ctx.created_disks])
+        if self.ctx.disk_keys_received:
+            await self.svc.disk_keys.forget(self.vm.spec, self.migration_id, "migration aborted")
         await self.close_relay()
         self.forget_session(self.migration_id)
         self.svc.vms.release(self.vm, "discarded")
@@ -442,6 +461,43 @@ class DestinationDriver:
         except Exception as e:  # noqa: BLE001 - QMP errors and BlockCopyError alike
             return f"the copied disks could not be closed: {e}"
         return None
+
+    async def receive_disk_keys(self, wrapped: dict[str, Any]) -> dict[str, Any]:
+        """The source's disk keys, wrapped for this migration's attested session: sealed here,
+        then each encrypted disk is created (if copied) and opened in the paused incoming QEMU.
+        Raises RequestError; the source then rolls back and the abort forgets the keys."""
+        spec = self.vm.spec
+        if not encrypted_disks(spec):
+            raise RequestError(f"VM {spec.name} has no encrypted disk", Code.INVALID)
+        if self.core.state != D.RECEIVING or self.disk_key_wrap is None:
+            raise RequestError(
+                f"migration {self.migration_id} is {self.core.state.value}: disk keys are taken "
+                "only after its attested session opened and before its data flows",
+                Code.REFUSED,
+            )
+        self.ctx.disk_keys_received = True
+        self._persist()  # journaled first: whatever happens next, an abort forgets them
+        keys = await self.svc.disk_keys.receive(spec, self.source, self.migration_id,
+                                                self.disk_key_wrap, wrapped)  # fmt: skip
+        try:
+            for d in encrypted_disks(spec):
+                await self._open_encrypted(d, keys[d.id])
+            await add_exports(self.vm.qemu, [d.id for d in copied_disks(spec) if d.encrypt])
+        except (DiskCryptError, QemuError, BlockCopyError) as e:
+            raise RequestError(f"{self.svc.name} could not open the encrypted disks: {e}",
+                               Code.FAILED) from None  # fmt: skip
+        return {"disks": sorted(keys)}
+
+    async def _open_encrypted(self, d: DiskSpec, key: bytes) -> None:
+        if not d.shared and str(d.path) not in self.ctx.created_disks:
+            if d.virtual_size is None:
+                raise DiskCryptError(f"disk {d.id}: the source did not say its virtual size")
+            self.ctx.created_disks.append(str(d.path))
+            self._persist()
+            await asyncio.to_thread(create_encrypted, d, d.virtual_size, key)
+        await self.vm.qemu.attach_encrypted_disk(d, key)
+        self.svc.safe_audit("disk.key", vm=self.vm.name, migration_id=self.migration_id,
+                            outcome="used", data={"disk": d.id, "for": "incoming"})  # fmt: skip
 
     def expect_measurement(self, digests: dict[str, str]) -> None:
         """The source's measurement arrives with its (first) commit request; kept, journaled."""

@@ -42,7 +42,7 @@ from trustmig.policy import (
 
 log = logging.getLogger(__name__)
 FLUSH_KINDS = ("migration.", "policy.", "agent.", "receipt", "attest.", "migrate.", "vm.",
-               "access.", "pki.", "audit.")  # fmt: skip
+               "access.", "pki.", "audit.", "disk.")  # fmt: skip
 
 
 def load_or_create_ed25519(path: Path) -> Ed25519PrivateKey:

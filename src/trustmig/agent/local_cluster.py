@@ -370,7 +370,8 @@ class LocalCluster:
         return stopped
 
     def end_guests(self, name: str) -> list[int]:
-        """Kill the QEMUs and relays a host's journal names (only those very processes)."""
+        """Kill the QEMUs and relays a host's journal names, in its VMs and its migrations (only
+        those very processes)."""
         path = self.hosts[name].dir / "journal.db"
         if not path.exists():
             return []
@@ -382,10 +383,12 @@ class LocalCluster:
                 if ref is not None:
                     refs.append(ref)
             for m in journal.migrations(limit=100000):
-                relay = (m.context or {}).get("relay") or {}
-                ref = ProcessRef.from_json(relay.get("process"))
-                if ref is not None:
-                    refs.append(ref)
+                ctx = m.context or {}
+                relay = ctx.get("relay") or {}
+                for doc in (relay.get("process"), ctx.get("qemu_process")):
+                    ref = ProcessRef.from_json(doc)
+                    if ref is not None:
+                        refs.append(ref)
         finally:
             journal.close()
         killed = [r.pid for r in refs if r.alive()]

@@ -34,11 +34,13 @@ from trustmig.config import parse_hostport
 from trustmig.hypervisor import blockcopy
 from trustmig.hypervisor.devices import HostCannotRun, require_host_can_run
 from trustmig.hypervisor.migration import MigrationOptions, configure_destination
+from trustmig.hypervisor.qemu import QemuError
 from trustmig.hypervisor.spec import VMSpec
 from trustmig.migration import events as ev
 from trustmig.migration.destination import DestinationCore, DestinationPlan
 from trustmig.migration.source import SourceCore
 from trustmig.policy import VmOwnership
+from trustmig.proc import ProcessRef
 
 log = logging.getLogger("trustmig.agent")
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
@@ -188,6 +190,7 @@ class MigrationRegistry:
         if existing is not None and existing.state not in ("crashed", "handed-over", "discarded"):
             raise RequestError(f"a VM named {spec.name} already runs on {svc.name}", Code.BUSY)
         await self._require_can_run(spec)
+        svc.disk_keys.require_keeper(spec)
         opts = _checked_options(spec, opts)  # the source's checks, on what arrived here
         await svc.admission.admit("in", tenant=spec.tenant, vm=spec.name, migration_id=mid)
         try:
@@ -362,6 +365,16 @@ class MigrationRegistry:
         res = await self._ask(mid, source, lease, ev.RecoverRequested, timeout=30)
         return {**res, "data_address": self.svc.data_advertise()}
 
+    async def disk_keys_in(
+        self, mid: str, source: str, lease: asyncio.Event, wrapped: dict[str, Any]
+    ) -> dict[str, Any]:
+        d = self._incoming_driver(mid, source)
+        if d is None or d.done.is_set():
+            raise RequestError(f"no incoming migration {mid} from {source} in progress",
+                               Code.NOT_FOUND)  # fmt: skip
+        d.lease(lease)
+        return await d.receive_disk_keys(wrapped)
+
     def status_in(self, mid: str, source: str, lease: asyncio.Event) -> dict[str, Any]:
         d = self._incoming_driver(mid, source)
         if d is not None and not d.done.is_set():
@@ -404,11 +417,14 @@ class MigrationRegistry:
         elif n_streams != d.n_streams and d.core.state.value == "prepared":
             raise ChannelError(f"expected {d.n_streams} streams, client asked {n_streams}")
 
-    def claim(self, migration_id: bytes, peer: str, summary: dict[str, str]) -> SessionTarget:
+    def claim(
+        self, migration_id: bytes, peer: str, summary: dict[str, str], disk_key_wrap: bytes
+    ) -> SessionTarget:
         d = self._by_raw_id(migration_id)
         if d is None or d.source != peer:
             raise ChannelError("no migration with this id is expected here (replayed or forged)")
-        fut = asyncio.run_coroutine_threadsafe(d.claim_session(summary), self.loop)
+        fut = asyncio.run_coroutine_threadsafe(d.claim_session(summary, disk_key_wrap),
+                                               self.loop)  # fmt: skip
         return fut.result(timeout=15)
 
     # ------------------------------------------------------------------ listing and operators
@@ -483,6 +499,7 @@ class MigrationRegistry:
             spec = VMSpec.model_validate(ctx.spec) if ctx.spec else VMSpec(name=row.vm)
             vm = ManagedVM(spec=spec, qemu=svc.make_qemu(spec, incoming=True,
                            run_name=f"lost-{row.id[:8]}"), state="incoming")  # fmt: skip
+            await _find_incoming_qemu(vm, ctx)
         vm.migration = row.id
         core = DestinationCore.restore(row.core)
         driver = DestinationDriver(svc, core, vm, ctx, self.forget_session)
@@ -501,6 +518,18 @@ class MigrationRegistry:
         drivers: list[SourceDriver | DestinationDriver] = [*self.outgoing.values(),
                                                            *self.incoming.values()]  # fmt: skip
         await asyncio.gather(*(d.stop() for d in drivers), return_exceptions=True)
+
+
+async def _find_incoming_qemu(vm: ManagedVM, ctx: DestinationContext) -> None:
+    """The VM's row is gone but the migration names its incoming QEMU: attach to that very
+    process (or at least hold it, so that a discard ends it)."""
+    ref = ProcessRef.from_json(ctx.qemu_process)
+    if ref is None or not ref.alive():
+        return
+    try:
+        await vm.qemu.attach(ref)
+    except QemuError:
+        vm.qemu.ref = ref  # QMP does not answer: the process is still this migration's
 
 
 def _role(d: Any) -> str:

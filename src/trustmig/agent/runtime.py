@@ -20,6 +20,7 @@ from typing import Any
 
 from trustmig.agent.client import ControlClient
 from trustmig.agent.datapath import ChannelSecurity
+from trustmig.agent.diskkeys import DiskKeys
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.governance import Governance
 from trustmig.agent.journal import Journal
@@ -96,6 +97,7 @@ class HostServices:
     attesting: bool
     #: Builds (once) the guest image and returns its key, which both hosts must share.
     prepare_image: Callable[[], Awaitable[str]]
+    disk_keys: DiskKeys
 
     @property
     def name(self) -> str:

@@ -40,6 +40,7 @@ from trustmig.agent.audit_anchor import AuditAnchor
 from trustmig.agent.client import ControlClient
 from trustmig.agent.control import ControlServer, Operations
 from trustmig.agent.datapath import ChannelSecurity, DataListener
+from trustmig.agent.diskkeys import DiskKeys
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.governance import Governance, load_or_create_ed25519, new_ed25519_pem
 from trustmig.agent.host_key import load_host_key, transient_key_file
@@ -291,6 +292,7 @@ class Agent:
             data_advertise=lambda: self.data_advertise,
             attesting=self.attestation is not None,
             prepare_image=self.image_key,
+            disk_keys=self.disk_keys,
         )
 
     def _status_extra(self) -> dict[str, Any]:
@@ -307,8 +309,9 @@ class Agent:
     async def run(self, ready_file: Path | None = None) -> None:
         loop = asyncio.get_running_loop()
         await self.image()
+        self.disk_keys = DiskKeys(self.attestation, self.audit_event, self.cfg.name)
         self.vms = VmManager(self.journal, self.audit_event, self.cfg.name, self.make_qemu,
-                             self.image_key, self.host_net)  # fmt: skip
+                             self.image_key, self.host_net, self.disk_keys)  # fmt: skip
         self.services = self._services()
         self.registry = MigrationRegistry(self.services)
         ops = Operations()

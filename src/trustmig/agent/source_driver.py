@@ -23,6 +23,7 @@ from trustmig.agent import qemu_tls
 from trustmig.agent.claim_check import judge_claim, summary_field
 from trustmig.agent.client import ControlClient, ControlError
 from trustmig.agent.datapath import hand_to_relay, open_outbound_session
+from trustmig.agent.diskkeys import encrypted_disks
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.journal import JournalError, MigrationRow
 from trustmig.agent.runtime import HostServices
@@ -140,6 +141,8 @@ class SourceDriver:
         self.outcome: asyncio.Future[dict[str, Any]] = self.loop.create_future()
         self.ctl: ControlClient | None = None
         self.relay: RelayHandle | None = None
+        #: the attested session's exporter for disk keys (memory only, never journaled)
+        self._disk_key_wrap: bytes | None = None
         self._relay_spawn: asyncio.Task[RelayRecord] | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
         self._main: asyncio.Future[None] | None = None
@@ -438,6 +441,22 @@ class SourceDriver:
         return {first + i: (d.id, base / f"disk-{d.id}.sock")
                 for i, d in enumerate(copied_disks(self.vm.spec))}  # fmt: skip
 
+    async def _release_disk_keys(self) -> None:
+        """The encrypted disks' keys go to the destination now, when its platform is attested
+        (the session just opened), its claim accepted and both policies allowed the move, and
+        wrapped so that only that session's peer can unwrap them; raises on any failure (the
+        migration then rolls back before a byte of the guest left)."""
+        spec = self.vm.spec
+        if not encrypted_disks(spec):
+            return
+        if self._disk_key_wrap is None:
+            raise RequestError("no attested session to hand the disk keys over in", Code.FAILED)
+        wrapped = await self.svc.disk_keys.release(
+            spec, self.core.peer, self.migration_id, self._disk_key_wrap,
+            str(self.ctx.info.get("attestation_detail") or ""),
+        )  # fmt: skip
+        await self._call("incoming.disk_keys", {"keys": wrapped}, 120)
+
     async def _copy_disks(self) -> None:
         """Mirror every copied disk to the destination and wait until all are in sync (the
         memory migration starts only then); raises BlockCopyError."""
@@ -542,6 +561,7 @@ class SourceDriver:
                     open_outbound_session, self.svc.security, self.ctx.data_address,
                     self.core.peer, self.migration_id, 1,
                 )  # fmt: skip
+                self._disk_key_wrap = session.disk_key_wrap()
                 session.close()
             else:
                 self.relay = await self._new_relay()
@@ -552,6 +572,7 @@ class SourceDriver:
                     open_outbound_session, self.svc.security, self.ctx.data_address,
                     self.core.peer, self.migration_id, opts.streams + len(disks),
                 )  # fmt: skip
+                self._disk_key_wrap = session.disk_key_wrap()
                 await asyncio.to_thread(hand_to_relay, session, self.relay, sock, self.migration_id,
                                         {i: p for i, (_d, p) in disks.items()})  # fmt: skip
         except Exception as e:  # noqa: BLE001 - every failure is a verdict on this peer
@@ -595,6 +616,7 @@ class SourceDriver:
                 uri = f"tcp:{self.ctx.qemu_tls_address}"
             else:
                 uri = f"unix:{self.ctx.qemu_socket}"
+            await self._release_disk_keys()
             await self._copy_disks()
             self.t_transfer = time.monotonic()
             self.ctx.info["cpu0"] = qemu.cpu_seconds()
@@ -714,6 +736,10 @@ class SourceDriver:
             self.relay = None
         # bookkeeping: each step may fail (a full disk) without changing what happened
         self._step("forget the VM", lambda: self.svc.vms.release(self.vm, "handed-over"))
+        try:
+            await self.svc.disk_keys.forget(self.vm.spec, self.migration_id, "handed over")
+        except Exception as e:  # noqa: BLE001 - reported with the result, the facts stand
+            self.warnings.append(f"could not forget the disk keys: {str(e).splitlines()[0]}")
         self._step("count the migration", lambda: self.svc.gov.record_migration(self.core.vm))
         receipt = await self._exchange_receipt(relay_status or {})
         self._step("drop the VM policy", lambda: self.svc.gov.drop_vm_policy(self.core.vm))

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from trustmig.agent.diskkeys import DiskKeys
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.journal import DefinitionRow, Journal, VmRow
 from trustmig.hypervisor.devices import (
@@ -120,8 +121,10 @@ class VmManager:
         make_qemu: QemuFactory,
         prepare_image: Callable[[], Awaitable[str]],
         host_net: HostNet | None = None,
+        disk_keys: DiskKeys | None = None,
     ) -> None:
         self.journal = journal
+        self.disk_keys = disk_keys or DiskKeys(None, audit, host)
         self.audit = audit
         self.host = host
         self.make_qemu = make_qemu
@@ -159,8 +162,10 @@ class VmManager:
             raise RequestError(f"a VM named {spec.name} already exists on {self.host}", Code.BUSY)
         image_key = await self.prepare_image()
         spec = spec.model_copy(update={"image_key": image_key})
+        spec, keys = await self.disk_keys.for_start(spec, user)
         spec = await asyncio.to_thread(self._checked_for_start, spec)
         qemu = self.make_qemu(spec, incoming=False, run_name=f"vm-{spec.name}")
+        qemu.disk_keys = keys
         vm = ManagedVM(spec=spec, qemu=qemu, state="starting")
         self.vms[spec.name] = vm
         try:
@@ -355,9 +360,9 @@ class VmManager:
             try:
                 if ref is None:
                     raise QemuError("no process was journaled")
-                await qemu.attach(ref, float(rt.get("started_at") or 0.0))
+                await qemu.attach(ref, float(rt.get("started_at") or 0.0), timeout=30)
             except QemuError as e:
-                self._crashed(vm, f"QEMU gone while the agent was down ({e})")
+                await self._unreachable(vm, ref, e)
                 continue
             if vm.state == "starting":
                 vm.state = "running"
@@ -387,6 +392,22 @@ class VmManager:
         self.journal.drop_vm(vm.name)
         self.audit("vm.stop", vm=vm.name, outcome="stopped",
                    data={"reason": f"stale {vm.state} copy found at start"})  # fmt: skip
+
+    async def _unreachable(self, vm: ManagedVM, ref: ProcessRef | None, e: QemuError) -> None:
+        """A journaled QEMU that is gone, or alive but deaf to QMP. A deaf one in a migration is
+        that migration's to settle (it may hold a post-copy guest); any other is ended, so that
+        a guest reported crashed can never run beside the copy started again in its place."""
+        if ref is not None and ref.alive():
+            qemu = vm.qemu
+            qemu.ref = ref
+            if vm.migration is not None:
+                log.error("VM %s: QEMU %d does not answer (%s); its migration decides", vm.name,
+                          ref.pid, e)  # fmt: skip
+                return
+            ref.kill()
+            self._crashed(vm, f"QEMU {ref.pid} did not answer at agent start and was ended ({e})")
+            return
+        self._crashed(vm, f"QEMU gone while the agent was down ({e})")
 
     def _crashed(self, vm: ManagedVM, reason: str) -> None:
         vm.state = "crashed"

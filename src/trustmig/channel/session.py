@@ -45,6 +45,13 @@ class SessionKeys:
     def __repr__(self) -> str:
         return f"SessionKeys(session_id={self.session_id.hex()}, cipher={self.cipher!r})"
 
+    def exporter(self, label: str, context: bytes, length: int = HASH_SIZE) -> bytes:
+        """A secret both ends of this session derive alike and nobody else can (the idea of
+        TLS exporters, RFC 8446 7.5): keys for what the agents exchange beside the streams,
+        bound to this authenticated, attested handshake. Distinct labels give independent
+        values; none of them reveals a traffic key."""
+        return hkdf_expand_label(self._master, f"tm exporter {label}", context, length)
+
     def _secret(self, stream: int, direction: str) -> bytes:
         if not 0 <= stream < self.n_streams:
             raise ChannelError(

@@ -65,11 +65,13 @@ def target_spec(spec: VMSpec, disk_dir: Path) -> VMSpec:
 
 
 def create_targets(spec: VMSpec) -> list[Path]:
-    """Empty images for the copied disks (same format and virtual size); raises
+    """Empty images for the copied plain disks (same format and virtual size); raises
     BlockCopyError, leaving none behind."""
     made: list[Path] = []
     try:
         for d in copied_disks(spec):
+            if d.encrypt:
+                continue  # made with its key, once the key arrived
             if d.virtual_size is None:
                 raise BlockCopyError(f"disk {d.id}: the source did not say its virtual size")
             d.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -112,9 +114,19 @@ async def export_disks(qemu: QemuVM, disk_ids: list[str], server: dict[str, Any]
     disk id as export name."""
     legacy = {"type": server["type"], "data": {k: v for k, v in server.items() if k != "type"}}
     await qemu.cmd("nbd-server-start", {"addr": legacy})  # SocketAddressLegacy there
+    await add_exports(qemu, disk_ids)
+
+
+async def add_exports(qemu: QemuVM, disk_ids: list[str]) -> None:
+    """Exports of ``disk_ids`` on the running NBD server (idempotent)."""
     nodes = await _node_names(qemu)
+    named = {str(n.get("node-name")) for n in await qemu.cmd("query-named-block-nodes")}
+    exported = {str(e.get("id")) for e in await qemu.cmd("query-block-exports")}
     for disk in disk_ids:
-        node = nodes.get(f"drive-{disk}")
+        if f"{EXPORT_PREFIX}{disk}" in exported:
+            continue
+        # a -drive has a device name; an encrypted disk's device sits on a named raw node
+        node = nodes.get(f"drive-{disk}") or (f"drive-{disk}" if f"drive-{disk}" in named else None)
         if node is None:
             raise BlockCopyError(f"disk {disk}: the incoming QEMU has no drive-{disk}")
         await qemu.cmd("block-export-add", {"type": "nbd", "id": f"{EXPORT_PREFIX}{disk}",
@@ -123,12 +135,13 @@ async def export_disks(qemu: QemuVM, disk_ids: list[str], server: dict[str, Any]
 
 
 async def export_targets(qemu: QemuVM, spec: VMSpec, socket_path: Path) -> None:
-    """The incoming QEMU serves every copied disk over NBD on ``socket_path``."""
+    """The incoming QEMU's NBD server on ``socket_path`` for the copied disks, serving the
+    plain ones at once; an encrypted one is added (``add_exports``) once its key arrived."""
     disks = copied_disks(spec)
     if not disks:
         return
     socket_path.unlink(missing_ok=True)
-    await export_disks(qemu, [d.id for d in disks], unix_server(socket_path))
+    await export_disks(qemu, [d.id for d in disks if not d.encrypt], unix_server(socket_path))
 
 
 async def unexport_targets(qemu: QemuVM) -> None:

@@ -79,14 +79,17 @@ def image_info(path: Path, fmt: str) -> dict[str, object]:
 
 
 def stamp_disks(spec: VMSpec) -> VMSpec:
-    """The definition with every shared disk's identity tag recorded (set if new) and every
-    boot file's digest, as the host that first starts the VM sees them."""
+    """The definition with every shared disk's identity tag recorded (set if new), every
+    copied plain disk's virtual size and every boot file's digest, as the host that first
+    starts the VM sees them."""
     disks = []
     for d in spec.disks:
         _require_file(d.path, f"disk {d.id}")
         if d.shared:
             d = d.model_copy(update={"identity": disk_identity(d.path, create=True)})
-        else:  # a disk that is copied when the VM migrates: its target gets this size
+        if d.encrypt:
+            pass  # its size is read with its key, where the key is (the agent's disk keys)
+        elif not d.shared:  # a disk that is copied when the VM migrates: its target gets this size
             size = image_info(d.path, d.format).get("virtual-size")
             d = d.model_copy(update={"virtual_size": size if isinstance(size, int) else None})
         disks.append(d)

@@ -30,8 +30,17 @@ from qemu.qmp.events import EventListener
 from trustmig.hypervisor.accel import AccelChoice
 from trustmig.hypervisor.console import Console
 from trustmig.hypervisor.devices import HostCannotRun, HostNet, create_tap, delete_tap, tap_name
+from trustmig.hypervisor.diskcrypt import (
+    MASTER_ID,
+    MasterKey,
+    blockdev_options,
+    drive_options,
+    secret_id,
+    secret_pipe,
+)
+from trustmig.hypervisor.diskcrypt import qemu_path_opt as _opt
 from trustmig.hypervisor.image import GuestImage
-from trustmig.hypervisor.spec import BridgeNet, DiskBoot, KernelBoot, UserNet, VMSpec
+from trustmig.hypervisor.spec import BridgeNet, DiskBoot, DiskSpec, KernelBoot, UserNet, VMSpec
 from trustmig.proc import ProcessRef
 from trustmig.proc import cpu_seconds as _cpu_seconds
 from trustmig.timeouts import within
@@ -53,14 +62,19 @@ class _CallbackListener(EventListener):
             await self._queue.put(event)
 
 
+def _placeholder_args(d: DiskSpec, drive: str) -> list[str]:
+    """An incoming QEMU's encrypted disk before its key arrives: the device sits on a raw node
+    over an empty placeholder of the disk's size (``attach_encrypted_disk`` swaps in the disk)."""
+    if d.virtual_size is None:
+        raise QemuError(f"disk {d.id}: the source did not say its virtual size")
+    return ["-blockdev", f"driver=null-co,node-name=tm-ph-{d.id},size={d.virtual_size},"
+            "read-zeroes=on",
+            "-blockdev", f"driver=raw,node-name={drive},file=tm-ph-{d.id}"]  # fmt: skip
+
+
 def _pdeathsig() -> None:  # runs in the child between fork and exec
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _opt(path: Path) -> str:
-    """A path inside a QEMU option string (commas are doubled there)."""
-    return str(path).replace(",", ",,")
 
 
 def find_qemu(binary: str = "qemu-system-x86_64") -> str:
@@ -124,6 +138,12 @@ class QemuVM:
         self._callbacks: list[EventCallback] = []
         self.console = Console(self.serial_path, run_dir / "console.log")
         self.started_at = 0.0
+        #: keys of the encrypted disks this QEMU opens at start (held only until it started)
+        self.disk_keys: dict[str, bytes] = {}
+        #: the key disk passphrases travel under to this QEMU (None: no encrypted disk, or a
+        #: QEMU adopted after an agent restart, which can be given no new disk)
+        self.master: MasterKey | None = None
+        self._master_fd: int | None = None
 
     def argv(self) -> list[str]:
         s = self.spec
@@ -137,6 +157,7 @@ class QemuVM:
             "-smp", str(s.vcpus),
             "-nodefaults", "-display", "none", "-no-reboot", "-no-user-config",
             *self._boot_args(),
+            *self._secret_args(),
             *self._disk_args(),
             *self._nic_args(),
             "-chardev", f"socket,id=ser0,path={self.serial_path},server=on,wait=off",
@@ -166,13 +187,38 @@ class QemuVM:
         # QEMU reads, never in argv where every user of the host sees it in ps
         return [*args, "-readconfig", str(self.boot_config_path)]
 
+    def _secret_args(self) -> list[str]:
+        """The master key (from an inherited pipe), then each encrypted disk's passphrase
+        under it; an incoming QEMU gets its disks' keys later (``attach_encrypted_disk``)."""
+        if self._master_fd is None or self.master is None:
+            return []
+        args = ["-object", f"secret,id={MASTER_ID},file=/dev/fd/{self._master_fd},format=raw"]
+        if not self.incoming:
+            for d in self.spec.disks:
+                if d.encrypt:
+                    args += ["-object", self.master.disk_secret_arg(d.id, self._key(d))]
+        return args
+
+    def _key(self, d: DiskSpec) -> bytes:
+        key = self.disk_keys.get(d.id)
+        if key is None:
+            raise QemuError(f"VM {self.spec.name}: disk {d.id} is encrypted and has no key")
+        return key
+
     def _disk_args(self) -> list[str]:
         args: list[str] = []
         boot_disk = isinstance(self.spec.boot, DiskBoot)
         for i, d in enumerate(self.spec.disks):
             drive = f"drive-{d.id}"
-            args += ["-drive", f"file={_opt(d.path)},if=none,id={drive},format={d.format},"
-                     f"cache={d.cache},readonly={'on' if d.read_only else 'off'}"]  # fmt: skip
+            ro = "on" if d.read_only else "off"
+            if d.encrypt and self.incoming:
+                args += _placeholder_args(d, drive)
+            elif d.encrypt:
+                args += ["-drive", f"file={_opt(d.path)},if=none,id={drive},{drive_options(d)},"
+                         f"cache={d.cache},readonly={ro}"]  # fmt: skip
+            else:
+                args += ["-drive", f"file={_opt(d.path)},if=none,id={drive},format={d.format},"
+                         f"cache={d.cache},readonly={ro}"]  # fmt: skip
             dev = "virtio-blk-pci" if d.bus == "virtio-blk" else "nvme"
             opts = f"{dev},drive={drive},id={d.id},serial={d.drive_serial()}"
             if boot_disk:
@@ -268,16 +314,20 @@ class QemuVM:
                 create_tap(tap, bridge)
             except HostCannotRun as e:
                 raise QemuError(f"VM {self.spec.name}: {e}") from None
-        stderr = (self.run_dir / "qemu.stderr").open("ab")
-        self.proc = subprocess.Popen(
-            self.argv(),
-            stdin=subprocess.DEVNULL,
-            stdout=stderr,
-            stderr=stderr,
-            preexec_fn=_pdeathsig if self.die_with_parent else None,
-            start_new_session=True,
-        )
-        stderr.close()
+        with contextlib.ExitStack() as stack:
+            fds = self._open_master(stack)
+            stderr = stack.enter_context((self.run_dir / "qemu.stderr").open("ab"))
+            self.proc = subprocess.Popen(
+                self.argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                preexec_fn=_pdeathsig if self.die_with_parent else None,
+                start_new_session=True,
+                pass_fds=fds,
+            )
+        self._master_fd = None
+        self.disk_keys = {}  # QEMU holds them now; the agent keeps only the master key
         self.started_at = time.time()
         try:
             self.ref = ProcessRef.of(self.proc.pid)
@@ -287,6 +337,34 @@ class QemuVM:
         if on_spawn is not None:
             on_spawn()
         await self._connect(timeout)
+
+    def _open_master(self, stack: contextlib.ExitStack) -> list[int]:
+        """A fresh master key in a pipe for QEMU to read at start, if any disk is encrypted."""
+        if not any(d.encrypt for d in self.spec.disks):
+            return []
+        self.master = MasterKey()
+        self._master_fd = stack.enter_context(secret_pipe(self.master.key))
+        return [self._master_fd]
+
+    async def attach_encrypted_disk(self, d: DiskSpec, key: bytes) -> None:
+        """Open encrypted disk ``d`` in this incoming QEMU (paused, not yet loaded) now that its
+        key arrived: the passphrase object, the LUKS node, then the device's node switched from
+        its placeholder to it. Idempotent; raises QemuError."""
+        if self.master is None:
+            raise QemuError(f"VM {self.spec.name}: this QEMU was started by an earlier agent "
+                            "and cannot be given a disk key; migrate again")  # fmt: skip
+        nodes = {n.get("node-name") for n in await self.cmd("query-named-block-nodes")}
+        real = f"tm-enc-{d.id}"
+        if real not in nodes:
+            with contextlib.suppress(Exception):  # a repeated attach finds it there
+                await self.cmd("object-del", {"id": secret_id(d.id)})
+            await self.cmd("object-add", self.master.disk_secret_qmp(d.id, key))
+            await self.cmd("blockdev-add", blockdev_options(d, real))
+        await self.cmd("blockdev-reopen",
+                       {"options": [{"driver": "raw", "node-name": f"drive-{d.id}",
+                                     "file": real}]})  # fmt: skip
+        if f"tm-ph-{d.id}" in nodes:
+            await self.cmd("blockdev-del", {"node-name": f"tm-ph-{d.id}"})
 
     async def attach(self, ref: ProcessRef, started_at: float = 0.0, timeout: float = 10.0) -> None:
         """Re-attach to a QEMU started earlier (by this agent before it restarted).

@@ -133,6 +133,12 @@ class DiskSpec(_Strict):
     virtual_size: int | None = Field(
         None, ge=0, description="bytes the guest sees (recorded at start, for the copy)"
     )
+    encrypt: Literal["luks"] | None = Field(
+        None, description="encrypted at rest (QEMU LUKS) with a key trustmig makes and seals"
+    )
+    size_mib: int | None = Field(
+        None, ge=1, le=16 * 1024 * 1024, description="size of an encrypted disk trustmig creates"
+    )
 
     @field_validator("id")
     @classmethod
@@ -145,6 +151,12 @@ class DiskSpec(_Strict):
     @classmethod
     def _abs(cls, v: Path) -> Path:
         return _absolute(v, "disk path")
+
+    @model_validator(mode="after")
+    def _size_for_encrypted(self) -> DiskSpec:
+        if self.size_mib is not None and self.encrypt is None:
+            raise ValueError('size_mib is only for encrypted disks (encrypt = "luks")')
+        return self
 
     def drive_serial(self) -> str:
         return self.serial or f"tm-{self.id}"
