@@ -119,6 +119,9 @@ def test_encrypted_disks_move_while_the_guest_writes_and_keys_never_leak(
          "encrypt": "luks", "size_mib": SECRET_MIB},
         {"id": "vault", "path": str(local / "vault.luks"), "format": "raw", "encrypt": "luks",
          "size_mib": 16},
+        # on storage both hosts see: not copied, its key travels all the same
+        {"id": "common", "path": str(tmp_path / "shared" / "common.qcow2"), "format": "qcow2",
+         "encrypt": "luks", "size_mib": 16, "shared": True},
     ]  # fmt: skip
 
     async def boot() -> None:
@@ -135,8 +138,8 @@ def test_encrypted_disks_move_while_the_guest_writes_and_keys_never_leak(
     assert wait_for_ssh(debian_image, cluster.forward_address("host-a"), SSH_PORT).ok
     # the guest sees plain block devices; a marker goes into both before the migration
     _ssh(cluster, "host-a", debian_image,
-         f"yes {MARKER.decode()} | head -c 8M > m.bin && dd if=m.bin of=/dev/vdc bs=1M "
-         "oflag=direct 2>/dev/null && sync")  # fmt: skip
+         f"yes {MARKER.decode()} | head -c 8M > m.bin && for d in vdc vdd; do dd if=m.bin "
+         "of=/dev/$d bs=1M oflag=direct 2>/dev/null; done && sync")  # fmt: skip
     wrote: list[str] = []
 
     def write_during_copy() -> None:
@@ -173,11 +176,14 @@ def test_encrypted_disks_move_while_the_guest_writes_and_keys_never_leak(
     assert "copied" in done, done
     read = f"dd if=/dev/vdb bs=1M count={SECRET_MIB} 2>/dev/null | sha256sum"
     on_b = _ssh(cluster, "host-b", debian_image, read).split()[0]
-    vault_b = _ssh(cluster, "host-b", debian_image, "dd if=/dev/vdc bs=1M count=8 | sha256sum")
-    assert vault_b.split()[0] == _ssh(cluster, "host-b", debian_image, "sha256sum m.bin").split()[0]
+    marker_digest = _ssh(cluster, "host-b", debian_image, "sha256sum m.bin").split()[0]
+    for dev in ("vdc", "vdd"):
+        got = _ssh(cluster, "host-b", debian_image, f"dd if=/dev/{dev} bs=1M count=8 | sha256sum")
+        assert got.split()[0] == marker_digest, dev
+    assert MARKER not in (tmp_path / "shared" / "common.qcow2").read_bytes()
     # the key moved: host-b holds it sealed, host-a forgot it with the handover
     assert _key_files(cluster, "host-a") == []
-    assert len(_key_files(cluster, "host-b")) == 4  # sealed + recovery for both disks
+    assert len(_key_files(cluster, "host-b")) == 6  # sealed + recovery of the three disks
     # at rest on host-b the disks are ciphertext: no marker in the images
     b_images = list((cluster.hosts["host-b"].dir / "disks").rglob("*"))
     encrypted_images = [
@@ -202,10 +208,10 @@ def test_encrypted_disks_move_while_the_guest_writes_and_keys_never_leak(
     res = arun(back())
     assert res["status"] == "completed" and set(res["disks"]) == {"root", "secret", "vault"}
     assert _ssh(cluster, "host-a", debian_image, read).split()[0] == on_b
-    assert _key_files(cluster, "host-b") == [] and len(_key_files(cluster, "host-a")) == 4
+    assert _key_files(cluster, "host-b") == [] and len(_key_files(cluster, "host-a")) == 6
 
     # the keys are in no file, log, command line or environment on either host
-    keys = [_recovered_key(cluster, "host-a", "web", d) for d in ("secret", "vault")]
+    keys = [_recovered_key(cluster, "host-a", "web", d) for d in ("secret", "vault", "common")]
     needles = [n for k in keys for n in _needles(k)]
     assert _files_holding(cluster.root, needles) == []
     assert _files_holding(tmp_path, needles) == []

@@ -273,3 +273,114 @@ async def asyncio_sleep(s: float) -> None:
     import asyncio
 
     await asyncio.sleep(s)
+
+
+def _random_disk(path: Path, mib: int) -> str:
+    with path.open("wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(1 << 20))
+    return sha256_file(path)
+
+
+async def _no_incoming_on(c: Any) -> list[int]:
+    """The destination's incoming QEMUs, once its discard (started by the source's abort)
+    had time to end them."""
+    for _ in range(150):
+        left = await incoming_pids(c)
+        if not left:
+            return []
+        await asyncio_sleep(0.2)
+    return left
+
+
+def _nothing_left_on(cluster: Any, host: str) -> list[Path]:
+    """Images or disk keys a failed arrival left behind on ``host``."""
+    d = cluster.hosts[host].dir
+    images = [p for p in (d / "disks").rglob("*") if p.is_file()] if (d / "disks").exists() else []
+    return images + sorted((d / "keys").glob("disk-*"))
+
+
+def test_a_disk_stream_cut_mid_copy_leaves_the_source_and_its_disks_intact(
+    make_cluster: Any, tmp_path: Path
+) -> None:
+    from trustmig.agent.local_cluster import free_port
+    from trustmig.lab.proxy import Cutter, MitmProxy
+
+    plain = tmp_path / "data.raw"
+    before = _random_disk(plain, 64)
+    sealed = tmp_path / "sec.luks"
+    spec = {"name": "vm1", "tenant": "acme", "memory_mib": 256, "workload": {"mem_mib": 32},
+            "disks": [{"id": "data", "path": str(plain), "format": "raw"},
+                      {"id": "sec", "path": str(sealed), "format": "raw", "encrypt": "luks",
+                       "size_mib": 32}]}  # fmt: skip
+    port = free_port()
+    cutter = Cutter(after_bytes=8 << 20, conn_index=1)  # the first disk's stream
+    with MitmProxy(("127.0.0.1", port), cutter) as proxy:
+        cluster = make_cluster(data_listen={"host-b": f"127.0.0.1:{port}"},
+                               data_advertise={"host-b": proxy.hostport})  # fmt: skip
+
+        async def go() -> tuple[dict[str, Any] | None, str | None, str]:
+            a = await cluster.client("host-a", "alice")
+            b = await cluster.client("host-b", "alice")
+            try:
+                policy = cluster.signed_policy("alice", "vm1")
+                await a.call("vm.start", {"spec": spec, "policy": policy}, timeout=120)
+                sealed_before = sha256_file(sealed)
+                res, err = await migrate_with_hook(cluster, a, "vm1", "host-b",
+                                                   {"max_bandwidth_mibps": 32})  # fmt: skip
+                await assert_running_and_beating(a, "vm1")
+                assert await _no_incoming_on(b) == []
+                return res, err, sealed_before
+            finally:
+                await a.close()
+                await b.close()
+
+        res, err, sealed_before = arun(go())
+    assert cutter.cut and res is None and err, (res, err)
+    assert sha256_file(plain) == before and sha256_file(sealed) == sealed_before
+    assert _nothing_left_on(cluster, "host-b") == []
+    assert len(sorted((cluster.hosts["host-a"].dir / "keys").glob("disk-*"))) == 2
+
+
+def test_a_source_qemu_killed_mid_copy_leaves_no_copy_and_the_disk_intact(
+    make_cluster: Any, tmp_path: Path
+) -> None:
+    """The guest dies with its QEMU: it must then run nowhere (the half-filled destination is
+    discarded), its disk is untouched, and it starts again from that disk."""
+    cluster = make_cluster()
+    disk = tmp_path / "data.raw"
+    before = _random_disk(disk, 64)
+    spec = {"name": "vm1", "tenant": "acme", "memory_mib": 256, "workload": {"mem_mib": 32},
+            "disks": [{"id": "data", "path": str(disk), "format": "raw"}]}  # fmt: skip
+    killed: list[int] = []
+
+    async def go() -> tuple[str | None, dict[str, Any]]:
+        a = await cluster.client("host-a", "alice")
+        b = await cluster.client("host-b", "alice")
+        try:
+            policy = cluster.signed_policy("alice", "vm1")
+            vm = await a.call("vm.start", {"spec": spec, "policy": policy}, timeout=120)
+
+            def kill_source() -> None:
+                os.kill(int(vm["pid"]), signal.SIGKILL)
+                killed.append(int(vm["pid"]))
+
+            res, err = await migrate_with_hook(cluster, a, "vm1", "host-b",
+                                               {"max_bandwidth_mibps": 16}, when_bytes=0,
+                                               hook=kill_source, on="disk-progress")  # fmt: skip
+            assert res is None, res
+            assert await _no_incoming_on(b) == []
+            assert "vm1" not in [v["name"] for v in (await b.call("vm.list"))["vms"]]
+            state = next(v for v in (await a.call("vm.list"))["vms"] if v["name"] == "vm1")
+            assert sha256_file(disk) == before
+            await a.call("vm.start", {"spec": spec}, timeout=120)  # its policy is still here
+            await assert_running_and_beating(a, "vm1")
+            return err, state
+        finally:
+            await a.close()
+            await b.close()
+
+    err, state = arun(go())
+    assert killed and err, err
+    assert state["state"] == "crashed", state
+    assert _nothing_left_on(cluster, "host-b") == []

@@ -297,3 +297,13 @@ def test_resolve_is_refused_where_nothing_is_in_doubt() -> None:
     acts = core.handle(ev.ResolveRequested("source", "sam", 5), 3.0)
     reply = next(a for a in acts if isinstance(a, A.Reply))
     assert not reply.ok and reply.code == "invalid" and core.state == S.TRANSFER
+
+
+def test_a_guest_whose_qemu_died_is_not_left_paused() -> None:
+    """A roll-back that finds the source QEMU gone fails the migration with the guest counted
+    as gone (its VM is reported crashed, never paused and waiting)."""
+    core = walk_to_transfer(SourcePlan(stall_timeout_s=5))
+    core.handle_timer(6.0)
+    assert core.state == S.ROLLING_BACK
+    core.handle(ev.GuestResumed(False, "source QEMU is gone", gone=True), 6.5)
+    assert core.state == S.FAILED and core.source_gone

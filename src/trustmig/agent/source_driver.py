@@ -646,7 +646,7 @@ class SourceDriver:
     async def _resume(self) -> None:
         qemu = self.vm.qemu
         if not qemu.alive():
-            self.post(ev.GuestResumed(False, "source QEMU is gone"))
+            self.post(ev.GuestResumed(False, "source QEMU is gone", gone=True))
             return
         state = await qemu.status()
         if copied_disks(self.vm.spec):

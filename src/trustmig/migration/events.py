@@ -194,6 +194,8 @@ class GuestResumed(Event):
     running: bool
     detail: str = ""
     request_id: int | None = None
+    #: the guest's QEMU is gone (it died during the migration): the guest ran nowhere since
+    gone: bool = False
 
 
 # ----------------------------------------------------------------------- destination requests

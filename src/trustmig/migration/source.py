@@ -565,6 +565,8 @@ class SourceCore(MigrationCore[SourceState]):
             return []
         if e.running:
             return self._end(S.ROLLED_BACK, now)
+        if e.gone:
+            self.source_gone = True
         return self._end(S.FAILED, now, f"{self.error}; the source guest did not run: {e.detail}")
 
     def _on_restarted(self, e: ev.Restarted, now: float) -> list[Action]:
