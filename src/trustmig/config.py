@@ -235,8 +235,8 @@ class HostConfig(BaseModel):
             "qemu": {"binary": self.qemu.binary},
             "policy_dir": str(self.policy_dir),
             "host_policy": str(self.host_policy) if self.host_policy else None,
-            "guard": {k: guard[k] for k in ("allowed_networks", "allowed_identities")
-                      if k in guard},
+            "guard": {k: guard[k] for k in ("allowed_networks", "allowed_identities",
+                                            "listener_networks") if k in guard},
         }  # fmt: skip
 
     @property

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -46,13 +47,22 @@ class ControlClient:
 
     @classmethod
     async def connect(
-        cls, address: str, ctx: ssl.SSLContext, *, timeout: float = 10.0
+        cls,
+        address: str,
+        ctx: ssl.SSLContext,
+        *,
+        timeout: float = 10.0,
+        sock: socket.socket | None = None,
     ) -> ControlClient:
+        """TLS to the agent at ``address`` (over ``sock`` if given: a TCP connection already
+        made to it, e.g. from inside a network namespace)."""
         host, port = parse_hostport(address)
         try:
-            reader, writer = await within(
-                asyncio.open_connection(host, port, ssl=ctx, server_hostname=None), timeout
-            )
+            if sock is not None:
+                opening = asyncio.open_connection(sock=sock, ssl=ctx, server_hostname="")
+            else:
+                opening = asyncio.open_connection(host, port, ssl=ctx, server_hostname=None)
+            reader, writer = await within(opening, timeout)
         except (OSError, TimeoutError, ssl.SSLError) as e:
             raise ControlError(f"cannot reach agent at {address}: {e}", "transport") from None
         return cls(reader, writer)

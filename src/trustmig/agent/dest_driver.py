@@ -51,6 +51,8 @@ from trustmig.relay.client import RelayHandle, RelayRecord
 from trustmig.timeouts import cancel_and_wait, within
 
 log = logging.getLogger("trustmig.agent.destination")
+#: gratuitous RARPs after the handover: first after 50 ms, five rounds 100 ms apart
+ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
 D = DestinationState
 
 
@@ -534,6 +536,11 @@ class DestinationDriver:
     async def _adopt(self, epoch: int) -> None:
         self.vm.epoch = epoch
         self.svc.vms.release(self.vm, "running")
+        if self.vm.spec.nics:
+            # the network learns the guest's new place now (QEMU announces once by itself;
+            # a second round covers switches that missed the first)
+            with contextlib.suppress(Exception):
+                await self.vm.qemu.cmd("announce-self", ANNOUNCE, timeout=5)
         if self.ctx.options.channel == "qemu-tls":
             await qemu_tls.disable(self.vm.qemu)
         await self.close_relay()

@@ -11,6 +11,7 @@ time); ``down`` then ends every guest and relay the hosts' journals name, the sa
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -24,9 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trustmig.agent.client import ControlClient
+from trustmig.agent.client import ControlClient, ControlError
 from trustmig.agent.journal import Journal
 from trustmig.agent.provisioning import cluster_attestation_toml, provision_cluster
+from trustmig.netns.enter import NetnsError, connect_in, exec_argv
+from trustmig.netns.topology import MGMT, MIGRATION, NetLab
 from trustmig.pki.authority import ClusterCA, Credentials
 from trustmig.pki.tls import client_context
 from trustmig.pki.trust import TrustBundle
@@ -124,13 +127,21 @@ class HostHandle:
         return hh
 
 
+#: the agents' ports in a namespaced cluster (each host has its own addresses there)
+NETNS_CONTROL_PORT, NETNS_DATA_PORT = 7100, 7200
+
+
 class LocalCluster:
-    def __init__(self, root: Path, hosts: tuple[str, ...] = ("host-a", "host-b")) -> None:
+    def __init__(
+        self, root: Path, hosts: tuple[str, ...] = ("host-a", "host-b"), *, netns: bool = False
+    ) -> None:
         self.root = root.resolve()
         self.host_names = hosts
         self.hosts: dict[str, HostHandle] = {}
         self.ca: ClusterCA | None = None
         self.users: dict[str, Path] = {}
+        #: hosts in network namespaces, on separate management, migration and guest networks
+        self.netlab: NetLab | None = NetLab.for_cluster(self.root, hosts) if netns else None
 
     # ----------------------------------------------------------------- set-up
     def setup(
@@ -148,18 +159,20 @@ class LocalCluster:
         self.root.mkdir(parents=True, exist_ok=True)
         ca_dir = self.root / "ca"
         self.ca = ClusterCA.load(ca_dir) if (ca_dir / "ca.pem").exists() else ClusterCA.init(ca_dir)
-        ports = {h: free_port() for h in self.host_names}
+        if self.netlab is not None:
+            self.netlab.up()
         for h in self.host_names:
             hdir = self.root / h
             hdir.mkdir(parents=True, exist_ok=True)
             self.ca.issue_host(h, hdir / "pki")
-            dl = (data_listen or {}).get(h, f"127.0.0.1:{free_port()}")
+            control, default_data = self._addresses(h)
+            dl = (data_listen or {}).get(h, default_data)
             da = (data_advertise or {}).get(h, dl)
             self.hosts[h] = HostHandle(
                 h,
                 hdir,
                 hdir / "host.toml",
-                f"127.0.0.1:{ports[h]}",
+                control,
                 dl,
                 da,
                 agent_module=(agent_module or {}).get(h, "trustmig.cli.main"),
@@ -193,17 +206,36 @@ class LocalCluster:
                 f'[data]\nlisten = "{hh.data_listen}"\nadvertise = "{hh.data_advertise}"\n\n'
                 f'[qemu]\naccel = "auto"\nforward_address = "{self.forward_address(h)}"\n'
                 f'binary = "{(qemu_binary or {}).get(h, "qemu-system-x86_64")}"\n\n'
-                f"[labels]\n{lab_lines}\n\n{peers}"
+                f"[labels]\n{lab_lines}\n\n{self._network_config()}{peers}"
             )
 
         provision_cluster(self.ca, self.root, [hh.config_path for hh in self.hosts.values()])
         self.save()
+
+    def _network_config(self) -> str:
+        """The guard in a namespaced cluster: control from the management network only, data
+        from the migration network only, enforced by the kernel too (nftables)."""
+        if self.netlab is None:
+            return ""
+        mgmt, mig = f"{MGMT}.0/24", f"{MIGRATION}.0/24"
+        listeners = f'{{ control = ["{mgmt}"], data = ["{mig}"] }}'
+        return (f"[guard]\nallowed_networks = {json.dumps([mgmt, mig])}\n"
+                f"apply_nftables = true\nlistener_networks = {listeners}\n\n")  # fmt: skip
+
+    def _addresses(self, host: str) -> tuple[str, str]:
+        """(control, data) listen addresses: loopback ports, or the host's own addresses on
+        the management and migration networks of the namespaced lab."""
+        if self.netlab is None:
+            return f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        return (f"{self.netlab.mgmt_ip(host)}:{NETNS_CONTROL_PORT}",
+                f"{self.netlab.migration_ip(host)}:{NETNS_DATA_PORT}")  # fmt: skip
 
     # ----------------------------------------------------------------- persistence
     def save(self) -> None:
         doc = {
             "hosts": [hh.to_json() for hh in self.hosts.values()],
             "users": {u: str(d) for u, d in self.users.items()},
+            "netns": self.netlab.to_json() if self.netlab else None,
         }
         (self.root / CLUSTER_FILE).write_text(json.dumps(doc, indent=1) + "\n")
 
@@ -216,6 +248,8 @@ class LocalCluster:
         c.hosts = {h.name: h for h in hosts}
         c.users = {u: Path(d) for u, d in doc.get("users", {}).items()}
         c.ca = ClusterCA.load(c.root / "ca")
+        if doc.get("netns"):
+            c.netlab = NetLab.from_json(doc["netns"])
         return c
 
     @staticmethod
@@ -290,9 +324,13 @@ class LocalCluster:
         with contextlib.suppress(FileNotFoundError):
             ready.unlink()
         log = (hh.dir / "agent.log").open("ab")
+        argv = [sys.executable, "-m", hh.agent_module, "agent", "--config", str(hh.config_path),
+                "--ready-file", str(ready), *extra_args]  # fmt: skip
+        if self.netlab is not None:
+            self.netlab.up()  # again after a reboot or a cluster down
+            argv = exec_argv(self.netlab.ns(name), argv)
         hh.proc = subprocess.Popen(
-            [sys.executable, "-m", hh.agent_module, "agent", "--config", str(hh.config_path),
-             "--ready-file", str(ready), *extra_args],
+            argv,
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=hh.dir,
             start_new_session=True,
         )  # fmt: skip
@@ -367,6 +405,8 @@ class LocalCluster:
             self.kill_agent(hh.name, signal.SIGTERM)
         for hh in self.hosts.values():
             stopped[hh.name] = self.end_guests(hh.name)
+        if self.netlab is not None:
+            self.netlab.down()
         return stopped
 
     def end_guests(self, name: str) -> list[int]:
@@ -419,9 +459,18 @@ class LocalCluster:
         return Credentials.in_dir(self.users[user], "user")
 
     async def client(self, host: str, user: str) -> ControlClient:
+        """A control connection to ``host`` as ``user`` (from the admin namespace, in a
+        namespaced cluster: the root namespace never sends to the lab's addresses)."""
         c = self.user_credentials(user)
         bundle = TrustBundle.load(c.ca_path, c.crl_path if c.crl_path.exists() else None)
-        return await ControlClient.connect(self.hosts[host].control, client_context(c, bundle))
+        address, sock = self.hosts[host].control, None
+        if self.netlab is not None:
+            ip, port = address.rsplit(":", 1)
+            try:
+                sock = await asyncio.to_thread(connect_in, self.netlab.ns("admin"), ip, int(port))
+            except (OSError, NetnsError) as e:
+                raise ControlError(f"cannot reach agent at {address}: {e}", "transport") from None
+        return await ControlClient.connect(address, client_context(c, bundle), sock=sock)
 
     async def guard_counters(self, host: str, user: str) -> dict[str, int]:
         """The rule hit counters of ``host``'s guard (``trustmig guard show``)."""

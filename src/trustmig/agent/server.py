@@ -54,6 +54,7 @@ from trustmig.config import ConfigError, HostConfig, parse_hostport
 from trustmig.guard import Admission, AdmissionLimits, Guard, GuardError, GuardRules
 from trustmig.guard.aio import GuardedServer, guarded_serve, stop_guarded
 from trustmig.guard.claims import Quarantine
+from trustmig.guard.nft import apply_nft, remove_nft, render_nft
 from trustmig.guard.ratelog import RateLimitedLog, Throttle
 from trustmig.hypervisor.accel import choose_accel
 from trustmig.hypervisor.devices import HostNet
@@ -171,6 +172,7 @@ class Agent:
         guard_cfg = {"idle_timeout_s": 3600.0, "stall_timeout_s": 3600.0,
                      "reserved_peers": _peer_ips(cfg), **cfg.guard}  # fmt: skip
         self.guard = Guard(GuardRules(**guard_cfg))
+        self._nft_applied = False
         self.guard_hooks = GuardHooks(self.guard, self.audit_event)
         self.admission = Admission(AdmissionLimits(**cfg.admission))
         self.quarantine = Quarantine(self.state_dir / "quarantine.json")
@@ -357,6 +359,7 @@ class Agent:
         self.data_advertise = (
             self.cfg.data.advertise or f"{self.data.address[0]}:{self.data.address[1]}"
         )
+        self._apply_kernel_rules(int(sock[1]), int(self.data.address[1]))
         # the audit trail must be the one the peers saw before anything else happens
         try:
             await self.anchor.check_at_start(self.accept_audit_loss)
@@ -396,6 +399,16 @@ class Agent:
         await self._stop.wait()
         await self.shutdown()
 
+    def _apply_kernel_rules(self, control_port: int, data_port: int) -> None:
+        """The guard's rules in the kernel too (``[guard] apply_nftables``): its own table in
+        this host's network namespace, replaced at every start and removed at the stop."""
+        rules = self.guard.rules
+        if not rules.apply_nftables:
+            return
+        apply_nft(render_nft(rules, control_port=control_port, data_port=data_port))
+        self._nft_applied = True
+        log.info("guard rules applied to the kernel (nft table inet trustmig)")
+
     async def shutdown(self) -> None:
         log.info("agent %s stopping (%s guests)", self.cfg.name, self.cfg.agent.on_shutdown)
         t0 = time.monotonic()
@@ -414,6 +427,8 @@ class Agent:
         else:
             await self.vms.detach_all()
         t2 = time.monotonic()
+        if self._nft_applied:
+            remove_nft()
         self.audit_event("agent.stop", data={"guests": self.cfg.agent.on_shutdown})
         self.gov.close()
         self.journal.close()

@@ -114,10 +114,10 @@ class Guard:
         """
         r = self.rules
         now = self._clock()
-        if not r.network_allows(peer_ip):
+        if not r.network_allows(peer_ip, listener):
+            nets = ", ".join(str(n) for n in r.networks_for(listener))
             return self._hit(
-                RULE_NETWORK,
-                f"peer {peer_ip} is outside the allowed networks ({', '.join(r.allowed_networks)})",
+                RULE_NETWORK, f"peer {peer_ip} is outside the allowed networks ({nets})"
             ), None
         if not self._buckets.take(peer_ip, now):
             return self._hit(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
 
 from trustmig.guard.errors import InvalidRulesError
 from trustmig.guard.rules import GuardRules
@@ -46,7 +47,8 @@ def render_nft(
     """nft script: allowed-peer sets, per-source rate meter, counted drop for the two ports.
 
     Traffic to other ports is left alone (policy accept): the table only guards trustmig's
-    listeners and never locks an administrator out of the host.
+    listeners and never locks an administrator out of the host. With ``listener_networks``
+    each port accepts only its own networks (management for control, migration for data).
     """
     _check_port("control_port", control_port)
     _check_port("data_port", data_port)
@@ -54,10 +56,15 @@ def render_nft(
         raise InvalidRulesError(
             f"table name {table!r} is invalid; use letters, digits and _ (max 32, letter first)"
         )
-    v4 = [str(n) for n in rules.networks if n.version == 4]
-    v6 = [str(n) for n in rules.networks if n.version == 6]
     rate, burst = nft_rate(rules.max_conn_rate_per_peer)
     ports = f"{{ {control_port}, {data_port} }}" if control_port != data_port else str(control_port)
+    # one allow-list for both ports, or one per port when a listener has networks of its own
+    per_port = rules.listener_networks and control_port != data_port
+    groups = (
+        [("control", str(control_port), rules.networks_for("control")),
+         ("data", str(data_port), rules.networks_for("data"))]
+        if per_port else [("allowed", ports, rules.networks)]
+    )  # fmt: skip
 
     def addr_set(name: str, kind: str, elements: list[str]) -> list[str]:
         lines = [f"\tset {name} {{", f"\t\ttype {kind}", "\t\tflags interval"]
@@ -75,13 +82,25 @@ def render_nft(
             "\t}",
         ]
 
+    sets: list[str] = []
+    accepts: list[str] = []
+    for name, dport, nets in groups:
+        sets += addr_set(f"{name}_v4", "ipv4_addr", [str(n) for n in nets if n.version == 4])
+        sets += addr_set(f"{name}_v6", "ipv6_addr", [str(n) for n in nets if n.version == 6])
+        accepts += [
+            f"\t\ttcp dport {dport} ct state new ip saddr @{name}_v4 "
+            f"update @rate_v4 {{ ip saddr limit rate {rate} burst {burst} packets }} "
+            'counter name "accepted_new" accept',
+            f"\t\ttcp dport {dport} ct state new ip6 saddr @{name}_v6 "
+            f"update @rate_v6 {{ ip6 saddr limit rate {rate} burst {burst} packets }} "
+            'counter name "accepted_new" accept',
+        ]
     lines = [
         f"# trustmig guard: control port {control_port}, data port {data_port}",
         f"table inet {table}",
         f"delete table inet {table}",
         f"table inet {table} {{",
-        *addr_set("allowed_v4", "ipv4_addr", v4),
-        *addr_set("allowed_v6", "ipv6_addr", v6),
+        *sets,
         *meter_set("rate_v4", "ipv4_addr"),
         *meter_set("rate_v6", "ipv6_addr"),
         "\tcounter accepted_new {",
@@ -91,14 +110,24 @@ def render_nft(
         "\tchain input {",
         "\t\ttype filter hook input priority filter; policy accept;",
         "\t\tct state established,related accept",
-        f"\t\ttcp dport {ports} ct state new ip saddr @allowed_v4 "
-        f"update @rate_v4 {{ ip saddr limit rate {rate} burst {burst} packets }} "
-        'counter name "accepted_new" accept',
-        f"\t\ttcp dport {ports} ct state new ip6 saddr @allowed_v6 "
-        f"update @rate_v6 {{ ip6 saddr limit rate {rate} burst {burst} packets }} "
-        'counter name "accepted_new" accept',
+        *accepts,
         f'\t\ttcp dport {ports} counter name "dropped" drop',
         "\t}",
         "}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def apply_nft(script: str) -> None:
+    """Load ``script`` into the kernel (this network namespace); raises InvalidRulesError."""
+    out = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True,
+                         timeout=30, check=False)  # fmt: skip
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["unknown error"])[-1]
+        raise InvalidRulesError(f"nft refused the guard's rules: {last}")
+
+
+def remove_nft(table: str = "trustmig") -> None:
+    """Drop the guard's table (nothing happens if it is not there)."""
+    subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, timeout=30,
+                   check=False)  # fmt: skip

@@ -43,6 +43,10 @@ def parse_network(cidr: str) -> IPNetwork:
         ) from None
 
 
+#: the agent's listeners that the guard (and its nftables rules) know by name
+LISTENERS = ("control", "data")
+
+
 @dataclass
 class GuardRules:
     """Limits enforced by :class:`trustmig.guard.guard.Guard` and rendered by ``render_nft``."""
@@ -65,11 +69,27 @@ class GuardRules:
     #: Every admitted stranger costs a TLS or channel handshake; this caps that CPU however
     #: many addresses a flood comes from (the per-peer rate cannot).
     max_conn_rate_strangers: float = 20.0
+    #: Narrower networks for one listener ("control", "data"): on a host with separate
+    #: management and migration segments, each port accepts only its own segment.
+    listener_networks: dict[str, list[str]] = field(default_factory=dict)
+    #: Install these rules in the kernel (``nft``, table ``inet trustmig``) while the agent runs.
+    apply_nftables: bool = False
 
     def __post_init__(self) -> None:
         self._networks: tuple[IPNetwork, ...] = tuple(
             parse_network(c) for c in self.allowed_networks
         )
+        if not isinstance(self.listener_networks, dict):
+            raise InvalidRulesError("listener_networks must map a listener to a list of networks")
+        for name in self.listener_networks:
+            if name not in LISTENERS:
+                raise InvalidRulesError(
+                    f"listener_networks has {name!r}; use {' or '.join(LISTENERS)}"
+                )
+        self._listener_networks: dict[str, tuple[IPNetwork, ...]] = {
+            name: tuple(parse_network(c) for c in nets)
+            for name, nets in self.listener_networks.items()
+        }
         for ip in self.reserved_peers:
             try:
                 ipaddress.ip_address(ip)
@@ -109,8 +129,14 @@ class GuardRules:
         """The parsed allow-list (validated once, at construction)."""
         return self._networks
 
-    def network_allows(self, peer_ip: str) -> bool:
-        """True when ``peer_ip`` lies in one of the allowed networks.
+    def networks_for(self, listener: str | None) -> tuple[IPNetwork, ...]:
+        """The networks a listener accepts (its own list if it has one, else the allow-list)."""
+        if listener is not None and listener in self._listener_networks:
+            return self._listener_networks[listener]
+        return self._networks
+
+    def network_allows(self, peer_ip: str, listener: str | None = None) -> bool:
+        """True when ``peer_ip`` lies in one of the networks ``listener`` accepts.
 
         IPv4-mapped IPv6 peers (``::ffff:a.b.c.d``, seen on dual-stack sockets) are matched as
         IPv4 so that a v4 allow-list also covers them.
@@ -121,7 +147,8 @@ class GuardRules:
             return False
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
             addr = addr.ipv4_mapped
-        return any(addr.version == net.version and addr in net for net in self._networks)
+        nets = self.networks_for(listener)
+        return any(addr.version == net.version and addr in net for net in nets)
 
     def is_reserved(self, peer_ip: str) -> bool:
         """True when ``peer_ip`` is one of the cluster's own hosts (see ``reserved_peers``);

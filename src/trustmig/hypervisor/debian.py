@@ -46,7 +46,7 @@ from trustmig.hypervisor.image import (
 __all__ = ["DebianImage", "build_debian_image", "create_overlay", "debian_definition"]
 
 #: Bump whenever the way the image is assembled changes.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 SUITE = "bookworm"
 OS_NAME = "debian-12"
 PACKAGES = (
@@ -119,6 +119,35 @@ exec switch_root /newroot /sbin/init
 _SSHD = """UsePAM no
 PasswordAuthentication yes
 KbdInteractiveAuthentication no
+"""
+
+#: ``tm.net=MAC,ADDRESS/PREFIX`` on the kernel command line gives that NIC a static address (a
+#: guest on the lab's bridged guest network, where no DHCP server runs); written for networkd
+#: before it starts, ahead of the DHCP default
+_NET_SETUP = """#!/bin/sh
+for a in $(cat /proc/cmdline); do
+  case "$a" in
+    tm.net=*)
+      v=${a#tm.net=}; mac=${v%%,*}; addr=${v#*,}
+      mkdir -p /run/systemd/network
+      f=/run/systemd/network/10-tm-$(echo "$mac" | tr -d :).network
+      printf '[Match]\\nMACAddress=%s\\n\\n[Network]\\nAddress=%s\\n' "$mac" "$addr" > "$f"
+      printf 'LinkLocalAddressing=no\\nIPv6AcceptRA=no\\n' >> "$f";;
+  esac
+done
+"""
+
+_NET_SERVICE = """[Unit]
+Description=trustmig static guest-network address from the kernel command line
+DefaultDependencies=no
+Before=systemd-networkd.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/tm-net-setup
+
+[Install]
+WantedBy=systemd-networkd.service
 """
 
 _NETWORK = """[Match]
@@ -350,6 +379,10 @@ def _install_workload(tree: Path, binary: bytes) -> None:
     runner.write_text(_RUNNER)
     runner.chmod(0o755)
     (tree / "etc/systemd/system/tm-workload.service").write_text(_SERVICE)
+    net = tree / "usr/local/sbin/tm-net-setup"
+    net.write_text(_NET_SETUP)
+    net.chmod(0o755)
+    (tree / "etc/systemd/system/tm-net.service").write_text(_NET_SERVICE)
 
 
 def _configure(tree: Path, out: Path) -> None:
@@ -361,7 +394,8 @@ def _configure(tree: Path, out: Path) -> None:
     # ttyS0 carries the workload's protocol: no login prompt there (logins go through ssh)
     (tree / "etc/systemd/system/serial-getty@ttyS0.service").symlink_to("/dev/null")
     chroot = ["chroot", str(tree)]
-    _run([*chroot, "/usr/bin/systemctl", "enable", "systemd-networkd", "tm-workload.service"],
+    _run([*chroot, "/usr/bin/systemctl", "enable", "systemd-networkd", "tm-workload.service",
+          "tm-net.service"],
          what="systemctl enable", fix="check the guest tree")  # fmt: skip
     # in group disk: the tests read and write the guest's spare disks as the test user
     _run([*chroot, "/usr/sbin/useradd", "-m", "-s", "/bin/sh", "-G", "disk", TEST_USER],
@@ -399,14 +433,21 @@ def debian_definition(
     workload: dict[str, Any] | None = None,
     mac: str | None = None,
     measure_kernel: bool = False,
+    guest_net: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A definition for the Debian guest: root on virtio-blk, a virtio NIC with ssh forwarded."""
+    """A definition for the Debian guest: root on virtio-blk, a virtio NIC with ssh forwarded
+    (or, with ``guest_net=(bridge, "ADDRESS/PREFIX")``, on that host bridge with that static
+    address: the lab's guest network, where clients reach it directly)."""
     mac = mac or "52:54:00:" + ":".join(
         re.findall("..", hashlib.sha256(name.encode()).hexdigest()[:6])
     )
     ssh = {"proto": "tcp", "host_port": ssh_port, "guest_port": 22}
-    nic = {"id": "net0", "model": "virtio-net-pci", "mac": mac,
-           "backend": {"kind": "user", "forwards": [ssh]}}  # fmt: skip
+    nic: dict[str, Any] = {"id": "net0", "model": "virtio-net-pci", "mac": mac,
+                           "backend": {"kind": "user", "forwards": [ssh]}}  # fmt: skip
+    cmdline = image.cmdline()
+    if guest_net is not None:
+        nic["backend"] = {"kind": "bridge", "bridge": guest_net[0]}
+        cmdline += f" tm.net={mac},{guest_net[1]}"
     root = {
         "id": "root",
         "path": str(disk),
@@ -422,7 +463,7 @@ def debian_definition(
             "kind": "kernel",
             "kernel": str(image.kernel),
             "initrd": str(image.initrd),
-            "cmdline": image.cmdline(),
+            "cmdline": cmdline,
         },
         "disks": [root],
         "nics": [nic],
@@ -443,11 +484,11 @@ class SshResult:
         return self.returncode == 0
 
 
-def guest_ssh(
-    image: DebianImage, address: str, port: int, command: str, *, timeout: float = 60.0
-) -> SshResult:
-    """Run ``command`` as the test user with its key; the guest's host key is checked against
-    the one recorded at build time (a different guest, or none, fails the login)."""
+def ssh_argv(
+    image: DebianImage, address: str, port: int, command: str, netns: str | None = None
+) -> list[str]:
+    """The OpenSSH client logging in as the test user with its key, from ``netns`` if given;
+    the guest's host key is checked against the one recorded at build time."""
     argv = [
         "ssh", "-p", str(port), "-i", str(image.client_key),
         "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
@@ -455,6 +496,16 @@ def guest_ssh(
         "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10",
         "-o", "ServerAliveInterval=5", f"{TEST_USER}@{address}", command,
     ]  # fmt: skip
+    return ["ip", "netns", "exec", netns, *argv] if netns else argv
+
+
+def guest_ssh(
+    image: DebianImage, address: str, port: int, command: str, *, timeout: float = 60.0,
+    netns: str | None = None,
+) -> SshResult:  # fmt: skip
+    """Run ``command`` as the test user with its key (a different guest, or none, fails the
+    login); from inside ``netns`` if given."""
+    argv = ssh_argv(image, address, port, command, netns)
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
@@ -492,13 +543,15 @@ def password_login(
     return SshResult(out.returncode, out.stdout, out.stderr.strip())
 
 
-def wait_for_ssh(image: DebianImage, address: str, port: int, timeout: float = 180.0) -> SshResult:
+def wait_for_ssh(
+    image: DebianImage, address: str, port: int, timeout: float = 180.0, netns: str | None = None
+) -> SshResult:
     """Retry a login until sshd answers (it starts some seconds after the workload)."""
     import time
 
     deadline = time.monotonic() + timeout
     while True:
-        res = guest_ssh(image, address, port, "true", timeout=30)
+        res = guest_ssh(image, address, port, "true", timeout=30, netns=netns)
         if res.ok or time.monotonic() > deadline:
             return res
         time.sleep(2)

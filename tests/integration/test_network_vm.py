@@ -1,0 +1,216 @@
+"""Hosts in network namespaces: separate management, migration and guest networks, a Debian guest
+whose clients stay connected while it migrates, and the agents' ports closed by the kernel to
+everyone but their own segment."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trustmig.agent.local_cluster import NETNS_CONTROL_PORT, NETNS_DATA_PORT, LocalCluster
+from trustmig.hypervisor.debian import (
+    DebianImage,
+    build_debian_image,
+    create_overlay,
+    debian_definition,
+    guest_ssh,
+    ssh_argv,
+    wait_for_ssh,
+)
+from trustmig.netns.clients import ECHO_PORT, ECHO_SERVER, SSH_LOOP, ClientProbe
+from trustmig.netns.enter import connect_in
+from trustmig.netns.topology import GUEST_BRIDGE, NetLab, existing_namespaces
+
+from .helpers import arun, assert_running_and_beating
+
+pytestmark = [pytest.mark.vm, pytest.mark.netns]
+
+GUEST_IP = NetLab.guest_ip(1)
+
+
+@pytest.fixture(scope="module")
+def debian_image() -> DebianImage:
+    return build_debian_image()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory, guest_image: Any) -> Iterator[LocalCluster]:
+    root = tmp_path_factory.mktemp("netns")
+    c = LocalCluster(root / "cluster", ("host-a", "host-b"), netns=True)
+    try:
+        c.setup()
+        c.add_user("alice", ["owner", "operator"], tenant="acme")
+        c.add_user("sam", ["security-admin", "auditor"])
+        c.start_agents()
+        yield c
+    finally:
+        c.stop()
+    assert c.netlab is not None and not set(c.netlab.namespaces) & existing_namespaces()
+
+
+def _ssh(lab: LocalCluster, image: DebianImage, cmd: str) -> str:
+    assert lab.netlab is not None
+    res = guest_ssh(image, GUEST_IP, 22, cmd, timeout=60, netns=lab.netlab.ns("client"))
+    assert res.ok, res.stderr
+    return res.stdout.strip()
+
+
+def _migrate(lab: LocalCluster, src: str, dst: str, options: dict[str, Any]) -> dict[str, Any]:
+    async def go() -> dict[str, Any]:
+        a, b = await lab.client(src, "alice"), await lab.client(dst, "alice")
+        try:
+            res = await a.call("migrate", {"vm": "web", "to": dst, "options": options},
+                               timeout=600)  # fmt: skip
+            await assert_running_and_beating(b, "web")
+            return res
+        finally:
+            await a.close()
+            await b.close()
+
+    return arun(go())
+
+
+def test_clients_stay_connected_through_pre_and_post_copy(
+    lab: LocalCluster, debian_image: DebianImage, tmp_path: Path
+) -> None:
+    assert lab.netlab is not None
+    client_ns = lab.netlab.ns("client")
+    disk = create_overlay(debian_image, tmp_path / "shared" / "web.qcow2")
+    definition = debian_definition("web", debian_image, disk, ssh_port=2222,
+                                   guest_net=(GUEST_BRIDGE, f"{GUEST_IP}/24"))  # fmt: skip
+    definition["tenant"] = "acme"
+
+    async def boot() -> None:
+        a = await lab.client("host-a", "alice")
+        try:
+            await a.call("vm.define", {"definition": definition})
+            await a.call("vm.start", {"name": "web", "policy": lab.signed_policy("alice", "web")},
+                         timeout=300)  # fmt: skip
+        finally:
+            await a.close()
+
+    arun(boot())
+    assert wait_for_ssh(debian_image, GUEST_IP, 22, netns=client_ns).ok
+    _ssh(lab, debian_image, ECHO_SERVER % ECHO_PORT)
+    time.sleep(0.5)
+    probe = ClientProbe(client_ns, GUEST_IP, ssh_argv(debian_image, GUEST_IP, 22, SSH_LOOP,
+                                                      client_ns))  # fmt: skip
+    probe.start()
+    try:
+        time.sleep(2.0)
+        out = _migrate(lab, "host-a", "host-b", {})
+        time.sleep(2.0)
+        back = _migrate(lab, "host-b", "host-a", {"mode": "postcopy", "postcopy_after_rounds": 1})
+        time.sleep(2.0)
+    finally:
+        report = probe.stop()
+    assert out["status"] == back["status"] == "completed" and back["mode"] == "postcopy"
+    doc = report.to_json()
+    print(json.dumps(doc))  # the longest stall each client saw, for the record
+    assert doc["client_session_survived"], doc
+    assert doc["client_bytes_lost"] == 0 and report.echo_bytes_sent > 100 * 1024, doc
+    assert report.ssh_lines > 50 and report.errors == [], doc
+    assert doc["client_max_stall_ms"] > 0
+
+
+def _dropped(lab: LocalCluster, host: str) -> int:
+    assert lab.netlab is not None
+    out = subprocess.run(
+        ["ip", "netns", "exec", lab.netlab.ns(host), "nft", "-j", "list", "counters"],
+        capture_output=True, text=True, check=True, timeout=20,
+    )  # fmt: skip
+    items = json.loads(out.stdout)["nftables"]
+    return sum(int(i["counter"]["packets"]) for i in items
+               if "counter" in i and i["counter"]["name"] == "dropped")  # fmt: skip
+
+
+def _try(netns: str, ip: str, port: int) -> str:
+    try:
+        connect_in(netns, ip, port, timeout=1.5).close()
+    except TimeoutError:
+        return "timeout"
+    except OSError as e:
+        return type(e).__name__
+    return "connected"
+
+
+def test_the_kernel_refuses_other_segments_before_the_guard_sees_them(lab: LocalCluster) -> None:
+    assert lab.netlab is not None
+    net = lab.netlab
+    before_guard = arun(lab.guard_counters("host-a", "sam"))
+    before_drop = _dropped(lab, "host-a")
+    control, data = net.mgmt_ip("host-a"), net.migration_ip("host-a")
+    attempts = {
+        "client to data": _try(net.ns("client"), data, NETNS_DATA_PORT),
+        "client to control": _try(net.ns("client"), control, NETNS_CONTROL_PORT),
+        "admin to data": _try(net.ns("admin"), data, NETNS_DATA_PORT),
+        "host-b's management address to data": _try_from(
+            net, "host-b", net.mgmt_ip("host-b"), data, NETNS_DATA_PORT
+        ),
+    }
+    assert set(attempts.values()) == {"timeout"}, attempts  # dropped, not even refused
+    # the segments that should reach the ports still do
+    assert _try(net.ns("admin"), control, NETNS_CONTROL_PORT) == "connected"
+    assert _try_from(net, "host-b", net.migration_ip("host-b"), data, NETNS_DATA_PORT) == (
+        "connected"
+    )
+    assert _dropped(lab, "host-a") >= before_drop + 4
+    after_guard = arun(lab.guard_counters("host-a", "sam"))
+    assert after_guard.get("network", 0) == before_guard.get("network", 0), (
+        before_guard,
+        after_guard,
+    )
+
+
+def _try_from(net: NetLab, host: str, source_ip: str, ip: str, port: int) -> str:
+    """A connection from ``host``'s namespace with a chosen source address."""
+    import threading
+
+    from trustmig.netns.enter import NETNS_DIR, _setns
+
+    out: list[str] = []
+
+    def run() -> None:
+        try:
+            _setns(NETNS_DIR / net.ns(host))
+            s = socket.socket()
+            s.settimeout(1.5)
+            s.bind((source_ip, 0))
+            s.connect((ip, port))
+            s.close()
+            out.append("connected")
+        except TimeoutError:
+            out.append("timeout")
+        except OSError as e:
+            out.append(type(e).__name__)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(10)
+    return out[0] if out else "hung"
+
+
+def test_namespaces_are_listed_in_the_cluster_summary(lab: LocalCluster) -> None:
+    assert lab.netlab is not None
+    doc = json.loads((lab.root / "cluster.json").read_text())
+    assert doc["netns"]["tag"] == lab.netlab.tag
+    assert asyncio.run(_ping(lab)) == {"host-a": True, "host-b": True}
+
+
+async def _ping(lab: LocalCluster) -> dict[str, bool]:
+    out = {}
+    for h in ("host-a", "host-b"):
+        c = await lab.client(h, "alice")
+        try:
+            out[h] = bool(await c.call("ping"))
+        finally:
+            await c.close()
+    return out
