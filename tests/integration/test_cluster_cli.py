@@ -65,3 +65,30 @@ def test_cluster_commands_on_a_missing_directory_say_what_to_do(tmp_path: Path) 
     assert res.returncode == 1
     assert "no cluster in" in res.stderr and "trustmig cluster up" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.netns
+def test_a_namespaced_cluster_is_reached_through_exec_and_leaves_no_namespace(
+    tmp_path: Path, guest_image: Any
+) -> None:
+    from trustmig.netns.topology import existing_namespaces
+
+    d = tmp_path / "n"
+    try:
+        up = tm("cluster", "up", "--netns", "--state-dir", str(d))
+        names = up["netns"]["namespaces"]
+        assert set(names) <= existing_namespaces()
+        assert [h["control"] for h in up["hosts"]] == ["10.77.1.11:7100", "10.77.1.12:7100"]
+        res = subprocess.run(
+            [sys.executable, "-m", "trustmig.cli.main", "cluster", "exec", "--state-dir", str(d),
+             "--host", "host-b", "--", "trustmig", "vm", "list", "--json"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["host"] == "host-b"
+        st = tm("cluster", "status", "--state-dir", str(d))
+        assert all(h["reachable"] for h in st["hosts"]), st
+    finally:
+        subprocess.run([sys.executable, "-m", "trustmig.cli.main", "cluster", "down",
+                        "--state-dir", str(d)], capture_output=True, timeout=120)  # fmt: skip
+    assert not set(names) & existing_namespaces()

@@ -452,6 +452,8 @@ class LocalCluster:
             ],
             "credentials": str(self.users.get(user, self.root / "users" / user)),
             "state_dir": str(self.root),
+            "netns": {"namespaces": self.netlab.namespaces, "admin": self.netlab.ns("admin"),
+                      "client": self.netlab.ns("client")} if self.netlab else None,
         }  # fmt: skip
 
     # ----------------------------------------------------------------- clients

@@ -1,15 +1,20 @@
-"""`trustmig cluster up|status|down`: a local loopback cluster of real agents, in the background.
+"""`trustmig cluster up|status|down|exec`: a local cluster of real agents, in the background.
 
 For trying trustmig and for tests: a CA, N enrolled hosts with their own swtpm and state under
 ``DIR/<host>``, a user with roles owner and operator (tenant ``acme``), and one agent process per
 host that keeps running after the command returns. ``up`` on an existing directory only starts
 the agents that do not run. ``down`` stops the agents and every guest and relay their journals
 name (by PID and start time); the directory stays, so ``up`` brings the same cluster back.
+
+With ``--netns`` every host runs in its own network namespace on separate management, migration
+and guest networks (see :mod:`trustmig.netns.topology`); the CLI then reaches the agents from
+the admin namespace: ``trustmig cluster exec --state-dir DIR -- trustmig vm list``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,7 +23,9 @@ from rich.table import Table
 
 from trustmig.cli.common import CliError, console, one_line_errors, out, print_json
 
-cluster_app = typer.Typer(no_args_is_help=True, help="A local cluster of agents on loopback.")
+cluster_app = typer.Typer(
+    no_args_is_help=True, help="A local cluster of agents (loopback or network namespaces)."
+)
 
 StateDirOpt = Annotated[Path, typer.Option("--state-dir", help="Directory of the cluster.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
@@ -39,6 +46,14 @@ def _exports(summary: dict[str, Any]) -> str:
 def cluster_up(
     state_dir: StateDirOpt,
     hosts: Annotated[int, typer.Option("--hosts", help="Number of hosts (new cluster).")] = 2,
+    netns: Annotated[
+        bool,
+        typer.Option(
+            "--netns",
+            help="Each host in its own network namespace, on separate "
+            "management, migration and guest networks (new cluster; needs root).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Create (or start again) a local cluster and leave its agents running."""
@@ -54,7 +69,7 @@ def cluster_up(
                     "starting it as it is[/]"
                 )
         else:
-            cluster = LocalCluster(root, _host_names(hosts))
+            cluster = LocalCluster(root, _host_names(hosts), netns=netns)
             if not as_json:
                 console.print(f"creating a {hosts}-host cluster in {root}")
             cluster.setup()
@@ -121,6 +136,41 @@ def cluster_down(state_dir: StateDirOpt, as_json: JsonOpt = False) -> None:
                   "and relays ended)")  # fmt: skip
 
 
+@cluster_app.command(
+    "exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def cluster_exec(
+    ctx: typer.Context,
+    state_dir: StateDirOpt,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Agent TRUSTMIG_AGENT points at (default: first).")
+    ] = None,
+) -> None:
+    """Run a command where the cluster's agents can be reached (the admin namespace of a
+    namespaced cluster), with TRUSTMIG_AGENT and TRUSTMIG_CREDENTIALS set:
+    ``trustmig cluster exec --state-dir DIR -- trustmig vm list``."""
+    import os
+    import shutil
+    import subprocess
+
+    with one_line_errors(False):
+        cluster = _load(state_dir)
+        argv = list(ctx.args)
+        if not argv:
+            raise CliError("give the command after --, e.g. -- trustmig vm list")
+        name = host or next(iter(cluster.hosts))
+        if name not in cluster.hosts:
+            raise CliError(f"no host {name!r} in this cluster: {', '.join(cluster.hosts)}")
+        summary = cluster.summary()
+        env = {**os.environ, "TRUSTMIG_AGENT": cluster.hosts[name].control,
+               "TRUSTMIG_CREDENTIALS": summary["credentials"]}  # fmt: skip
+        if argv[0] == "trustmig" and shutil.which("trustmig") is None:
+            argv[0] = str(Path(sys.executable).with_name("trustmig"))
+        if cluster.netlab is not None:
+            argv = ["ip", "netns", "exec", cluster.netlab.ns("admin"), *argv]
+        raise typer.Exit(subprocess.run(argv, env=env, check=False).returncode)
+
+
 def _load(state_dir: Path) -> Any:
     from trustmig.agent.local_cluster import LocalCluster
 
@@ -132,7 +182,8 @@ def _load(state_dir: Path) -> Any:
 
 
 def _print_hosts(summary: dict[str, Any]) -> None:
-    t = Table("host", "control", "agent pid", "running", "VMs", title=summary["state_dir"])
+    title = summary["state_dir"] + (" (network namespaces)" if summary.get("netns") else "")
+    t = Table("host", "control", "agent pid", "running", "VMs", title=title)
     for h in summary["hosts"]:
         t.add_row(h["name"], h["control"], str(h["pid"]), str(h["running"]), str(h.get("vms", "")))
     out.print(t)

@@ -46,6 +46,8 @@ def one_line_errors(as_json: bool) -> Iterator[None]:
     from trustmig.audit import AuditError
     from trustmig.config import ConfigError
     from trustmig.hypervisor.image import ImageBuildError
+    from trustmig.netns.enter import NetnsError
+    from trustmig.netns.topology import TopologyError
     from trustmig.pki.errors import PkiError
     from trustmig.policy import PolicyError
 
@@ -60,6 +62,8 @@ def one_line_errors(as_json: bool) -> Iterator[None]:
         PolicyError,
         AuditError,
         AttestError,
+        NetnsError,
+        TopologyError,
         OSError,
         ValueError,
     ) as e:

@@ -1,10 +1,12 @@
-"""`trustmig demo`: two agents on loopback, one guest, one live migration, measured.
+"""`trustmig demo`: two agents (on loopback, or in network namespaces), one guest, one live
+migration, measured.
 
 Runs the real thing end to end: a cluster CA, two enrolled hosts with their own state dirs, two
 agent processes, a guest booted on the first host with its workload running, and a migration to
 the second host through the secure channel while the guest keeps working. The result reports
 QEMU's figures next to what the guest itself shows (heartbeat gap, sequence continuity, memory
-self-check).
+self-check); with ``--netns --guest debian``, also what the guest's clients saw: an ssh session
+and a TCP echo stream from the client namespace, through the migration.
 """
 
 from __future__ import annotations
@@ -25,14 +27,24 @@ from trustmig.hypervisor.debian import (
     create_overlay,
     debian_definition,
     guest_ssh,
+    ssh_argv,
     wait_for_ssh,
 )
 from trustmig.hypervisor.heartbeat import analyse
 from trustmig.hypervisor.image import build_image
 from trustmig.hypervisor.measure import kernel_text_region
+from trustmig.netns.clients import ECHO_PORT, ECHO_SERVER, SSH_LOOP, ClientProbe
+from trustmig.netns.topology import GUEST_BRIDGE, NetLab
 
 SOURCE, DEST = "host-a", "host-b"
 USER = "alice"
+GUEST_IP = NetLab.guest_ip(1)
+
+
+class DemoError(ValueError):
+    """The demo's options do not fit together (one line, says which)."""
+
+
 SSH_PORT = 2222
 
 
@@ -45,6 +57,16 @@ class DebianGuest:
         self.image = image
         self.pid = ""
         self.digest = ""
+        #: in namespaces the guest is on the guest network and its clients in the client
+        #: namespace; on loopback ssh goes through each host's forwarded port
+        lab = cluster.netlab
+        self.netns = lab.ns("client") if lab is not None else None
+        self.probe: ClientProbe | None = None
+
+    def _address(self, host: str) -> tuple[str, int]:
+        if self.netns is not None:
+            return GUEST_IP, 22
+        return self.cluster.forward_address(host), SSH_PORT
 
     def definition(self, workload: dict[str, Any], memory: int, measure: bool) -> dict[str, Any]:
         shared = self.cluster.root / "shared"  # storage both hosts see
@@ -53,35 +75,61 @@ class DebianGuest:
         disk.unlink(missing_ok=True)
         create_overlay(self.image, disk)
         # the OS itself needs about 256 MiB next to the workload
+        net = (GUEST_BRIDGE, f"{GUEST_IP}/24") if self.netns is not None else None
         d = debian_definition("demo-vm", self.image, disk, ssh_port=SSH_PORT,
                               memory_mib=memory + 256, workload=workload,
-                              measure_kernel=measure)  # fmt: skip
+                              measure_kernel=measure, guest_net=net)  # fmt: skip
         return {**d, "tenant": "acme"}
 
     def _ssh(self, host: str, cmd: str) -> str | None:
-        res = guest_ssh(self.image, self.cluster.forward_address(host), SSH_PORT, cmd)
+        address, port = self._address(host)
+        res = guest_ssh(self.image, address, port, cmd, netns=self.netns)
         return res.stdout.strip() if res.ok else None
 
     def before(self) -> str | None:
-        """Log in, start a long-running process, write a file; an error line or None."""
-        login = wait_for_ssh(self.image, self.cluster.forward_address(SOURCE), SSH_PORT)
+        """Log in, start a long-running process, write a file (and, in namespaces, connect
+        the clients); an error line or None."""
+        address, port = self._address(SOURCE)
+        login = wait_for_ssh(self.image, address, port, netns=self.netns)
         if not login.ok:
             return f"ssh to the guest on {SOURCE} failed: {login.stderr}"
         self.pid = self._ssh(SOURCE, "nohup sleep 100000 >/dev/null 2>&1 & echo $!") or ""
         self.digest = self._ssh(SOURCE, "head -c 8M /dev/urandom > demo.bin && sync && "
                                 "sha256sum demo.bin") or ""  # fmt: skip
-        return None if self.pid and self.digest else "could not prepare the guest over ssh"
+        if not (self.pid and self.digest):
+            return "could not prepare the guest over ssh"
+        if self.netns is not None:
+            self._ssh(SOURCE, ECHO_SERVER % ECHO_PORT)
+            loop = ssh_argv(self.image, address, port, SSH_LOOP, self.netns)
+            self.probe = ClientProbe(self.netns, GUEST_IP, loop)
+            self.probe.start()
+        return None
 
     def after(self) -> dict[str, Any]:
-        login = wait_for_ssh(self.image, self.cluster.forward_address(DEST), SSH_PORT, 60)
+        clients = self.probe.stop().to_json() if self.probe is not None else None
+        address, port = self._address(DEST)
+        login = wait_for_ssh(self.image, address, port, 60, netns=self.netns)
         cmdline = self._ssh(DEST, f"tr '\\0' ' ' < /proc/{self.pid}/cmdline") if login.ok else None
         digest = self._ssh(DEST, "sha256sum demo.bin") if login.ok else None
-        return {
+        out: dict[str, Any] = {
             "ssh_after_migration": login.ok,
             "guest_process_survived": (cmdline or "").strip() == "sleep 100000",
             "guest_process_pid": int(self.pid) if self.pid.isdigit() else None,
             "disk_digest_match": bool(digest) and digest == self.digest,
         }
+        if clients is not None:
+            out["clients"] = clients
+            out.update({k: clients[k] for k in ("client_session_survived", "client_bytes_lost",
+                                                 "client_max_stall_ms")})  # fmt: skip
+        return out
+
+    def harmed(self, result: dict[str, Any]) -> bool:
+        keys = ["ssh_after_migration", "guest_process_survived", "disk_digest_match"]
+        if self.netns is not None:
+            keys.append("client_session_survived")
+            if result.get("client_bytes_lost") != 0:
+                return True
+        return not all(result.get(k) for k in keys)
 
 
 async def _migrate_and_measure(
@@ -196,10 +244,7 @@ async def _migrate_and_measure(
                 result[key] = mine[0]["qemu_state"] if mine else "absent"
             except ControlError:
                 result[key] = "absent"
-        guest_ok = debian is None or all(
-            result.get(k) for k in ("ssh_after_migration", "guest_process_survived",
-                                    "disk_digest_match")
-        )  # fmt: skip
+        guest_ok = debian is None or not debian.harmed(result)
         if result["status"] == "completed" and not (
             result["heartbeat_seq_continuous"]
             and result["memory_checksum_match"]
@@ -232,7 +277,11 @@ def run_demo(
     on_event: Callable[[dict[str, Any]], None] | None = None,
     guest: str = "lab",
     measure: bool = True,
+    netns: bool = False,
 ) -> dict[str, Any]:
+    """Raises DemoError for a combination of options that cannot run."""
+    if netns and guest != "debian":
+        raise DemoError("--netns measures the guest's network clients: use it with --guest debian")
     tmp = None
     if state_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="trustmig-demo-")
@@ -241,7 +290,7 @@ def run_demo(
     say("building the guest image (cached after the first run)")
     build_image(progress=say)
     image = build_debian_image(progress=say) if guest == "debian" else None
-    cluster = LocalCluster(state_dir, (SOURCE, DEST))
+    cluster = LocalCluster(state_dir, (SOURCE, DEST), netns=netns)
     try:
         dl = {DEST: dest_data_listen} if dest_data_listen else None
         da = {DEST: dest_data_advertise} if dest_data_advertise else None
@@ -255,7 +304,7 @@ def run_demo(
             data_advertise=da,
         )
         cluster.add_user(USER, ["owner", "operator"], tenant="acme")
-        say("starting two agents on loopback")
+        say("starting two agents " + ("in network namespaces" if netns else "on loopback"))
         cluster.start_agents()
         res = asyncio.run(
             _migrate_and_measure(

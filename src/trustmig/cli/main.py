@@ -588,8 +588,15 @@ def demo(
     measure: Annotated[
         bool, typer.Option(help="Measure the guest kernel's code on both ends (pre-copy).")
     ] = True,
+    netns: Annotated[
+        bool,
+        typer.Option(
+            help="Hosts in network namespaces, the guest on a bridged guest network "
+            "and its clients measured (needs --guest debian)."
+        ),
+    ] = False,
 ) -> None:
-    """Two agents on loopback; boot a guest on one, live-migrate it to the other, measure."""
+    """Two agents; boot a guest on one, live-migrate it to the other, measure."""
     from trustmig.cli.demo import run_demo
 
     with _errors(as_json):
@@ -607,6 +614,7 @@ def demo(
                 on_event=view.event,
                 guest=guest,
                 measure=measure,
+                netns=netns,
             )
         if as_json:
             print(json.dumps(res, default=str))
