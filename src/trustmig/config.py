@@ -70,11 +70,21 @@ class Peer(BaseModel):
     model_config = ConfigDict(extra="forbid")
     control: str
     labels: dict[str, str | int] = Field(default_factory=dict)
+    #: the peer's data listener through a host-to-host IPsec tunnel (``migrate --transport
+    #: ipsec``); the attested session then runs inside the tunnel
+    tunnel_data: str | None = None
 
     @field_validator("control")
     @classmethod
     def _hp(cls, v: str) -> str:
         parse_hostport(v, "peer control address")
+        return v
+
+    @field_validator("tunnel_data")
+    @classmethod
+    def _tunnel(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_hostport(v, "peer tunnel_data address")
         return v
 
 

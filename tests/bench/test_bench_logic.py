@@ -18,6 +18,14 @@ from trustmig.bench.record import integrity_record
 from trustmig.bench.stats import per_gib, summarize, throughput_mbps
 
 
+def test_ipsec_channels_need_the_namespaced_hosts() -> None:
+    from trustmig.bench import BenchConfig
+
+    with pytest.raises(BenchConfigError, match="add --netns"):
+        BenchConfig(channels=parse_channels("plain,ipsec"))
+    assert BenchConfig(channels=parse_channels("secure+ipsec,ipsec"), netns=True).netns
+
+
 def test_parse_channels_keeps_order_and_refuses_unknown() -> None:
     assert parse_channels("secure, plain") == ("secure", "plain")
     with pytest.raises(BenchConfigError, match="unknown channel 'ssh'"):
@@ -84,8 +92,10 @@ def test_summary_medians_ratios_and_failed_runs() -> None:
     assert s["results"]["secure"]["throughput_mbps"] == 600  # the failed run does not count
     assert s["results"]["secure"]["completed"] == 2 and s["results"]["secure"]["runs"] == 3
     assert s["results"]["secure"]["integrity_ok"] is False
-    assert s["ratios"] == {"secure/plain": 0.3, "secure/qemu-tls": 2.4}
-    assert s["ratios_by_dirty_rate"]["64"] == {"secure/plain": 0.5, "secure/qemu-tls": 2.0}
+    assert s["ratios"] == {"secure/plain": 0.3, "secure/qemu-tls": 2.4, "qemu-tls/plain": 0.125}
+    assert s["ratios_by_dirty_rate"]["64"] == {
+        "secure/plain": 0.5, "secure/qemu-tls": 2.0, "qemu-tls/plain": 0.25,
+    }  # fmt: skip
 
 
 def test_summary_postcopy_nested_under_channel() -> None:

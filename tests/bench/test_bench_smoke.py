@@ -66,7 +66,40 @@ def test_tiny_benchmark_all_channels(tmp_path: Path, guest_image: object) -> Non
         assert report["results"][ch]["completed"] == 1
         assert report["results"][ch]["throughput_mbps"] > 0
     assert report["by_dirty_rate"]["0"] == report["results"]
-    assert set(report["ratios"]) == {"secure/plain", "secure/qemu-tls"}
+    assert set(report["ratios"]) == {"secure/plain", "secure/qemu-tls", "qemu-tls/plain"}
     assert all(v > 0 for v in report["ratios"].values())
     assert seen[-1] == (3, 3, "done")
     assert not _qemu_children(), "a QEMU of the benchmark outlived it"
+
+
+@pytest.mark.netns
+@pytest.mark.tpm
+def test_five_channels_between_namespaced_hosts(tmp_path: Path, guest_image: object) -> None:
+    """Every channel crosses the hosts' migration network; the IPsec ones through a real
+    IKEv2/ESP tunnel, whose daemons' CPU is counted; nothing is left running afterwards."""
+    from trustmig.netns.topology import existing_namespaces
+
+    channels = ("plain", "secure", "qemu-tls", "ipsec", "secure+ipsec")
+    cfg = BenchConfig(channels=channels, memory_mib=256, fill_mib=48, repeat=1, netns=True)
+    before = existing_namespaces()
+    report = run_migrate_bench(cfg, workdir=tmp_path / "bench")
+    assert [r["channel"] for r in report["runs"]] == list(channels)
+    for run in report["runs"]:
+        assert run["status"] == "completed" and run["integrity_ok"] is True, run
+        assert run["cpu_s_per_gib_source"] and run["cpu_s_per_gib_destination"], run
+    assert {"secure/plain", "ipsec/plain", "secure/ipsec", "secure+ipsec/secure"} <= set(
+        report["ratios"]
+    )
+    assert existing_namespaces() == before
+    assert _charons() == []
+
+
+def _charons() -> list[int]:
+    out = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == "charon":
+                out.append(int(comm.parent.name))
+        except OSError:
+            continue
+    return out

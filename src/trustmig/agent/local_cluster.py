@@ -29,6 +29,7 @@ from trustmig.agent.client import ControlClient, ControlError
 from trustmig.agent.journal import Journal
 from trustmig.agent.provisioning import cluster_attestation_toml, provision_cluster
 from trustmig.netns.enter import NetnsError, connect_in, exec_argv
+from trustmig.netns.ipsec import INNER, inner_ip
 from trustmig.netns.topology import MGMT, MIGRATION, NetLab
 from trustmig.pki.authority import ClusterCA, Credentials
 from trustmig.pki.tls import client_context
@@ -167,7 +168,7 @@ class LocalCluster:
             self.ca.issue_host(h, hdir / "pki")
             control, default_data = self._addresses(h)
             dl = (data_listen or {}).get(h, default_data)
-            da = (data_advertise or {}).get(h, dl)
+            da = (data_advertise or {}).get(h, self._advertised_data(h, dl))
             self.hosts[h] = HostHandle(
                 h,
                 hdir,
@@ -184,6 +185,7 @@ class LocalCluster:
         for h, hh in self.hosts.items():
             peers = "\n".join(
                 f'[peers.{p}]\ncontrol = "{o.control}"\nlabels = {_inline(all_labels[p])}\n'
+                f"{self._tunnel_line(p)}"
                 for p, o in self.hosts.items()
                 if p != h
             )
@@ -212,14 +214,26 @@ class LocalCluster:
         provision_cluster(self.ca, self.root, [hh.config_path for hh in self.hosts.values()])
         self.save()
 
+    def _advertised_data(self, host: str, listen: str) -> str:
+        """A namespaced host listens for data on every address (the migration network and
+        the IPsec tunnel's inner one) and advertises its migration address."""
+        if self.netlab is None:
+            return listen
+        return f"{self.netlab.migration_ip(host)}:{NETNS_DATA_PORT}"
+
+    def _tunnel_line(self, peer: str) -> str:
+        if self.netlab is None:
+            return ""
+        return f'tunnel_data = "{inner_ip(self.netlab, peer)}:{NETNS_DATA_PORT}"\n'
+
     def _network_config(self) -> str:
         """The guard in a namespaced cluster: control from the management network only, data
         from the migration network only, enforced by the kernel too (nftables)."""
         if self.netlab is None:
             return ""
-        mgmt, mig = f"{MGMT}.0/24", f"{MIGRATION}.0/24"
-        listeners = f'{{ control = ["{mgmt}"], data = ["{mig}"] }}'
-        return (f"[guard]\nallowed_networks = {json.dumps([mgmt, mig])}\n"
+        mgmt, mig, tunnel = f"{MGMT}.0/24", f"{MIGRATION}.0/24", f"{INNER}.0/24"
+        listeners = f'{{ control = ["{mgmt}"], data = ["{mig}", "{tunnel}"] }}'
+        return (f"[guard]\nallowed_networks = {json.dumps([mgmt, mig, tunnel])}\n"
                 f"apply_nftables = true\nlistener_networks = {listeners}\n\n")  # fmt: skip
 
     def _addresses(self, host: str) -> tuple[str, str]:
@@ -228,7 +242,7 @@ class LocalCluster:
         if self.netlab is None:
             return f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
         return (f"{self.netlab.mgmt_ip(host)}:{NETNS_CONTROL_PORT}",
-                f"{self.netlab.migration_ip(host)}:{NETNS_DATA_PORT}")  # fmt: skip
+                f"0.0.0.0:{NETNS_DATA_PORT}")  # fmt: skip
 
     # ----------------------------------------------------------------- persistence
     def save(self) -> None:

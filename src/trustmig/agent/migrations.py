@@ -91,6 +91,12 @@ class MigrationRegistry:
                 f"unknown destination host {dest!r}: add it under [peers] in the host config",
                 Code.INVALID,
             )
+        if opts.transport == "ipsec" and not svc.cfg.peers[dest].tunnel_data:
+            raise RequestError(
+                f"--transport ipsec: {svc.name} knows no tunnel address of {dest}; set "
+                f"tunnel_data under [peers.{dest}] once the IPsec tunnel is up",
+                Code.INVALID,
+            )
         mid = str(uuid.uuid4())
         opts = _checked_options(svc.vms.get(name).spec, opts)
         vm = svc.vms.claim(name, mid)  # atomic: a second request for this VM gets 'busy'

@@ -524,8 +524,17 @@ class SourceDriver:
             "persistent": self.core.vm in self.svc.vms.definitions,
         }
 
+    def _data_address(self, advertised: str) -> str:
+        """Where the data connections go: the address the destination advertised, or its
+        address inside the hosts' IPsec tunnel (``transport = ipsec``)."""
+        if self.ctx.options.transport == "ipsec":
+            tunnel = self.svc.cfg.peers[self.core.peer].tunnel_data
+            if tunnel:
+                return tunnel
+        return advertised
+
     def _on_prepared(self, prep: dict[str, Any]) -> None:
-        self.ctx.data_address = str(prep["data_address"])
+        self.ctx.data_address = self._data_address(str(prep["data_address"]))
         self.ctx.decision_in = str(prep.get("decision", ""))
         self.ctx.peer_audit_pub = str(prep.get("audit_pub", ""))
         self.ctx.qemu_tls_address = prep.get("qemu_tls_address")
@@ -688,7 +697,7 @@ class SourceDriver:
             self.relay = await self._new_relay()
             sock = self.relay.record.control.parent / "qemu-out.sock"
             self.ctx.qemu_socket = str(sock)
-            address = str(res.get("data_address") or self.ctx.data_address)
+            address = self._data_address(str(res.get("data_address") or self.ctx.data_address))
             session = await asyncio.to_thread(
                 open_outbound_session, self.svc.security, address, self.core.peer,
                 self.migration_id, 1,

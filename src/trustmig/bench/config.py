@@ -12,8 +12,13 @@ from typing import Any, Literal
 
 from trustmig.bench.errors import BenchConfigError
 
-Channel = Literal["plain", "secure", "qemu-tls"]
-CHANNELS: tuple[Channel, ...] = ("plain", "secure", "qemu-tls")
+Channel = Literal["plain", "secure", "qemu-tls", "ipsec", "secure+ipsec"]
+CHANNELS: tuple[Channel, ...] = ("plain", "secure", "qemu-tls", "ipsec", "secure+ipsec")
+#: the default set, which needs no tunnel (the IPsec ones need --netns)
+DEFAULT_CHANNELS: tuple[Channel, ...] = ("plain", "secure", "qemu-tls")
+#: channels that run through the hosts' IPsec tunnel
+IPSEC_CHANNELS = ("ipsec", "secure+ipsec")
+_KNOWN = "plain, secure, qemu-tls, ipsec, secure+ipsec"
 #: Kernel, initramfs and the workload's own bookkeeping need this much guest RAM besides the fill.
 GUEST_OVERHEAD_MIB = 48
 #: Headroom left by the default fill (``memory - 160``) so the guest never runs short.
@@ -25,13 +30,11 @@ def parse_channels(text: str | Sequence[str]) -> tuple[Channel, ...]:
     items = text.split(",") if isinstance(text, str) else list(text)
     names = [i.strip() for i in items if i.strip()]
     if not names:
-        raise BenchConfigError("--channel is empty: give one or more of plain,secure,qemu-tls")
+        raise BenchConfigError(f"--channel is empty: give one or more of {_KNOWN}")
     out: list[Channel] = []
     for n in names:
         if n not in CHANNELS:
-            raise BenchConfigError(
-                f"unknown channel {n!r} in --channel: use plain, secure and/or qemu-tls"
-            )
+            raise BenchConfigError(f"unknown channel {n!r} in --channel: use {_KNOWN}")
         if n in out:
             raise BenchConfigError(f"channel {n!r} given twice in --channel: list it once")
         out.append(n)
@@ -77,7 +80,7 @@ class BenchConfig:
     channel's time to first byte, which includes preparing the destination).
     """
 
-    channels: tuple[Channel, ...] = CHANNELS
+    channels: tuple[Channel, ...] = DEFAULT_CHANNELS
     memory_mib: int = 1024
     fill_mib: int | None = None
     dirty_rates: tuple[float, ...] = (0.0,)
@@ -87,14 +90,18 @@ class BenchConfig:
     postcopy_after_rounds: int = 1
     timeout_s: float = 600.0
     vm_name: str = "bench-vm"
+    #: hosts in network namespaces, migrating over their own migration network
+    netns: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.channels:
-            raise BenchConfigError("no channel selected: give one or more of plain,secure,qemu-tls")
+            raise BenchConfigError(f"no channel selected: give one or more of {_KNOWN}")
         for c in self.channels:
             if c not in CHANNELS:
-                raise BenchConfigError(f"unknown channel {c!r}: use plain, secure or qemu-tls")
+                raise BenchConfigError(f"unknown channel {c!r}: use {_KNOWN}")
+            if c in IPSEC_CHANNELS and not self.netns:
+                raise BenchConfigError(f"channel {c} runs between namespaced hosts: add --netns")
         if not 128 <= self.memory_mib <= 65536:
             raise BenchConfigError(
                 f"--memory {self.memory_mib} MiB is out of range: use 128..65536 MiB"

@@ -2,12 +2,14 @@
 
 A channel that encrypts in a separate process (the agent) would look free if only QEMU were
 counted, so each side sums all its processes: QEMU alone for QEMU's own channels, QEMU plus the
-agent for trustmig's secure channel. Counters come from /proc and include every thread.
+agent and its migration relay for trustmig's secure channel, plus the IPsec daemon wherever the
+traffic goes through the tunnel. Counters come from /proc and include every thread.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from trustmig.hypervisor.qemu import process_cpu_seconds
 
@@ -44,3 +46,23 @@ class CpuMeter:
     def seconds(self) -> float:
         used = sum(max(0.0, self.final.get(p, b) - b) for p, b in self.baseline.items())
         return round(used + self.extra, 3)
+
+
+def relay_pids(agent_pid: int | None) -> list[int]:
+    """The migration relays an agent runs (its children running ``trustmig.relay``): they do the
+    channel's encryption, so their CPU counts for the agent's side."""
+    if not agent_pid:
+        return []
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != agent_pid:
+                continue
+            if b"trustmig.relay" in (proc / "cmdline").read_bytes():
+                out.append(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out

@@ -68,9 +68,12 @@ async def _add_tls(vm: QemuVM, tls_dir: Path, endpoint: str, hostname: str | Non
     await vm.cmd("migrate-set-parameters", params)
 
 
-async def boot_source(spec: VMSpec, image: GuestImage, run_dir: Path, accel: AccelChoice) -> QemuVM:
+async def boot_source(
+    spec: VMSpec, image: GuestImage, run_dir: Path, accel: AccelChoice,
+    launcher: tuple[str, ...] = (),
+) -> QemuVM:  # fmt: skip
     """Start the source guest and wait until its workload has filled memory (READY)."""
-    vm = QemuVM(spec, image, run_dir, accel)
+    vm = QemuVM(spec, image, run_dir, accel, launcher=launcher)
     try:
         await vm.start()
         await vm.console.wait_for("READY", READY_TIMEOUT_S)
@@ -138,6 +141,22 @@ async def _wait_destination(dst: QemuVM, timeout: float) -> None:
     raise BenchError(f"destination did not finish loading within {timeout:.0f}s")
 
 
+@dataclass(frozen=True)
+class DirectPath:
+    """Where the two QEMUs run and meet: launchers (``ip netns exec NS``) for each side, the
+    address the destination listens on, and processes whose CPU counts for each side (the
+    IPsec daemons, which do the ESP work)."""
+
+    src_launcher: tuple[str, ...] = ()
+    dst_launcher: tuple[str, ...] = ()
+    address: str = "127.0.0.1"
+    src_helpers: tuple[int, ...] = ()
+    dst_helpers: tuple[int, ...] = ()
+
+
+LOOPBACK = DirectPath()
+
+
 async def run_direct(
     channel: str,
     spec: VMSpec,
@@ -146,8 +165,10 @@ async def run_direct(
     run_dir: Path,
     opts: MigrationOptions,
     tls: QemuTls | None,
+    path: DirectPath = LOOPBACK,
 ) -> dict[str, Any]:
-    """One migration between two fresh QEMUs on loopback; returns the run's record.
+    """One migration between two fresh QEMUs (on loopback, or in the hosts' namespaces over
+    ``path``); returns the run's record.
 
     Both QEMUs are stopped (by their own PIDs) whatever happens.
     """
@@ -157,12 +178,12 @@ async def run_direct(
     src: QemuVM | None = None
     dst: QemuVM | None = None
     try:
-        src = await boot_source(spec, image, run_dir / "src", accel)
+        src = await boot_source(spec, image, run_dir / "src", accel, path.src_launcher)
         before = await src.console.check(CHECK_TIMEOUT_S)
         dst = QemuVM(
             spec, image, run_dir / "dst", accel,
             incoming=True, start_paused=opts.mode == "precopy", die_with_parent=True,
-            prealloc=opts.prealloc_destination,
+            prealloc=opts.prealloc_destination, launcher=path.dst_launcher,
         )  # fmt: skip
         await dst.start()
         await configure_destination(dst, opts)
@@ -171,12 +192,12 @@ async def run_direct(
             assert tls is not None
             await _add_tls(dst, tls.server_dir, "server", None)
             await _add_tls(src, tls.client_dir, "client", tls.server_hostname)
-        await dst.cmd("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+        await dst.cmd("migrate-incoming", {"uri": f"tcp:{path.address}:0"})
         port = await _incoming_port(dst)
-        cpu_src = CpuMeter().start(src.pid)
-        cpu_dst = CpuMeter().start(dst.pid)
+        cpu_src = CpuMeter().start(src.pid, *path.src_helpers)
+        cpu_dst = CpuMeter().start(dst.pid, *path.dst_helpers)
         t0 = time.monotonic()
-        await src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        await src.cmd("migrate", {"uri": f"tcp:{path.address}:{port}"})
         prog, postcopy_started = await _wait_source(src, opts, t0)
         if prog.status != "completed":
             raise BenchError(

@@ -4,7 +4,12 @@ Channels compared (see docs/benchmarks.md):
 
 * ``plain``    QEMU direct TCP, no agents: the hypervisor's own ceiling on this host;
 * ``secure``   trustmig's product path through two agent processes;
-* ``qemu-tls`` QEMU's native TLS with certificates from the same cluster CA.
+* ``qemu-tls`` QEMU's native TLS with certificates from the same cluster CA;
+* ``ipsec``    (``--netns``) QEMU direct TCP through the hosts' IKEv2/ESP tunnel (strongSwan);
+* ``secure+ipsec`` (``--netns``) trustmig's path inside that tunnel.
+
+With ``--netns`` the two hosts are network namespaces and every channel crosses their migration
+network (QEMUs and agents run inside the namespaces); the IPsec daemons' CPU counts for their side.
 
 Every run boots a fresh source and destination so no run inherits warm memory from the previous
 one, and channels are interleaved inside each repetition (plain, secure, qemu-tls, plain, ...) so
@@ -23,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from trustmig.agent.local_cluster import LocalCluster
-from trustmig.bench.config import BenchConfig, rate_key
-from trustmig.bench.direct import QemuTls, run_direct
+from trustmig.bench.config import IPSEC_CHANNELS, BenchConfig, rate_key
+from trustmig.bench.direct import DirectPath, QemuTls, run_direct
 from trustmig.bench.errors import BenchError
 from trustmig.bench.secure import DEST, SOURCE, TENANT, USER, USER_ROLES, run_secure
 from trustmig.bench.stats import summarize
@@ -32,6 +37,8 @@ from trustmig.hypervisor.accel import choose_accel
 from trustmig.hypervisor.image import GuestImage, build_image
 from trustmig.hypervisor.migration import MigrationOptions
 from trustmig.hypervisor.spec import VMSpec
+from trustmig.netns.enter import exec_argv
+from trustmig.netns.ipsec import IpsecTunnel, inner_ip
 from trustmig.pki.authority import Credentials
 from trustmig.pki.qemu_tls import write_qemu_tls_dir
 
@@ -98,8 +105,8 @@ def migration_options(cfg: BenchConfig, mode: str) -> MigrationOptions:
     )
 
 
-def _prepare_cluster(root: Path, with_agents: bool) -> LocalCluster:
-    cluster = LocalCluster(root / "cluster", (SOURCE, DEST))
+def _prepare_cluster(root: Path, with_agents: bool, netns: bool = False) -> LocalCluster:
+    cluster = LocalCluster(root / "cluster", (SOURCE, DEST), netns=netns)
     # One benchmark migrates the same guest name dozens of times an hour: lift the hosts'
     # per-VM hourly admission limit, which exists against migration storms, not benchmarks.
     admission = f"[admission]\nmax_per_vm_per_hour = {BENCH_MAX_PER_VM_PER_HOUR}\n"
@@ -124,6 +131,40 @@ def _prepare_qemu_tls(cluster: LocalCluster, root: Path) -> QemuTls:
     )
 
 
+def _direct_path(channel: str, cluster: LocalCluster, tunnel: IpsecTunnel | None) -> DirectPath:
+    """Loopback, or the two host namespaces over the migration network or the tunnel."""
+    lab = cluster.netlab
+    if lab is None:
+        return DirectPath()
+    if channel == "ipsec":
+        assert tunnel is not None
+        a, b = tunnel.pids()
+        return DirectPath(tuple(exec_argv(lab.ns(SOURCE), [])), tuple(exec_argv(lab.ns(DEST), [])),
+                          inner_ip(lab, DEST), (a,), (b,))  # fmt: skip
+    return DirectPath(tuple(exec_argv(lab.ns(SOURCE), [])), tuple(exec_argv(lab.ns(DEST), [])),
+                      lab.migration_ip(DEST))  # fmt: skip
+
+
+async def _run_one(
+    p: RunPlan, cfg: BenchConfig, image: GuestImage, cluster: LocalCluster,
+    tls: QemuTls | None, root: Path, tunnel: IpsecTunnel | None,
+) -> dict[str, Any]:  # fmt: skip
+    spec = guest_spec(cfg, p.dirty_rate, image)
+    opts = migration_options(cfg, p.mode)
+    if p.channel == "secure":
+        return await run_secure(cluster, spec, opts)
+    if p.channel == "secure+ipsec":
+        assert tunnel is not None
+        a, b = tunnel.pids()
+        opts = opts.model_copy(update={"transport": "ipsec"})
+        return await run_secure(cluster, spec, opts, channel=p.channel, helpers=((a,), (b,)))
+    direct = "plain" if p.channel == "ipsec" else p.channel
+    rec = await run_direct(direct, spec, image, choose_accel("auto"), root / f"run-{p.index:03d}",
+                           opts, tls, _direct_path(p.channel, cluster, tunnel))  # fmt: skip
+    rec["channel"] = p.channel
+    return rec
+
+
 async def _run_all(
     cfg: BenchConfig,
     plans: list[RunPlan],
@@ -133,21 +174,14 @@ async def _run_all(
     root: Path,
     on_progress: ProgressFn | None,
     on_run: RunFn | None,
+    tunnel: IpsecTunnel | None = None,
 ) -> list[dict[str, Any]]:
-    accel = choose_accel("auto")
     runs: list[dict[str, Any]] = []
     for p in plans:
         if on_progress:
             on_progress(p.index, len(plans), p.label)
-        spec = guest_spec(cfg, p.dirty_rate, image)
-        opts = migration_options(cfg, p.mode)
         t0 = time.monotonic()
-        if p.channel == "secure":
-            rec = await run_secure(cluster, spec, opts)
-        else:
-            rec = await run_direct(
-                p.channel, spec, image, accel, root / f"run-{p.index:03d}", opts, tls
-            )
+        rec = await _run_one(p, cfg, image, cluster, tls, root, tunnel)
         rec["rep"] = p.rep
         rec["run_s"] = round(time.monotonic() - t0, 1)
         runs.append(rec)
@@ -179,16 +213,25 @@ def run_migrate_bench(
     root = Path(tmp.name) if tmp is not None else workdir.resolve()  # type: ignore[union-attr]
     root.mkdir(parents=True, exist_ok=True)
     cluster: LocalCluster | None = None
+    tunnel: IpsecTunnel | None = None
     try:
         say("creating the cluster CA and host identities")
-        cluster = _prepare_cluster(root, with_agents=False)
+        cluster = _prepare_cluster(root, with_agents=False, netns=cfg.netns)
         # before the agents start: each agent seals its host key into its TPM and removes the
         # plaintext, which the bare-QEMU TLS baseline reads here
         tls = _prepare_qemu_tls(cluster, root) if "qemu-tls" in cfg.channels else None
-        if "secure" in cfg.channels:
+        if cluster.netlab is not None and set(cfg.channels) & set(IPSEC_CHANNELS):
+            say("bringing up the IKEv2/ESP tunnel between the hosts (strongSwan)")
+            tunnel = IpsecTunnel(cluster.netlab, SOURCE, DEST, root)
+            tunnel.up()
+        if {"secure", "secure+ipsec"} & set(cfg.channels):
             cluster.start_agents()
-        runs = asyncio.run(_run_all(cfg, plans, image, cluster, tls, root, on_progress, on_run))
+        runs = asyncio.run(
+            _run_all(cfg, plans, image, cluster, tls, root, on_progress, on_run, tunnel)
+        )
     finally:
+        if tunnel is not None:
+            tunnel.down()
         if cluster is not None:
             cluster.stop()
         if tmp is not None:

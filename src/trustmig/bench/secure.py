@@ -3,7 +3,8 @@
 The migration is requested exactly as an operator would (``migrate`` on the source agent, as a
 user with the owner and operator roles), so the figures include everything the product does:
 policy, preparing the destination, the attested handshake, the encrypted relay and the commit.
-CPU is counted for QEMU *and* the agent on each side, because the agent is where encryption runs.
+CPU is counted for QEMU, the agent *and* its migration relay on each side, because the relay is
+where encryption runs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from trustmig.agent.client import ControlClient, ControlError
 from trustmig.agent.local_cluster import LocalCluster
-from trustmig.bench.cpu import CpuMeter
+from trustmig.bench.cpu import CpuMeter, relay_pids
 from trustmig.bench.errors import BenchError
 from trustmig.bench.record import finish_record, integrity_record, new_record
 from trustmig.hypervisor.migration import MigrationOptions, MigrationProgress
@@ -69,12 +70,16 @@ async def _stop_everywhere(clients: tuple[ControlClient, ...], name: str) -> Non
             await c.call("vm.stop", {"name": name}, timeout=30)
 
 
-async def run_secure(cluster: LocalCluster, spec: VMSpec, opts: MigrationOptions) -> dict[str, Any]:
-    """One migration through the agents of ``cluster``; returns the run's record.
+async def run_secure(
+    cluster: LocalCluster, spec: VMSpec, opts: MigrationOptions, *, channel: str = "secure",
+    helpers: tuple[tuple[int, ...], tuple[int, ...]] = ((), ()),
+) -> dict[str, Any]:  # fmt: skip
+    """One migration through the agents of ``cluster``; returns the run's record. ``helpers``
+    are processes whose CPU counts for the source and destination sides (IPsec daemons).
 
     The guest is stopped on both hosts afterwards whatever happened.
     """
-    rec = new_record("secure", spec, opts.mode)
+    rec = new_record(channel, spec, opts.mode)
     src_agent, dst_agent = cluster.hosts[SOURCE].pid, cluster.hosts[DEST].pid
     src = await cluster.client(SOURCE, USER)
     dst = await cluster.client(DEST, USER)
@@ -87,8 +92,8 @@ async def run_secure(cluster: LocalCluster, spec: VMSpec, opts: MigrationOptions
             timeout=BOOT_TIMEOUT_S + 60,
         )  # fmt: skip
         before = await src.call("vm.check", {"name": name}, timeout=CHECK_TIMEOUT_S)
-        cpu_src = CpuMeter().start(info.get("pid"), src_agent)
-        cpu_dst = CpuMeter().start(dst_agent)
+        cpu_src = CpuMeter().start(info.get("pid"), src_agent, *helpers[0])
+        cpu_dst = CpuMeter().start(dst_agent, *helpers[1])
         dst_pid_task: asyncio.Task[int | None] | None = None
 
         frozen = False
@@ -99,6 +104,10 @@ async def run_secure(cluster: LocalCluster, spec: VMSpec, opts: MigrationOptions
             # completed on both sides: read the counters then, before the source QEMU exits
             # (a reaped process has no counters left to read).
             nonlocal dst_pid_task, frozen
+            if not frozen and (ev.get("phase") == "handshake" or ev.get("event") == "progress"):
+                # each side's relay encrypts or decrypts: counted from when it exists
+                cpu_src.start(*relay_pids(src_agent))
+                cpu_dst.start(*relay_pids(dst_agent))
             if ev.get("phase") == "handshake" and dst_pid_task is None:
                 dst_pid_task = asyncio.ensure_future(_incoming_qemu_pid(dst))
                 dst_pid_task.add_done_callback(

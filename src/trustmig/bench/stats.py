@@ -100,12 +100,19 @@ def summarize(
     }
 
 
+#: (numerator, denominator) throughput ratios reported when both channels were measured
+RATIOS = (
+    ("secure", "plain"), ("secure", "qemu-tls"), ("ipsec", "plain"), ("secure", "ipsec"),
+    ("secure+ipsec", "plain"), ("secure+ipsec", "secure"), ("qemu-tls", "plain"),
+)  # fmt: skip
+
+
 def ratios(results: dict[str, Any]) -> dict[str, float]:
-    """Throughput ratios secure/plain and secure/qemu-tls, for the channels that were measured."""
+    """Throughput ratios between the channels that were measured (see ``RATIOS``)."""
     out: dict[str, float] = {}
-    sec = (results.get("secure") or {}).get("throughput_mbps")
-    for other in ("plain", "qemu-tls"):
-        base = (results.get(other) or {}).get("throughput_mbps")
-        if sec and base:
-            out[f"secure/{other}"] = round(float(sec) / float(base), 3)
+    for num, den in RATIOS:
+        a = (results.get(num) or {}).get("throughput_mbps")
+        b = (results.get(den) or {}).get("throughput_mbps")
+        if a and b:
+            out[f"{num}/{den}"] = round(float(a) / float(b), 3)
     return out

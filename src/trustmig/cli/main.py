@@ -524,16 +524,26 @@ def migrate(
             "both are encrypted, mutually authenticated and attested."
         ),
     ] = "secure",
+    transport: Annotated[
+        str,
+        typer.Option(
+            help="direct, or ipsec: the channel runs inside the hosts' IPsec tunnel "
+            "(the peer's tunnel_data address)."
+        ),
+    ] = "direct",
     as_json: JsonOpt = False,
 ) -> None:
     """Live-migrate a running VM to another host, encrypted and attested."""
     with _errors(as_json):
         if channel not in ("secure", "qemu-tls"):
             raise CliError(f"--channel {channel!r} is not known: use secure or qemu-tls")
+        if transport not in ("direct", "ipsec"):
+            raise CliError(f"--transport {transport!r} is not known: use direct or ipsec")
         opts = {
             "mode": "postcopy" if postcopy else "precopy",
             "multifd": multifd,
             "channel": channel,
+            "transport": transport,
             "downtime_ms": downtime_ms,
             "max_bandwidth_mibps": bandwidth_mibps,
             "postcopy_after_rounds": postcopy_after,
@@ -652,8 +662,15 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("migrate")
 def bench_migrate(
     channel: Annotated[
-        str, typer.Option(help="Comma-separated channels: plain, secure, qemu-tls.")
+        str,
+        typer.Option(
+            help="Comma-separated channels: plain, secure, qemu-tls, and with --netns "
+            "also ipsec, secure+ipsec."
+        ),
     ] = "plain,secure,qemu-tls",
+    netns: Annotated[
+        bool, typer.Option(help="Hosts in network namespaces, over their migration network.")
+    ] = False,
     memory: Annotated[int, typer.Option(help="Guest RAM, MiB.")] = 1024,
     fill: Annotated[
         int | None, typer.Option(help="MiB the workload fills (default: memory - 160).")
@@ -691,6 +708,7 @@ def bench_migrate(
                 repeat=repeat,
                 postcopy=postcopy,
                 prealloc_destination=prealloc,
+                netns=netns,
             )
             from trustmig.bench import run_migrate_bench
 

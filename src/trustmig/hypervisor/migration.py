@@ -39,6 +39,9 @@ class MigrationOptions(BaseModel):
     #: encrypts itself with TLS and the cluster's host certificates, peer pinned by name; the
     #: trustmig handshake (identities + attestation) still runs before QEMU connects.
     channel: Literal["secure", "qemu-tls"] = "secure"
+    #: ``ipsec``: the data connections go to the peer's address inside the hosts' IPsec tunnel
+    #: (``[peers.NAME] tunnel_data``), so the channel runs inside ESP (the paper's §8 proposal)
+    transport: Literal["direct", "ipsec"] = "direct"
 
     @model_validator(mode="after")
     def _compatible(self) -> MigrationOptions:

@@ -109,8 +109,12 @@ class QemuVM:
         extra_args: tuple[str, ...] = (),
         sock_dir: Path | None = None,
         host_net: HostNet | None = None,
+        launcher: tuple[str, ...] = (),
     ) -> None:
+        """``launcher`` prefixes QEMU's command line, e.g. ``ip netns exec NS`` (which execs
+        QEMU: the PID stays QEMU's)."""
         self.spec = spec
+        self.launcher = launcher
         self.host_net = host_net or HostNet()
         self.image = image
         self.run_dir = run_dir
@@ -318,7 +322,7 @@ class QemuVM:
             fds = self._open_master(stack)
             stderr = stack.enter_context((self.run_dir / "qemu.stderr").open("ab"))
             self.proc = subprocess.Popen(
-                self.argv(),
+                [*self.launcher, *self.argv()],
                 stdin=subprocess.DEVNULL,
                 stdout=stderr,
                 stderr=stderr,
