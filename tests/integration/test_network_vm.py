@@ -174,13 +174,13 @@ def _try_from(net: NetLab, host: str, source_ip: str, ip: str, port: int) -> str
     """A connection from ``host``'s namespace with a chosen source address."""
     import threading
 
-    from trustmig.netns.enter import NETNS_DIR, _setns
+    from trustmig.netns.enter import enter
 
     out: list[str] = []
 
     def run() -> None:
         try:
-            _setns(NETNS_DIR / net.ns(host))
+            enter(net.ns(host))
             s = socket.socket()
             s.settimeout(1.5)
             s.bind((source_ip, 0))
@@ -214,3 +214,132 @@ async def _ping(lab: LocalCluster) -> dict[str, bool]:
         finally:
             await c.close()
     return out
+
+
+def _secret_guest(image: Any, name: str) -> Any:
+    from trustmig.lab.targets import guest_spec
+
+    return guest_spec(name, image)
+
+
+def test_a_wiretap_on_the_migration_segment_reads_qemu_but_not_trustmig(
+    lab: LocalCluster, guest_image: Any, tmp_path: Path
+) -> None:
+    """The attacker taps host-b's migration link at the switch (a raw packet socket, nothing
+    sent): QEMU's own migration between the namespaced hosts shows the guest's secret marker;
+    trustmig's, on the same wire, shows none."""
+    from trustmig.bench.direct import DirectPath, run_direct
+    from trustmig.hypervisor.accel import choose_accel
+    from trustmig.hypervisor.migration import MigrationOptions
+    from trustmig.hypervisor.spec import DEFAULT_SECRET
+    from trustmig.lab.proxy import Sniffer
+    from trustmig.lab.segment import SegmentTap
+    from trustmig.netns.enter import exec_argv
+
+    assert lab.netlab is not None
+    net = lab.netlab
+    port = net.switch_port(net.hosts.index("host-b") + 1, "mig")
+    secret = DEFAULT_SECRET.encode()
+
+    plain = Sniffer(secret)
+    tap = SegmentTap(net.ns("switch"), port, plain).start()
+    try:
+        launch_a, launch_b = (
+            tuple(exec_argv(net.ns("host-a"), [])),
+            tuple(exec_argv(net.ns("host-b"), [])),
+        )
+        path = DirectPath(launch_a, launch_b, net.migration_ip("host-b"))
+        rec = arun(run_direct("plain", _secret_guest(guest_image, "tapped"), guest_image,
+                              choose_accel("auto"), tmp_path / "plain", MigrationOptions(),
+                              None, path))  # fmt: skip
+    finally:
+        tap.stop()
+    assert rec["status"] == "completed", rec
+    assert plain.hits > 0 and plain.bytes_seen > 32 << 20, (plain.hits, plain.bytes_seen)
+
+    sealed = Sniffer(secret)
+    tap = SegmentTap(net.ns("switch"), port, sealed).start()
+    try:
+
+        async def go() -> dict[str, Any]:
+            a = await lab.client("host-a", "alice")
+            try:
+                spec = _secret_guest(guest_image, "sealed").model_dump(mode="json")
+                await a.call("vm.start", {"spec": spec,
+                                          "policy": lab.signed_policy("alice", "sealed")},
+                             timeout=300)  # fmt: skip
+                res = await a.call("migrate", {"vm": "sealed", "to": "host-b", "options": {}},
+                                   timeout=600)  # fmt: skip
+                b = await lab.client("host-b", "alice")
+                try:
+                    await b.call("vm.stop", {"name": "sealed"}, timeout=60)
+                finally:
+                    await b.close()
+                return res
+            finally:
+                await a.close()
+
+        res = arun(go())
+    finally:
+        tap.stop()
+    assert res["status"] == "completed"
+    assert sealed.bytes_seen > 32 << 20 and sealed.hits == 0, (sealed.hits, sealed.bytes_seen)
+
+
+def test_a_flood_from_the_migration_segment_does_not_stop_a_migration(
+    lab: LocalCluster, guest_image: Any
+) -> None:
+    """A stranger on the migration network (no certificate) hammers host-b's data port while a
+    VM migrates there: the migration completes and the guard counts the refusals."""
+    import threading
+
+    assert lab.netlab is not None
+    net = lab.netlab
+    stop = threading.Event()
+    tried = [0]
+
+    def flood() -> None:
+        from trustmig.netns.enter import enter
+
+        enter(net.ns("attacker"))
+        while not stop.is_set():
+            try:
+                s = socket.create_connection((net.migration_ip("host-b"), NETNS_DATA_PORT), 1)
+                s.sendall(b"\x16\x03\x01 not a handshake " * 8)
+                s.close()
+            except OSError:
+                pass
+            tried[0] += 1
+
+    before = arun(lab.guard_counters("host-b", "sam"))
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    try:
+
+        async def go() -> dict[str, Any]:
+            a = await lab.client("host-a", "alice")
+            try:
+                spec = _secret_guest(guest_image, "flooded").model_dump(mode="json")
+                await a.call("vm.start", {"spec": spec,
+                                          "policy": lab.signed_policy("alice", "flooded")},
+                             timeout=300)  # fmt: skip
+                res = await a.call("migrate", {"vm": "flooded", "to": "host-b", "options": {}},
+                                   timeout=600)  # fmt: skip
+                b = await lab.client("host-b", "alice")
+                try:
+                    await assert_running_and_beating(b, "flooded")
+                    await b.call("vm.stop", {"name": "flooded"}, timeout=60)
+                finally:
+                    await b.close()
+                return res
+            finally:
+                await a.close()
+
+        res = arun(go())
+    finally:
+        stop.set()
+        t.join(10)
+    after = arun(lab.guard_counters("host-b", "sam"))
+    assert res["status"] == "completed"
+    refused = sum(after.get(k, 0) - before.get(k, 0) for k in after if k != "accept")
+    assert tried[0] > 50 and refused > 0, (tried[0], before, after)

@@ -22,6 +22,11 @@ class NetnsError(Exception):
     """A namespace is missing or could not be entered (the message names it)."""
 
 
+def enter(netns: str) -> None:
+    """Move the calling thread into ``netns`` (only this thread); raises NetnsError."""
+    _setns(NETNS_DIR / netns)
+
+
 def _setns(path: Path) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     try:

@@ -14,6 +14,9 @@ guest          10.77.3.0/24       each host's guest bridge ``br-guest`` (layer 2
                                   namespace (``.250``)
 =============  =================  =========================================================
 
+An *attacker* namespace sits on the migration network (``.66``, no certificate), for the lab's
+attacks from the segment; a wiretap listens on a host's switch port (``switch_port``).
+
 The switch also routes between the three networks (``.1`` on each), as a data centre's core
 router without filters would: isolation is the hosts' own job (the agents' nftables rules), and
 a client or guest that tries the agents' ports is stopped there, by the kernel.
@@ -89,7 +92,7 @@ class NetLab:
     @property
     def namespaces(self) -> list[str]:
         return [self.ns("switch"), *(self.ns(h) for h in self.hosts), self.ns("admin"),
-                self.ns("client")]  # fmt: skip
+                self.ns("client"), self.ns("attacker")]  # fmt: skip
 
     def _index(self, host: str) -> int:
         return self.hosts.index(host) + 11
@@ -109,6 +112,13 @@ class NetLab:
 
     admin_ip = f"{MGMT}.250"
     client_ip = f"{GUEST}.250"
+    #: the lab's attacker sits on the migration network (a stranger there: no certificate)
+    attacker_ip = f"{MIGRATION}.66"
+
+    @staticmethod
+    def switch_port(host_index: int, network: str) -> str:
+        """The switch's end of a host's link (host_index from 1): where a wiretap listens."""
+        return {"mgmt": "m", "mig": "x", "guest": "g"}[network] + str(host_index)
 
     # ------------------------------------------------------------------ life cycle
     def exists(self) -> bool:
@@ -148,17 +158,19 @@ class NetLab:
         _sysctl(sw, "net.ipv4.ip_forward=1")
         for i, h in enumerate(self.hosts, start=1):
             ns = self.ns(h)
-            self._port(ns, "mgmt0", "mgmt", f"m{i}", f"{self.mgmt_ip(h)}/24")
-            self._port(ns, "mig0", "mig", f"x{i}", f"{self.migration_ip(h)}/24")
+            self._port(ns, "mgmt0", "mgmt", self.switch_port(i, "mgmt"), f"{self.mgmt_ip(h)}/24")
+            self._port(ns, "mig0", "mig", self.switch_port(i, "mig"),
+                       f"{self.migration_ip(h)}/24")  # fmt: skip
             _ip("-n", ns, "link", "add", GUEST_BRIDGE, "type", "bridge", "forward_delay", "0")
             _ip("-n", ns, "link", "set", GUEST_BRIDGE, "up")
-            self._port(ns, "guplink", "guest", f"g{i}", None)
+            self._port(ns, "guplink", "guest", self.switch_port(i, "guest"), None)
             _ip("-n", ns, "link", "set", "guplink", "master", GUEST_BRIDGE)
             _ip("-n", ns, "route", "add", "default", "via", f"{MGMT}.1")
         self._port(self.ns("admin"), "mgmt0", "mgmt", "madmin", f"{self.admin_ip}/24")
         _ip("-n", self.ns("admin"), "route", "add", "default", "via", f"{MGMT}.1")
         self._port(self.ns("client"), "eth0", "guest", "gclient", f"{self.client_ip}/24")
         _ip("-n", self.ns("client"), "route", "add", "default", "via", f"{GUEST}.1")
+        self._port(self.ns("attacker"), "eth0", "mig", "xattack", f"{self.attacker_ip}/24")
 
     def _port(self, ns: str, inner: str, network: str, outer: str, cidr: str | None) -> None:
         """A veth from ``ns`` (named ``inner``) into the switch's bridge of ``network``."""

@@ -1,0 +1,93 @@
+"""An attacker on the migration segment: a passive wiretap on one host's link.
+
+The lab's loopback attacks put a proxy in the path; on the namespaced hosts the attacker instead
+taps the wire of the migration network: a raw packet socket (``AF_PACKET``) on the switch port
+of a host's migration link sees every frame to and from that host, as a tap or a compromised
+switch would. The TCP payload of each frame goes to a :class:`~trustmig.lab.proxy.Tap` (e.g. a
+sniffer counting a secret marker), keyed by its flow. Nothing is sent: the tap only listens.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+
+from trustmig.lab.proxy import Tap
+from trustmig.netns.enter import enter
+
+ETH_P_ALL = 0x0003
+ETH_P_IP = 0x0800
+
+
+def tcp_payload(frame: bytes) -> tuple[tuple[str, int, str, int], bytes] | None:
+    """(flow, payload) of an Ethernet/IPv4/TCP frame with data, else None."""
+    if len(frame) < 14 + 20 or struct.unpack("!H", frame[12:14])[0] != ETH_P_IP:
+        return None
+    ip = frame[14:]
+    ihl = (ip[0] & 0x0F) * 4
+    if ip[9] != 6 or len(ip) < ihl + 20:
+        return None
+    total = struct.unpack("!H", ip[2:4])[0] or len(ip)  # 0 in a GSO frame: take what is there
+    tcp = ip[ihl : min(len(ip), max(total, ihl + 20))]
+    off = (tcp[12] >> 4) * 4
+    data = tcp[off:]
+    if not data:
+        return None
+    src, dst = socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20])
+    sport, dport = struct.unpack("!HH", tcp[:4])
+    return (src, sport, dst, dport), bytes(data)
+
+
+@dataclass
+class SegmentTap:
+    """Listen on ``ifname`` inside ``netns`` and hand each flow's payload to ``tap``."""
+
+    netns: str
+    ifname: str
+    tap: Tap
+    flows: dict[tuple[str, int, str, int], int] = field(default_factory=dict)
+    frames: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _ready: threading.Event = field(default_factory=threading.Event)
+    error: str | None = None
+
+    def start(self) -> SegmentTap:
+        self._thread = threading.Thread(target=self._run, daemon=True, name="segment-tap")
+        self._thread.start()
+        self._ready.wait(10)
+        if self.error:
+            raise OSError(self.error)
+        return self
+
+    def _run(self) -> None:
+        try:
+            enter(self.netns)
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            s.bind((self.ifname, 0))
+            s.settimeout(0.2)
+        except OSError as e:
+            self.error = f"cannot tap {self.ifname} in {self.netns}: {e}"
+            self._ready.set()
+            return
+        self._ready.set()
+        with s:
+            while not self._stop.is_set():
+                try:
+                    frame = s.recv(262144)
+                except TimeoutError:
+                    continue
+                self.frames += 1
+                got = tcp_payload(frame)
+                if got is None:
+                    continue
+                flow, data = got
+                index = self.flows.setdefault(flow, len(self.flows))
+                self.tap.on_data(index, 0, data)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
