@@ -343,3 +343,73 @@ def test_a_flood_from_the_migration_segment_does_not_stop_a_migration(
     assert res["status"] == "completed"
     refused = sum(after.get(k, 0) - before.get(k, 0) for k in after if k != "accept")
     assert tried[0] > 50 and refused > 0, (tried[0], before, after)
+
+
+def test_a_man_in_the_middle_on_the_segment_rewrites_qemu_but_not_trustmig(
+    lab: LocalCluster, guest_image: Any, tmp_path: Path
+) -> None:
+    """The attacker has won the ARP race on the migration network (host-a's neighbour entry
+    for host-b points at it) and relays host-a's connections to host-b through its own proxy:
+    QEMU's migration arrives with the guest's markers rewritten; trustmig's, blindly tampered
+    (the marker is not visible in ciphertext), fails closed and the guest stays on host-a."""
+    from trustmig.bench.direct import DirectPath, run_direct
+    from trustmig.hypervisor.accel import choose_accel
+    from trustmig.hypervisor.migration import MigrationOptions
+    from trustmig.hypervisor.spec import DEFAULT_SECRET
+    from trustmig.lab.proxy import BlindTamper, Rewriter
+    from trustmig.lab.segment import SegmentMitm
+    from trustmig.netns.enter import exec_argv
+
+    assert lab.netlab is not None
+    net = lab.netlab
+    secret = DEFAULT_SECRET.encode()
+    forged = b"X" * len(secret)
+    victim = net.migration_ip("host-b")
+
+    def mitm(port: int, tap: Any) -> SegmentMitm:
+        return SegmentMitm(net.ns("host-a"), "mig0", net.ns("attacker"), net.attacker_ip,
+                           victim, port, tap)  # fmt: skip
+
+    rewriter = Rewriter(secret, forged)
+    with mitm(7300, rewriter) as m:
+        launch_a, launch_b = (
+            tuple(exec_argv(net.ns("host-a"), [])),
+            tuple(exec_argv(net.ns("host-b"), [])),
+        )
+        path = DirectPath(launch_a, launch_b, victim, port=7300)
+        rec = arun(run_direct("plain", _secret_guest(guest_image, "mitm-plain"), guest_image,
+                              choose_accel("auto"), tmp_path / "plain", MigrationOptions(),
+                              None, path))  # fmt: skip
+        assert m.proxy is not None and m.proxy.connections >= 1
+    # QEMU loaded the forged memory without a word; only the guest's own check sees it
+    assert rewriter.replaced > 0 and rec["integrity_ok"] is False, (rec.get("error"), rewriter)
+    after = rec["integrity"]["after"]
+    assert after["marker_ok"] < after["marker_total"], after
+
+    tamper = BlindTamper(secret, forged, at_offset=8 << 20)
+
+    async def go() -> tuple[str, dict[str, Any]]:
+        a = await lab.client("host-a", "alice")
+        try:
+            spec = _secret_guest(guest_image, "mitm-sealed").model_dump(mode="json")
+            await a.call("vm.start", {"spec": spec,
+                                      "policy": lab.signed_policy("alice", "mitm-sealed")},
+                         timeout=300)  # fmt: skip
+            with mitm(NETNS_DATA_PORT, tamper):
+                try:
+                    await a.call("migrate", {"vm": "mitm-sealed", "to": "host-b",
+                                             "options": {}}, timeout=600)  # fmt: skip
+                    err = ""
+                except Exception as e:  # noqa: BLE001 - the expected refusal
+                    err = str(e)
+            await assert_running_and_beating(a, "mitm-sealed")
+            check = await a.call("vm.check", {"name": "mitm-sealed"}, timeout=120)
+            await a.call("vm.stop", {"name": "mitm-sealed"}, timeout=60)
+            return err, check
+        finally:
+            await a.close()
+
+    err, check = arun(go())
+    assert tamper.replaced == 0 and tamper.tampered > 0, (tamper.replaced, tamper.tampered)
+    assert err, "the tampered migration must not complete"
+    assert check["bad_pages"] == 0 and check["marker_ok"] == check["marker_total"], check

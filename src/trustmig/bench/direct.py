@@ -152,6 +152,8 @@ class DirectPath:
     address: str = "127.0.0.1"
     src_helpers: tuple[int, ...] = ()
     dst_helpers: tuple[int, ...] = ()
+    #: the destination's listening port (0: any free one)
+    port: int = 0
 
 
 LOOPBACK = DirectPath()
@@ -192,7 +194,7 @@ async def run_direct(
             assert tls is not None
             await _add_tls(dst, tls.server_dir, "server", None)
             await _add_tls(src, tls.client_dir, "client", tls.server_hostname)
-        await dst.cmd("migrate-incoming", {"uri": f"tcp:{path.address}:0"})
+        await dst.cmd("migrate-incoming", {"uri": f"tcp:{path.address}:{path.port}"})
         port = await _incoming_port(dst)
         cpu_src = CpuMeter().start(src.pid, *path.src_helpers)
         cpu_dst = CpuMeter().start(dst.pid, *path.dst_helpers)

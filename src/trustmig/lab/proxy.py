@@ -125,9 +125,13 @@ class MitmProxy:
         target: tuple[str, int],
         tap: Tap | None = None,
         listen: tuple[str, int] = ("127.0.0.1", 0),
+        *,
+        lab_network: bool = False,
     ) -> None:
-        if not target[0].startswith("127."):
-            raise ValueError("the lab proxy only relays to loopback addresses")
+        """``lab_network``: the target may also be an address of the namespaced lab
+        (10.77.0.0/16), for a proxy created inside one of its namespaces."""
+        if not (target[0].startswith("127.") or (lab_network and target[0].startswith("10.77."))):
+            raise ValueError("the lab proxy only relays to loopback or the namespaced lab")
         self.target = target
         self.tap = tap or Tap()
         self.sock = socket.create_server(listen)

@@ -1,20 +1,28 @@
-"""An attacker on the migration segment: a passive wiretap on one host's link.
+"""An attacker on the migration segment: a passive wiretap on one host's link, and a
+man-in-the-middle that has won the ARP race.
 
 The lab's loopback attacks put a proxy in the path; on the namespaced hosts the attacker instead
 taps the wire of the migration network: a raw packet socket (``AF_PACKET``) on the switch port
 of a host's migration link sees every frame to and from that host, as a tap or a compromised
 switch would. The TCP payload of each frame goes to a :class:`~trustmig.lab.proxy.Tap` (e.g. a
 sniffer counting a secret marker), keyed by its flow. Nothing is sent: the tap only listens.
+
+:class:`SegmentMitm` is the active attacker: the source host's neighbour entry for the
+destination points at the attacker's MAC (what a won ARP-spoofing race leaves behind; the lab
+sets it directly), the attacker's kernel redirects that destination's port to its own proxy
+(nftables DNAT) and the proxy relays to the real destination, rewriting in flight.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
+import subprocess
 import threading
 from dataclasses import dataclass, field
 
-from trustmig.lab.proxy import Tap
+from trustmig.lab.proxy import MitmProxy, Tap
 from trustmig.netns.enter import enter
 
 ETH_P_ALL = 0x0003
@@ -91,3 +99,64 @@ class SegmentTap:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+
+
+def _run(*argv: str, stdin: str | None = None) -> str:
+    out = subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=20,
+                         check=False)  # fmt: skip
+    if out.returncode != 0:
+        raise OSError(f"{' '.join(argv[:6])}: {out.stderr.strip() or 'failed'}")
+    return out.stdout
+
+
+@dataclass
+class SegmentMitm:
+    """Between ``source_ns`` and ``victim_ip:port``, from ``attacker_ns`` (``attacker_ip`` on
+    its ``eth0``), with ``tap`` on the source-to-destination direction."""
+
+    source_ns: str
+    source_dev: str
+    attacker_ns: str
+    attacker_ip: str
+    victim_ip: str
+    port: int
+    tap: Tap
+    proxy: MitmProxy | None = None
+
+    def __enter__(self) -> SegmentMitm:
+        made: list[MitmProxy] = []
+
+        def build() -> None:  # the proxy's sockets and threads live in the attacker namespace
+            enter(self.attacker_ns)
+            proxy = MitmProxy((self.victim_ip, self.port), self.tap, (self.attacker_ip, 0),
+                              lab_network=True)  # fmt: skip
+            proxy.__enter__()
+            made.append(proxy)
+
+        t = threading.Thread(target=build)
+        t.start()
+        t.join(10)
+        if not made:
+            raise OSError(f"the attacker's proxy did not start in {self.attacker_ns}")
+        self.proxy = made[0]
+        try:
+            rule = (f"table ip tm_mitm {{\n chain pre {{\n"
+                    "  type nat hook prerouting priority dstnat;\n"
+                    f"  ip daddr {self.victim_ip} tcp dport {self.port} "
+                    f"dnat to {self.attacker_ip}:{self.proxy.address[1]}\n }}\n}}\n")  # fmt: skip
+            _run("ip", "netns", "exec", self.attacker_ns, "nft", "-f", "-", stdin=rule)
+            links = json.loads(_run("ip", "-n", self.attacker_ns, "-j", "link", "show", "eth0"))
+            _run("ip", "-n", self.source_ns, "neigh", "replace", self.victim_ip, "lladdr",
+                 links[0]["address"], "dev", self.source_dev, "nud", "permanent")  # fmt: skip
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["ip", "-n", self.source_ns, "neigh", "del", self.victim_ip, "dev",
+                        self.source_dev], capture_output=True, timeout=20)  # fmt: skip
+        subprocess.run(["ip", "netns", "exec", self.attacker_ns, "nft", "delete", "table", "ip",
+                        "tm_mitm"], capture_output=True, timeout=20)  # fmt: skip
+        if self.proxy is not None:
+            self.proxy.close()

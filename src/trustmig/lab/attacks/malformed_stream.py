@@ -20,6 +20,7 @@ from typing import Any
 
 from trustmig.channel.handshake import ClientHandshake
 from trustmig.channel.identity import LocalIdentity
+from trustmig.hypervisor.spec import DEFAULT_SECRET
 from trustmig.lab.attack import Attack, Outcome
 from trustmig.lab.attacks.replay import _replay
 from trustmig.lab.flood import RssSampler
@@ -28,6 +29,7 @@ from trustmig.lab.targets import HONEST, LabEnv
 from trustmig.pki.authority import ClusterCA
 
 NAME = "malformed-stream"
+SECRET = DEFAULT_SECRET.encode()
 SEED = 805
 FRAMES = 240
 CONCURRENCY = 24
@@ -35,11 +37,26 @@ CONCURRENCY = 24
 HANG_GRACE_S = 4.0
 
 
+def _page_data_offsets(rec: bytes, rng: random.Random, count: int = 16) -> list[int]:
+    """Offsets certainly inside guest page data: a byte of the workload's secret marker, which
+    opens its pages (a random offset may hit a page header, and QEMU then rejects the stream
+    instead of loading corrupted memory, which is not what this case is about)."""
+    n = len(rec)
+    found: list[int] = []
+    at = rec.find(SECRET, int(n * 0.3))
+    while at != -1 and len(found) < count:
+        found.append(at + 1)
+        at = rec.find(SECRET, at + len(SECRET))
+    if found:
+        return found
+    return [rng.randrange(int(n * 0.3), int(n * 0.9)) for _ in range(count)]
+
+
 def _mutations(rec: bytes, rng: random.Random) -> dict[str, bytes]:
     n = len(rec)
     flipped = bytearray(rec)
-    for _ in range(16):
-        flipped[rng.randrange(int(n * 0.3), int(n * 0.9))] ^= 0xFF
+    for off in _page_data_offsets(rec, rng):
+        flipped[off] ^= 0xFF
     return {
         "16 flipped bytes in page data": bytes(flipped),
         "truncated at 60%": rec[: int(n * 0.6)],
