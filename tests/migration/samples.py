@@ -16,6 +16,7 @@ SAMPLES: dict[str, ev.Event] = {
     "claim-refused": ev.ClaimJudged(False, False, "claim.full", "no room"),
     "data-path-failed": ev.DataPathFailed("handshake failed"),
     "transfer-started": ev.TransferStarted(),
+    "memory-stream-starting": ev.MemoryStreamStarting(),
     "transfer-start-failed": ev.TransferStartFailed("bad uri"),
     "progress": ev.Progress("active", 100, 1000, 2000, 1),
     "progress-round3": ev.Progress("active", 900, 1000, 2000, 3),

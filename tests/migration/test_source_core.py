@@ -25,7 +25,7 @@ def kinds(acts: list[A.Action]) -> list[str]:
     return [type(a).__name__ for a in acts if not isinstance(a, A.Persist | A.Audit | A.Emit)]
 
 
-def walk_to_transfer(plan: SourcePlan | None = None) -> SourceCore:
+def walk_to_transfer(plan: SourcePlan | None = None, *, memory_sent: bool = True) -> SourceCore:
     core = SourceCore("m-1", "vm1", "host-b", 3, plan or SourcePlan())
     core.handle(ev.Decided(True, "allow", "ok"), 0.0)
     core.handle(ev.Prepared("127.0.0.1:9", "ok"), 0.1)
@@ -33,6 +33,8 @@ def walk_to_transfer(plan: SourcePlan | None = None) -> SourceCore:
     acts = core.handle(ev.ClaimJudged(True, False, "claim.ok", "fits"), 0.3)
     assert kinds(acts) == ["StartTransfer"]
     assert core.state == S.TRANSFER
+    if memory_sent:
+        assert kinds(core.handle(ev.MemoryStreamStarting(), 0.35)) == []
     return core
 
 
@@ -250,6 +252,30 @@ def test_random_walks_keep_the_source_rules(names: list[str]) -> None:
 
 def test_in_doubt_states_are_named() -> None:
     assert {S.COMMITTING, S.POSTCOPY_SWITCHING, S.POSTCOPY_PAUSED} == IN_DOUBT
+
+
+def test_source_qemu_gone_while_disks_copy_is_lost_at_once_and_the_destination_told() -> None:
+    core = walk_to_transfer(memory_sent=False)
+    acts = core.handle(ev.QemuExited("killed"), 1.0)
+    assert core.state == S.FAILED and core.source_gone
+    assert kinds(acts) == ["ReleaseAdmission", "Finish", "CallPeer"]
+    call = next(a for a in acts if isinstance(a, A.CallPeer))
+    assert call.op == "abort" and "before its memory was sent" in (core.error or "")
+
+
+def test_source_qemu_gone_after_the_memory_began_asks_the_destination_first() -> None:
+    core = walk_to_transfer()
+    acts = core.handle(ev.QemuExited("killed"), 1.0)
+    assert core.state == S.AWAITING_PEER and kinds(acts) == ["CallPeer"]
+
+
+@pytest.mark.parametrize("sent, state", [(False, S.FAILED), (True, S.AWAITING_PEER)])
+def test_restart_with_qemu_gone_follows_the_journaled_memory_start(
+    sent: bool, state: SourceState
+) -> None:
+    core = SourceCore.restore(walk_to_transfer(memory_sent=False).record())
+    core.handle(ev.Restarted(False, "unknown", False, memory_sent=sent), 5.0)
+    assert core.state == state
 
 
 # ---------------------------------------------------------------------- restart and resolve

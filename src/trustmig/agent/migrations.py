@@ -485,15 +485,16 @@ class MigrationRegistry:
             vm = ManagedVM(spec=spec, qemu=svc.make_qemu(spec, incoming=False,
                            run_name=f"lost-{row.vm}"), state="crashed")  # fmt: skip
         vm.migration = row.id
-        driver = SourceDriver(svc, SourceCore.restore(row.core), vm,
-                              SourceContext.from_json(row.context))  # fmt: skip
+        ctx = SourceContext.from_json(row.context)
+        driver = SourceDriver(svc, SourceCore.restore(row.core), vm, ctx)
         relay_alive = await driver.attach_relay()
         qemu_alive = vm.qemu.alive()
         status = await driver.restart_status()
         svc.admission.readmit("out", tenant=vm.spec.tenant, vm=vm.name, migration_id=row.id)
         self.outgoing[row.id] = driver
         driver.outcome.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
-        driver.start(ev.Restarted(qemu_alive, status, relay_alive))
+        sent = bool(ctx.info.get("migrate_sent"))
+        driver.start(ev.Restarted(qemu_alive, status, relay_alive, memory_sent=sent))
         self._forget_later(self.outgoing, row.id, driver)
         log.warning("resumed outgoing migration %s of %s in state %s", row.id, row.vm, row.state)
 

@@ -38,6 +38,7 @@ from trustmig.hypervisor.blockcopy import (
 )
 from trustmig.hypervisor.measure import MeasurementError, measure
 from trustmig.hypervisor.migration import MigrationOptions, configure_source, query
+from trustmig.hypervisor.qemu import QemuError
 from trustmig.migration import actions as A
 from trustmig.migration import events as ev
 from trustmig.migration.source import (
@@ -429,7 +430,7 @@ class SourceDriver:
                         self.ctx.info["destination_error"] = st["error"]
         except (ControlError, RequestError, OSError) as e:
             self._peer_failed(a.op, e)
-        except (MeasurementError, BlockCopyError) as e:
+        except (MeasurementError, BlockCopyError, QemuError) as e:
             # nothing was sent: the destination cannot run the guest, ours runs again
             self.post(ev.CommitRefused("refused", f"on the source: {e}"))
 
@@ -483,8 +484,9 @@ class SourceDriver:
         """The commit carries the measurement of the stopped source guest, if its definition
         asks for one (taken once: a repeated commit sends the same digests). Raises
         MeasurementError, and the commit is then never sent."""
-        if copied_disks(self.vm.spec):
-            # the source is stopped for good: its ready mirrors end with complete targets
+        if copied_disks(self.vm.spec) and self.vm.qemu.alive():
+            # the source is stopped for good: its ready mirrors end with complete targets (a
+            # source QEMU gone after its memory was sent had its writes mirrored already)
             await finish_mirrors(self.vm.qemu)
         regions = self.vm.spec.measure
         if not regions:
@@ -631,6 +633,7 @@ class SourceDriver:
             self.ctx.info["cpu0"] = qemu.cpu_seconds()
             self.ctx.info["migrate_sent"] = True
             self._persist()  # journaled before QEMU is told: a restart knows it may have begun
+            self.post(ev.MemoryStreamStarting())
             await qemu.cmd("migrate", {"uri": uri})
         except Exception as e:  # noqa: BLE001
             self.post(ev.TransferStartFailed(str(e).splitlines()[0] or type(e).__name__))

@@ -20,6 +20,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 
 from trustmig.lab.proxy import MitmProxy, Tap
@@ -27,6 +28,13 @@ from trustmig.netns.enter import enter
 
 ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
+SOL_PACKET = 263
+PACKET_STATISTICS = 6
+SO_RCVBUFFORCE = 33
+#: the tap's socket buffer: a whole lab guest's migration fits even if the reader stalls
+TAP_BUFFER_BYTES = 1 << 30
+#: how long stop() keeps reading frames the kernel had already queued
+DRAIN_S = 60.0
 
 
 def tcp_payload(frame: bytes) -> tuple[tuple[str, int, str, int], bytes] | None:
@@ -57,7 +65,10 @@ class SegmentTap:
     tap: Tap
     flows: dict[tuple[str, int, str, int], int] = field(default_factory=dict)
     frames: int = 0
+    #: frames the kernel dropped because the reader fell behind (a lossy tap proves nothing)
+    dropped: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
+    _drain_until: float = 0.0
     _thread: threading.Thread | None = None
     _ready: threading.Event = field(default_factory=threading.Event)
     error: str | None = None
@@ -74,6 +85,7 @@ class SegmentTap:
         try:
             enter(self.netns)
             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, TAP_BUFFER_BYTES)
             s.bind((self.ifname, 0))
             s.settimeout(0.2)
         except OSError as e:
@@ -82,10 +94,14 @@ class SegmentTap:
             return
         self._ready.set()
         with s:
-            while not self._stop.is_set():
+            while True:  # after stop(), what the kernel already holds is still read (a while)
+                if self._stop.is_set() and time.monotonic() > self._drain_until:
+                    break
                 try:
                     frame = s.recv(262144)
                 except TimeoutError:
+                    if self._stop.is_set():
+                        break
                     continue
                 self.frames += 1
                 got = tcp_payload(frame)
@@ -94,11 +110,19 @@ class SegmentTap:
                 flow, data = got
                 index = self.flows.setdefault(flow, len(self.flows))
                 self.tap.on_data(index, 0, data)
+            self.dropped += _drops(s)
 
     def stop(self) -> None:
+        self._drain_until = time.monotonic() + DRAIN_S
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(5)
+            self._thread.join(DRAIN_S + 5)
+
+
+def _drops(s: socket.socket) -> int:
+    """Frames dropped on ``s`` since the last call (the kernel's counters reset on reading)."""
+    _packets, drops = struct.unpack("II", s.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+    return int(drops)
 
 
 def _run(*argv: str, stdin: str | None = None) -> str:

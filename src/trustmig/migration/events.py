@@ -79,6 +79,12 @@ class TransferStarted(Event):
 
 
 @dataclass(frozen=True)
+class MemoryStreamStarting(Event):
+    """Every disk mirror is ready and QEMU is about to be told to send the memory: from here
+    on the destination may come to hold the whole guest (before it, it cannot)."""
+
+
+@dataclass(frozen=True)
 class TransferStartFailed(Event):
     """QEMU refused to start the migration."""
 
@@ -248,11 +254,13 @@ class Restarted(Event):
 
     ``qemu_alive``: the journaled QEMU process (same PID and start time) still runs;
     ``qemu_status``: its migration status (``unknown`` if it does not answer); ``relay_alive``:
-    the migration's relay process still carries the data path."""
+    the migration's relay process still carries the data path; ``memory_sent``: the journal
+    says QEMU may have been told to send the memory (a source's record)."""
 
     qemu_alive: bool
     qemu_status: str
     relay_alive: bool
+    memory_sent: bool = True
 
 
 @dataclass(frozen=True)

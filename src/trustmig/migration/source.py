@@ -88,6 +88,7 @@ TRANSITIONS: Mapping[SourceState, frozenset[SourceState]] = {
             S.AWAITING_PEER,
             S.COMMITTING,
             S.ROLLING_BACK,
+            S.FAILED,
         }
     ),
     S.POSTCOPY_SWITCHING: frozenset(
@@ -174,6 +175,9 @@ class SourceCore(MigrationCore[SourceState]):
         self.recovering = False
         self.reported = False
         self.postcopy_switched = False
+        #: QEMU may have been told to send the memory (until then the destination holds no
+        #: complete guest, whatever it says)
+        self.memory_sent = False
         self.retry_delay = self.plan.retry_s
         self.evidence = ""
         self._track = _Track()
@@ -287,6 +291,7 @@ class SourceCore(MigrationCore[SourceState]):
             ev.Attested: self._on_attested,
             ev.ClaimJudged: self._on_claim,
             ev.DataPathFailed: self._on_data_path_failed,
+            ev.MemoryStreamStarting: self._on_memory_stream_starting,
             ev.TransferStartFailed: self._on_transfer_start_failed,
             ev.Progress: self._on_progress,
             ev.QemuStatus: self._on_qemu_status,
@@ -364,6 +369,12 @@ class SourceCore(MigrationCore[SourceState]):
         if self.state != S.HANDSHAKE:
             return []
         return self._abandon(now, e.reason)
+
+    def _on_memory_stream_starting(self, e: ev.MemoryStreamStarting, now: float) -> list[Action]:
+        if self.state != S.TRANSFER:
+            return []
+        self.memory_sent = True  # journaled by the driver's context (``migrate_sent``)
+        return []
 
     def _on_transfer_start_failed(self, e: ev.TransferStartFailed, now: float) -> list[Action]:
         if self.state != S.TRANSFER:
@@ -470,6 +481,9 @@ class SourceCore(MigrationCore[SourceState]):
         reason = f"source QEMU exited: {e.reason}"
         if self.state in (S.REQUESTED, S.PREPARING, S.HANDSHAKE, S.ROLLING_BACK):
             return self._lost(now, reason)
+        if self.state == S.TRANSFER and not self.memory_sent:
+            line = f"{reason} before its memory was sent (disks still copying): the VM is lost"
+            return self._lost(now, f"{line}; nothing on the destination can run it")
         if self.state == S.TRANSFER:
             # it may have sent everything just before: let the destination say what it holds
             self.timers.cancel("overall", "stall")
@@ -573,6 +587,7 @@ class SourceCore(MigrationCore[SourceState]):
         self.peer_reachable = False
         self.recovering = False
         self.reported = True  # whoever asked is gone with the old agent
+        self.memory_sent = self.memory_sent or e.memory_sent
         st = self.state
         if st == S.REQUESTED:
             return self._end(S.ROLLED_BACK, now, "agent restarted before the migration began")
@@ -687,6 +702,7 @@ class SourceCore(MigrationCore[SourceState]):
             "source_gone": self.source_gone,
             "recoveries": self.recoveries,
             "postcopy_switched": self.postcopy_switched,
+            "memory_sent": self.memory_sent,
             "evidence": self.evidence,
         }
 
@@ -706,6 +722,7 @@ class SourceCore(MigrationCore[SourceState]):
         core.source_gone = bool(extra.get("source_gone"))
         core.recoveries = int(extra.get("recoveries", 0))
         core.postcopy_switched = bool(extra.get("postcopy_switched"))
+        core.memory_sent = bool(extra.get("memory_sent"))
         core.evidence = str(extra.get("evidence", ""))
         return core
 
