@@ -13,9 +13,11 @@ from trustmig.bench import (
     parse_dirty_rates,
     plan_runs,
 )
+from trustmig.bench.cipher import measure_cipher_cost
 from trustmig.bench.cpu import CpuMeter
 from trustmig.bench.record import integrity_record
-from trustmig.bench.stats import per_gib, summarize, throughput_mbps
+from trustmig.bench.stats import cipher_overhead, per_gib, summarize, throughput_mbps
+from trustmig.channel.errors import ChannelError
 
 
 def test_ipsec_channels_need_the_namespaced_hosts() -> None:
@@ -152,3 +154,66 @@ def test_impossible_downtime_is_set_aside() -> None:
     assert rec["status"] == "completed"
     assert rec["downtime_ms"] is None and rec["downtime_ms_reported"] == 1_157_626
     assert rec["cpu_s_per_gib_source"] == 0.5 and rec["cpu_s_per_gib_destination"] == 1.0
+
+
+def test_felt_gap_and_postcopy_time_beyond_plain() -> None:
+    def run(ch: str, mode: str, gap: float, total: float) -> dict[str, Any]:
+        return {**_run(ch, 0, 1000, mode), "heartbeat_gap_ms": gap, "total_ms": total}
+
+    runs = [run("plain", "precopy", 40, 900), run("secure", "precopy", 55, 1500),
+            run("secure", "precopy", 65, 1700), run("plain", "postcopy", 30, 1000),
+            run("secure", "postcopy", 42, 1300)]  # fmt: skip
+    s = summarize(runs, ("plain", "secure"), (0.0,), ("precopy", "postcopy"))
+    assert s["results"]["secure"]["heartbeat_gap_ms"] == 60
+    assert s["ratios"]["heartbeat_gap_ms_secure_minus_plain"] == 20
+    assert s["ratios"]["postcopy_heartbeat_gap_ms_secure_minus_plain"] == 12
+    assert s["ratios"]["postcopy_total_ms_secure/plain"] == 1.3
+
+
+def test_added_cpu_is_a_multiple_of_the_ciphers_own_cost() -> None:
+    results = {
+        "plain": {"cpu_s_per_gib_source": 0.5, "cpu_s_per_gib_destination": 0.4},
+        "secure": {"cpu_s_per_gib_source": 0.9, "cpu_s_per_gib_destination": 0.6},
+    }
+    assert cipher_overhead(results, 0.3) == {
+        "trustmig_added_cpu_s_per_gib": 0.6, "cpu_overhead_vs_cipher": 2.0,
+    }  # fmt: skip
+    assert cipher_overhead({"plain": results["plain"]}, 0.3) == {}
+
+
+def test_cipher_cost_is_measured_with_the_channels_records() -> None:
+    cost = measure_cipher_cost(sample_bytes=4 << 20, repeat=1)
+    assert cost.cipher == "aes-256-gcm" and cost.record_bytes == 256 * 1024
+    assert cost.seal_cpu_s_per_gib > 0 and cost.open_cpu_s_per_gib > 0
+    with pytest.raises(ChannelError, match="max_plaintext 0 out of range"):
+        measure_cipher_cost(record_bytes=0, sample_bytes=1 << 20, repeat=1)
+
+
+def test_relay_alone_carries_every_byte_and_costs_more_than_one_plain_hop() -> None:
+    from trustmig.bench.relay import run_relay_bench
+
+    report = run_relay_bench(total_mib=16, repeat=1)
+    assert report["relay"]["gbps"] > 0 and report["plain"]["gbps"] > 0
+    relay, plain = report["relay"], report["plain"]
+    assert relay["cpu_s_per_gib_source"] > 0 and relay["cpu_s_per_gib_destination"] > 0
+    # sealing and opening cannot be free: the relayed stream costs more CPU than the bare hop
+    assert (relay["cpu_s_per_gib_source"] + relay["cpu_s_per_gib_destination"]
+            > plain["cpu_s_per_gib_source"] + plain["cpu_s_per_gib_destination"])  # fmt: skip
+    assert report["relay_overhead_vs_cipher"] == round(
+        report["relay_cpu_s_per_gib_added"] / report["cipher"]["both_sides_cpu_s_per_gib"], 2
+    )
+
+
+def test_bench_relay_command_reports_json_and_refuses_a_bad_size() -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from trustmig.cli.main import app
+
+    res = CliRunner().invoke(app, ["bench", "relay", "--total-mib", "16", "--repeat", "1",
+                                   "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.stdout
+    assert json.loads(res.stdout)["relay"]["gbps"] > 0
+    bad = CliRunner().invoke(app, ["bench", "relay", "--total-mib", "1"])
+    assert bad.exit_code == 2 and "total-mib" in bad.output

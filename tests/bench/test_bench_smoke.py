@@ -60,14 +60,23 @@ def test_tiny_benchmark_all_channels(tmp_path: Path, guest_image: object) -> Non
         assert run["bytes_transferred"] > 64 * 1024 * 1024
         assert run["throughput_mbps"] > 0
         assert run["cpu_s_per_gib_source"] is not None
+        assert run["heartbeat_continuous"] is True and run["heartbeat_gap_ms"] > 0, run
     secure = report["runs"][1]
     assert secure["handshake_ms"] is not None and secure["time_to_first_byte_ms"] is not None
     for ch in ("plain", "secure", "qemu-tls"):
         assert report["results"][ch]["completed"] == 1
         assert report["results"][ch]["throughput_mbps"] > 0
     assert report["by_dirty_rate"]["0"] == report["results"]
-    assert set(report["ratios"]) == {"secure/plain", "secure/qemu-tls", "qemu-tls/plain"}
-    assert all(v > 0 for v in report["ratios"].values())
+    assert set(report["ratios"]) == {
+        "secure/plain",
+        "secure/qemu-tls",
+        "qemu-tls/plain",
+        "heartbeat_gap_ms_secure_minus_plain",
+        "trustmig_added_cpu_s_per_gib",
+        "cpu_overhead_vs_cipher",
+    }
+    assert report["cipher"]["both_sides_cpu_s_per_gib"] > 0
+    assert all(report["ratios"][k] > 0 for k in ("secure/plain", "secure/qemu-tls"))
     assert seen[-1] == (3, 3, "done")
     assert not _qemu_children(), "a QEMU of the benchmark outlived it"
 

@@ -139,6 +139,8 @@ class DestinationDriver:
         self._lease: asyncio.Event | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self.t0 = time.monotonic()
+        #: monotonic times of the handover's steps here (loaded, commit, running)
+        self.marks: dict[str, float] = {}
         self.done = asyncio.Event()
 
     @property
@@ -270,6 +272,8 @@ class DestinationDriver:
     def _on_qmp_event(self, name: str, data: dict[str, Any]) -> None:
         if name == "MIGRATION" and "status" in data:
             status = str(data["status"])
+            if status == "completed":
+                self.marks.setdefault("loaded", time.monotonic())
             if status in ("failed", "cancelled") and self.relay is not None:
                 # QEMU only says the load failed; the relay knows which record was refused
                 self._spawn(self._qemu_failed(status))
@@ -418,9 +422,20 @@ class DestinationDriver:
                 if a.ok:
                     fut.set_result({"state": self.core.state.value, "error": self.core.error,
                                     **a.result, "pid": self.vm.qemu.pid,
-                                    "measurement": self.ctx.measurement})  # fmt: skip
+                                    "measurement": self.ctx.measurement,
+                                    "handover_ms": self._handover_ms()})  # fmt: skip
                 else:
                     fut.set_exception(RequestError(a.message, a.code or Code.FAILED))
+
+    def _handover_ms(self) -> dict[str, float | None]:
+        m = self.marks
+
+        def span(a: str, b: str) -> float | None:
+            return round((m[b] - m[a]) * 1000, 2) if a in m and b in m else None
+
+        return {"loaded_to_running": span("loaded", "running"),
+                "commit_to_running": span("commit", "running"),
+                "loaded_to_commit": span("loaded", "commit")}  # fmt: skip
 
     async def _discard(self, reason: str) -> None:
         await self.vm.qemu.kill()
@@ -446,6 +461,7 @@ class DestinationDriver:
                 return
             with contextlib.suppress(Exception):
                 await qemu.cmd("cont", timeout=10)
+            self.marks.setdefault("running", time.monotonic())
             state = await qemu.status()
         if state in ("unresponsive", "absent") and qemu.alive():
             # no answer is not a "no": the guest may run; only a definite state counts

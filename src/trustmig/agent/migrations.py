@@ -358,6 +358,8 @@ class MigrationRegistry:
         self, mid: str, source: str, lease: asyncio.Event, measurement: dict[str, str] | None
     ) -> dict[str, Any]:
         d = self._incoming_driver(mid, source)
+        if d is not None:
+            d.marks.setdefault("commit", time.monotonic())
         if d is not None and measurement is not None:
             d.expect_measurement(measurement)
         return await self._ask(mid, source, lease, ev.CommitRequested, timeout=90)

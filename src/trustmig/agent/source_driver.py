@@ -152,6 +152,9 @@ class SourceDriver:
         self._rids = 1
         self.t_request = time.monotonic()
         self.t_transfer: float | None = None
+        #: monotonic times of the handover's steps on this host (QEMU completed, commit sent,
+        #: commit answered): where the guest's pause goes beyond QEMU's downtime
+        self.marks: dict[str, float] = {}
         self.warnings: list[str] = []
         self.last_failure = ""
         #: QEMU accepted this migration's ``migrate``: from now on its status is this one's.
@@ -277,6 +280,8 @@ class SourceDriver:
     def _on_qmp_event(self, name: str, data: dict[str, Any]) -> None:
         if name == "MIGRATION" and "status" in data:
             status = str(data["status"])
+            if status == "completed":
+                self.marks.setdefault("completed", time.monotonic())
             if status in ("failed", "cancelled") and self.relay is not None:
                 # QEMU only says it failed; the relay knows which stream broke and why
                 self._spawn(self._qemu_failed(status))
@@ -415,7 +420,11 @@ class SourceDriver:
                 self._on_prepared(await self._call("incoming.prepare", self._prepare_params(), 120))
             elif a.op == "commit":
                 wait = self.svc.cfg.migration.commit_timeout_s
-                res = await self._call("incoming.commit", await self._commit_params(), wait)
+                params = await self._commit_params()
+                self.marks.setdefault("commit_sent", time.monotonic())
+                res = await self._call("incoming.commit", params, wait)
+                self.marks["commit_answered"] = time.monotonic()
+                self.ctx.info["destination_handover_ms"] = res.get("handover_ms")
                 self.ctx.info["destination_pid"] = res.get("pid")
                 if res.get("measurement"):
                     self.ctx.info.setdefault("runtime_measurement", {}).update(res["measurement"])
@@ -849,8 +858,23 @@ class SourceDriver:
             "decisions": {"migrate_out": self.ctx.decision_out, "migrate_in": self.ctx.decision_in},
             "receipt_id": receipt.get("migration_id"),
             "receipt": receipt,
+            "handover_ms": self._handover_ms(),
             "warnings": self.warnings,
             "error": None,
+        }
+
+    def _handover_ms(self) -> dict[str, Any]:
+        """The handover's steps in ms: on this host from QEMU's completion to the commit sent
+        and answered, and the destination's own (from loaded or commit to running)."""
+        m = self.marks
+
+        def span(a: str, b: str) -> float | None:
+            return round((m[b] - m[a]) * 1000, 2) if a in m and b in m else None
+
+        return {
+            "source_completed_to_commit_sent": span("completed", "commit_sent"),
+            "commit_round_trip": span("commit_sent", "commit_answered"),
+            "destination": self.ctx.info.get("destination_handover_ms"),
         }
 
     def _finish(self, a: A.Finish) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from trustmig.bench.cpu import CpuMeter
 from trustmig.bench.errors import BenchError
-from trustmig.bench.record import finish_record, integrity_record, new_record
+from trustmig.bench.record import finish_record, heartbeat_record, integrity_record, new_record
 from trustmig.hypervisor.accel import AccelChoice
 from trustmig.hypervisor.image import GuestImage
 from trustmig.hypervisor.migration import (
@@ -141,6 +141,10 @@ async def _wait_destination(dst: QemuVM, timeout: float) -> None:
     raise BenchError(f"destination did not finish loading within {timeout:.0f}s")
 
 
+def _beats(vm: QemuVM, since: float) -> list[tuple[int, float]]:
+    return [(h.seq, h.host_ts) for h in vm.console.heartbeats_since(since - 2.0)]
+
+
 @dataclass(frozen=True)
 class DirectPath:
     """Where the two QEMUs run and meet: launchers (``ip netns exec NS``) for each side, the
@@ -184,7 +188,7 @@ async def run_direct(
         before = await src.console.check(CHECK_TIMEOUT_S)
         dst = QemuVM(
             spec, image, run_dir / "dst", accel,
-            incoming=True, start_paused=opts.mode == "precopy", die_with_parent=True,
+            incoming=True, start_paused=False, die_with_parent=True,
             prealloc=opts.prealloc_destination, launcher=path.dst_launcher,
         )  # fmt: skip
         await dst.start()
@@ -198,7 +202,7 @@ async def run_direct(
         port = await _incoming_port(dst)
         cpu_src = CpuMeter().start(src.pid, *path.src_helpers)
         cpu_dst = CpuMeter().start(dst.pid, *path.dst_helpers)
-        t0 = time.monotonic()
+        t0, t_wall = time.monotonic(), time.time()
         await src.cmd("migrate", {"uri": f"tcp:{path.address}:{port}"})
         prog, postcopy_started = await _wait_source(src, opts, t0)
         if prog.status != "completed":
@@ -219,6 +223,7 @@ async def run_direct(
             raise BenchError(f"destination guest did not run after migration (state {state})")
         after = await dst.console.check(CHECK_TIMEOUT_S)
         rec.update(integrity_record(before, after, spec.needs_workload.dirty_rate))
+        rec.update(heartbeat_record(_beats(src, t_wall), _beats(dst, t_wall)))
         finish_record(
             rec,
             prog,

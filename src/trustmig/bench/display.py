@@ -17,6 +17,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("MB/s", "throughput_mbps", "{:.0f}"),
     ("total ms", "total_ms", "{:.0f}"),
     ("downtime ms", "downtime_ms", "{:.0f}"),
+    ("felt gap ms", "heartbeat_gap_ms", "{:.0f}"),
     ("CPU s/GiB src", "cpu_s_per_gib_source", "{:.2f}"),
     ("CPU s/GiB dst", "cpu_s_per_gib_destination", "{:.2f}"),
     ("handshake ms", "handshake_ms", "{:.1f}"),
@@ -52,7 +53,11 @@ def results_table(report: dict[str, Any]) -> Table:
         for rate, r in ratios.items()
         if r
     )
-    t.caption = f"throughput ratios: {text}" if text else "no throughput ratio (channel missing)"
+    t.caption = f"ratios: {text}" if text else "no ratio (channel missing)"
+    cipher = report.get("cipher")
+    if cipher:
+        kib, cost = cipher["record_bytes"] // 1024, cipher["both_sides_cpu_s_per_gib"]
+        t.caption += f"\ncipher alone ({cipher['cipher']}, {kib} KiB records): {cost:.2f} CPU s/GiB"
     return t
 
 

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from trustmig.agent.local_cluster import LocalCluster
+from trustmig.bench.cipher import measure_cipher_cost
 from trustmig.bench.config import IPSEC_CHANNELS, BenchConfig, rate_key
 from trustmig.bench.direct import DirectPath, QemuTls, run_direct
 from trustmig.bench.errors import BenchError
 from trustmig.bench.secure import DEST, SOURCE, TENANT, USER, USER_ROLES, run_secure
-from trustmig.bench.stats import summarize
+from trustmig.bench.stats import cipher_overhead, summarize
 from trustmig.hypervisor.accel import choose_accel
 from trustmig.hypervisor.image import GuestImage, build_image
 from trustmig.hypervisor.migration import MigrationOptions
@@ -247,5 +248,10 @@ def run_migrate_bench(
         }
     }
     report.update(summarize(runs, cfg.channels, cfg.dirty_rates, cfg.modes))
+    if "secure" in cfg.channels and "plain" in cfg.channels:
+        say("measuring the channel cipher's own cost on this machine")
+        cost = measure_cipher_cost()
+        report["cipher"] = cost.to_json()
+        report["ratios"].update(cipher_overhead(report["results"], cost.both_sides_cpu_s_per_gib))
     report["runs"] = runs
     return report

@@ -7,10 +7,12 @@ record carries the destination guest's own memory check.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from trustmig.bench.stats import per_gib, throughput_mbps
 from trustmig.hypervisor.console_protocol import CheckResult
+from trustmig.hypervisor.heartbeat import analyse
 from trustmig.hypervisor.migration import MigrationProgress
 from trustmig.hypervisor.spec import VMSpec
 
@@ -39,6 +41,8 @@ def new_record(channel: str, spec: VMSpec, mode: str) -> dict[str, Any]:
         "cpu_s_per_gib_destination": None,
         "integrity": None,
         "integrity_ok": False,
+        "heartbeat_gap_ms": None,
+        "heartbeat_continuous": None,
     }
 
 
@@ -65,6 +69,16 @@ def integrity_record(
         "integrity": {"before": b, "after": a, "digest_unchanged": digest_same},
         "integrity_ok": ok,
     }
+
+
+def heartbeat_record(
+    source: Sequence[tuple[int, float]], destination: Sequence[tuple[int, float]]
+) -> dict[str, Any]:
+    """What the guest felt: the largest gap between consecutive heartbeats (host receive
+    times, both consoles merged) and whether the sequence went on unbroken."""
+    cont = analyse(source, destination)
+    return {"heartbeat_gap_ms": cont.gap_ms, "heartbeat_continuous": cont.continuous,
+            "heartbeat_detail": cont.reason}  # fmt: skip
 
 
 def finish_record(

@@ -18,7 +18,7 @@ from trustmig.agent.client import ControlClient, ControlError
 from trustmig.agent.local_cluster import LocalCluster
 from trustmig.bench.cpu import CpuMeter, relay_pids
 from trustmig.bench.errors import BenchError
-from trustmig.bench.record import finish_record, integrity_record, new_record
+from trustmig.bench.record import finish_record, heartbeat_record, integrity_record, new_record
 from trustmig.hypervisor.migration import MigrationOptions, MigrationProgress
 from trustmig.hypervisor.spec import VMSpec
 
@@ -122,7 +122,7 @@ async def run_secure(
                 cpu_src.stop()
                 cpu_dst.stop()
 
-        t0 = time.monotonic()
+        t0, t_wall = time.monotonic(), time.time()
         try:
             res = await src.call(
                 "migrate",
@@ -146,6 +146,9 @@ async def run_secure(
             rec["cpu_note"] = "source QEMU CPU as reported by the agent"
         after = await dst.call("vm.check", {"name": name}, timeout=CHECK_TIMEOUT_S)
         rec.update(integrity_record(before, after, spec.needs_workload.dirty_rate))
+        beats = await dst.call("vm.heartbeats", {"name": name, "since": t_wall - 2.0})
+        rec.update(heartbeat_record([tuple(h) for h in res.get("source_heartbeats") or []],
+                                    [tuple(h) for h in beats["heartbeats"]]))  # fmt: skip
         finish_record(
             rec,
             _progress_of(res),
@@ -157,6 +160,7 @@ async def run_secure(
         rec["handshake_ms"] = res.get("handshake_ms")
         rec["time_to_first_byte_ms"] = res.get("time_to_first_byte_ms")
         rec["attestation"] = res.get("attestation")
+        rec["handover_ms"] = res.get("handover_ms")
     except Exception as e:  # a failed run is a result, reported per run
         rec["status"] = "failed"
         rec["error"] = (str(e).splitlines() or [type(e).__name__])[0]

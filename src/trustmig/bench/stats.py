@@ -18,6 +18,7 @@ METRICS: tuple[str, ...] = (
     "throughput_mbps",
     "total_ms",
     "downtime_ms",
+    "heartbeat_gap_ms",
     "wall_ms",
     "bytes_transferred",
     "cpu_s_source",
@@ -108,11 +109,49 @@ RATIOS = (
 
 
 def ratios(results: dict[str, Any]) -> dict[str, float]:
-    """Throughput ratios between the channels that were measured (see ``RATIOS``)."""
+    """Throughput ratios between the channels that were measured (see ``RATIOS``), and what
+    the guest felt with trustmig beyond QEMU's own migration (heartbeat gaps, post-copy time)."""
     out: dict[str, float] = {}
     for num, den in RATIOS:
         a = (results.get(num) or {}).get("throughput_mbps")
         b = (results.get(den) or {}).get("throughput_mbps")
         if a and b:
             out[f"{num}/{den}"] = round(float(a) / float(b), 3)
+    secure, plain = results.get("secure") or {}, results.get("plain") or {}
+    _difference(out, "heartbeat_gap_ms_secure_minus_plain", secure, plain, "heartbeat_gap_ms")
+    pc_secure, pc_plain = secure.get("postcopy") or {}, plain.get("postcopy") or {}
+    _difference(out, "postcopy_heartbeat_gap_ms_secure_minus_plain", pc_secure, pc_plain,
+                "heartbeat_gap_ms")  # fmt: skip
+    a, b = pc_secure.get("total_ms"), pc_plain.get("total_ms")
+    if a and b:
+        out["postcopy_total_ms_secure/plain"] = round(float(a) / float(b), 3)
     return out
+
+
+def _difference(
+    out: dict[str, float], key: str, a: dict[str, Any], b: dict[str, Any], metric: str
+) -> None:
+    x, y = a.get(metric), b.get(metric)
+    if x is not None and y is not None:
+        out[key] = round(float(x) - float(y), 1)
+
+
+def added_cpu_s_per_gib(results: dict[str, Any]) -> float | None:
+    """trustmig's CPU beyond QEMU's own migration, both sides, per GiB moved (medians)."""
+    secure, plain = results.get("secure") or {}, results.get("plain") or {}
+    sides = ("cpu_s_per_gib_source", "cpu_s_per_gib_destination")
+    if any(secure.get(k) is None or plain.get(k) is None for k in sides):
+        return None
+    return round(sum(float(secure[k]) - float(plain[k]) for k in sides), 3)
+
+
+def cipher_overhead(results: dict[str, Any], cipher_both_sides: float) -> dict[str, float]:
+    """``trustmig_added_cpu_s_per_gib`` and ``cpu_overhead_vs_cipher`` (that added CPU as a
+    multiple of what sealing and opening the same bytes costs; 1.0 is the floor)."""
+    added = added_cpu_s_per_gib(results)
+    if added is None or cipher_both_sides <= 0:
+        return {}
+    return {
+        "trustmig_added_cpu_s_per_gib": added,
+        "cpu_overhead_vs_cipher": round(added / cipher_both_sides, 2),
+    }

@@ -816,6 +816,42 @@ def bench_flood(
             raise typer.Exit(1)
 
 
+@bench_app.command("relay")
+def bench_relay(
+    total_mib: Annotated[int, typer.Option(min=16, max=65536, help="MiB carried per run.")] = 1024,
+    write_bytes: Annotated[
+        int, typer.Option(min=512, max=1 << 20, help="Bytes per write of the feeder (QEMU's).")
+    ] = 32 * 1024,
+    repeat: Annotated[int, typer.Option(min=1, max=20, help="Runs of each kind (best kept).")] = 3,
+    output: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One stream through the channel's pumps alone (no QEMU), against one plain TCP hop."""
+    from trustmig.bench.relay import run_relay_bench
+
+    with _errors(as_json):
+        try:
+            report = run_relay_bench(total_mib, write_bytes, repeat)
+        except RuntimeError as e:
+            raise CliError(f"relay benchmark failed: {e}") from None
+        if output is not None:
+            _write_json(output, report)
+        if as_json:
+            print(json.dumps(report, default=str))
+            return
+        t = Table("", "GB/s", "CPU s/GiB src", "CPU s/GiB dst", title="one stream, no QEMU")
+        for k in ("plain", "relay"):
+            r = report[k]
+            t.add_row(k, str(r["gbps"]), str(r["cpu_s_per_gib_source"]),
+                      str(r["cpu_s_per_gib_destination"]))  # fmt: skip
+        out.print(t)
+        out.print(
+            f"relay adds {report['relay_cpu_s_per_gib_added']} CPU s/GiB (both sides), "
+            f"{report['relay_overhead_vs_cipher']}x the cipher's own "
+            f"{report['cipher']['both_sides_cpu_s_per_gib']}"
+        )
+
+
 # ---------------------------------------------------------------------------------- lab
 def _verdict(compromised: bool | None, safe_word: str) -> str:
     if compromised is None:
