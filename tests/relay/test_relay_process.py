@@ -220,3 +220,33 @@ def test_a_disk_stream_cannot_replace_the_migration_stream(
         src.configure("source", [keys.stream_keys(i, "c2s", "s2c") for i in range(2)],
                       tmp_path / "out.sock", "m1", {0: tmp_path / "d.sock"})  # fmt: skip
     src.close()
+
+
+def test_the_post_copy_switch_shrinks_a_live_streams_buffers_and_loses_nothing(
+    tmp_path: Path, relays: tuple[RelayRecord, RelayRecord]
+) -> None:
+    keys = SessionKeys(master_secret=os.urandom(32), cipher="aes-256-gcm", n_streams=1)
+    src, dst, incoming, out_path = _set_up(tmp_path, relays, keys)
+    received = bytearray()
+
+    def qemu_destination() -> None:
+        conn, _ = incoming.accept()
+        while chunk := conn.recv(65536):
+            received.extend(chunk)
+        conn.close()
+
+    t = threading.Thread(target=qemu_destination)
+    t.start()
+    qemu_source = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    qemu_source.connect(str(out_path))
+    qemu_source.sendall(PAYLOAD[: len(PAYLOAD) // 2])
+    for side in (src, dst):
+        assert side.favour_latency() == {"streams": [0], "buffer_bytes": 256 * 1024}
+        assert side.favour_latency((7,))["streams"] == []  # no such stream: nothing to do
+    qemu_source.sendall(PAYLOAD[len(PAYLOAD) // 2 :])
+    qemu_source.shutdown(socket.SHUT_WR)
+    t.join(20)
+    qemu_source.close()
+    assert hashlib.sha256(received).digest() == hashlib.sha256(PAYLOAD).digest()
+    src.close()
+    dst.close()

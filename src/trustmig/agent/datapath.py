@@ -13,6 +13,7 @@ session, and hands every authenticated stream to that migration's relay.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -33,7 +34,7 @@ from trustmig.channel.session import SessionKeys
 from trustmig.channel.wire import FRAME_HEADER, MAX_FRAME_BODY, MsgType
 from trustmig.config import parse_hostport
 from trustmig.guard.ratelog import RateLimitedLog
-from trustmig.relay.client import RelayHandle
+from trustmig.relay.client import RelayError, RelayHandle
 
 log = logging.getLogger(__name__)
 rlog = RateLimitedLog(log)
@@ -237,6 +238,17 @@ def hand_to_relay(
             relay.add_stream(i, s)
     finally:
         session.close()
+
+
+async def favour_latency(relay: RelayHandle | None) -> None:
+    """At the post-copy switch the memory stream's buffers shrink on this side (a relay that
+    cannot be asked only costs page-fault latency: logged, never fatal)."""
+    if relay is None:
+        return
+    try:
+        await asyncio.to_thread(relay.favour_latency)
+    except RelayError as e:
+        log.warning("post-copy: the relay kept its large buffers: %s", e)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from trustmig.agent import qemu_tls
-from trustmig.agent.datapath import SessionTarget
+from trustmig.agent.datapath import SessionTarget, favour_latency
 from trustmig.agent.diskkeys import encrypted_disks
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.journal import JournalError, MigrationRow
@@ -141,6 +141,7 @@ class DestinationDriver:
         self.t0 = time.monotonic()
         #: monotonic times of the handover's steps here (loaded, commit, running)
         self.marks: dict[str, float] = {}
+        self._latency_relay: RelayHandle | None = None
         self.done = asyncio.Event()
 
     @property
@@ -274,6 +275,10 @@ class DestinationDriver:
             status = str(data["status"])
             if status == "completed":
                 self.marks.setdefault("loaded", time.monotonic())
+            elif status == "postcopy-active" and self.relay is not self._latency_relay:
+                # at the switch, and again on a recovered stream's fresh relay
+                self._latency_relay = self.relay
+                self._spawn(favour_latency(self.relay))
             if status in ("failed", "cancelled") and self.relay is not None:
                 # QEMU only says the load failed; the relay knows which record was refused
                 self._spawn(self._qemu_failed(status))

@@ -22,7 +22,7 @@ from typing import Any
 from trustmig.agent import qemu_tls
 from trustmig.agent.claim_check import judge_claim, summary_field
 from trustmig.agent.client import ControlClient, ControlError
-from trustmig.agent.datapath import hand_to_relay, open_outbound_session
+from trustmig.agent.datapath import favour_latency, hand_to_relay, open_outbound_session
 from trustmig.agent.diskkeys import encrypted_disks
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.journal import JournalError, MigrationRow
@@ -367,6 +367,8 @@ class SourceDriver:
                 await self.vm.qemu.cmd("migrate-start-postcopy")
             except Exception as e:  # noqa: BLE001
                 self.post(ev.PostcopySwitchRefused(str(e).splitlines()[0]))
+                return
+            await favour_latency(self.relay)
         elif isinstance(a, A.CancelTransfer):
             await self._cancel_transfer()
         elif isinstance(a, A.ResumeGuest):
@@ -715,6 +717,7 @@ class SourceDriver:
                 self.migration_id, 1,
             )  # fmt: skip
             await asyncio.to_thread(hand_to_relay, session, self.relay, sock, self.migration_id)
+            await favour_latency(self.relay)  # the recovered stream is a post-copy one
             await qemu.cmd("migrate", {"uri": f"unix:{sock}", "resume": True})
             deadline = time.monotonic() + 20
             while (st := await self._qemu_status()) not in (

@@ -217,6 +217,11 @@ class RelayHandle:
             with contextlib.suppress(OSError):
                 sock.close()
 
+    def favour_latency(self, streams: tuple[int, ...] = (0,)) -> dict[str, Any]:
+        """Shrink the socket buffers of ``streams`` (post-copy: page requests before bulk);
+        raises RelayError if the relay cannot be asked."""
+        return self.call("latency", {"streams": list(streams)})
+
     def status(self) -> dict[str, Any]:
         """The relay's live status, or the status file it wrote before it exited."""
         if self._sock is not None and not self.closed.is_set():

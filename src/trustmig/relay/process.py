@@ -31,7 +31,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trustmig.channel.relay import StreamFailure, StreamPump
+from trustmig.channel.relay import (
+    LATENCY_BUFFER_BYTES,
+    StreamFailure,
+    StreamPump,
+    favour_latency,
+)
 from trustmig.channel.session import StreamKeys
 from trustmig.relay import wire
 
@@ -229,6 +234,8 @@ class Relay:
             return self._add_stream(int(msg["index"]), fds[0])
         if op == "status":
             return self.status()
+        if op == "latency":
+            return self._favour_latency([int(i) for i in msg.get("streams", [0])])
         if op == "close":
             self.closing = True
             return {"closing": True}
@@ -260,6 +267,14 @@ class Relay:
                                  name=f"tm-disk-{index}", daemon=True).start()  # fmt: skip
         self.role = role
         return {"listening": str(self.qemu_path) if role == "source" else None}
+
+    def _favour_latency(self, streams: list[int]) -> dict[str, Any]:
+        """The post-copy switch: requested pages must not wait behind megabytes of bulk."""
+        with self._lock:
+            socks = [(i, self.cipher_socks[i]) for i in streams if i in self.cipher_socks]
+        for _, sock in socks:
+            favour_latency(sock)
+        return {"streams": [i for i, _ in socks], "buffer_bytes": LATENCY_BUFFER_BYTES}
 
     def _add_stream(self, index: int, fd: int) -> dict[str, Any]:
         if not self.configured:
