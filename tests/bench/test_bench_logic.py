@@ -217,3 +217,15 @@ def test_bench_relay_command_reports_json_and_refuses_a_bad_size() -> None:
     assert json.loads(res.stdout)["relay"]["gbps"] > 0
     bad = CliRunner().invoke(app, ["bench", "relay", "--total-mib", "1"])
     assert bad.exit_code == 2 and "total-mib" in bad.output
+
+
+def test_relay_bench_reports_a_side_that_dies_instead_of_hanging(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+
+    from trustmig.bench import relay
+
+    monkeypatch.setattr(relay, "_carry", lambda *a: os._exit(3))  # in the forked sides
+    with pytest.raises(RuntimeError, match=r"died|exited"):
+        relay.run_relay_bench(total_mib=16, repeat=1)

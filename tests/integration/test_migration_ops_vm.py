@@ -154,7 +154,7 @@ def test_destination_agent_that_never_returns_rolls_the_precopy_back(make_cluste
 def test_source_disk_full_after_the_switch_still_reports_completed(
     make_cluster, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    """The source's state directory fills up during the transfer: the journal and the audit
+    """The source's state directory fills up once QEMU sends the memory: the journal and the audit
     trail cannot be written, yet the migration that completed is reported completed (with
     warnings) and the guest runs once, on the destination."""
     cluster = make_cluster(defer_start=True)
@@ -183,7 +183,8 @@ def _migrate_while_filling(cluster: Any, state: Path) -> None:
         filled: list[bool] = []
 
         async def on_event(ev: dict[str, Any]) -> None:
-            if ev.get("phase") == "transfer" and not filled:
+            # once QEMU sends (before it, a journal that cannot record the start refuses it)
+            if ev.get("event") == "progress" and ev.get("transferred", 0) > 0 and not filled:
                 filled.append(True)
                 subprocess.run(["dd", "if=/dev/zero", f"of={state}/filler", "bs=1M"],
                                capture_output=True, check=False)  # fmt: skip

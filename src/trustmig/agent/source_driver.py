@@ -51,6 +51,20 @@ from trustmig.relay.client import RelayHandle, RelayRecord
 from trustmig.timeouts import cancel_and_wait, within
 
 log = logging.getLogger("trustmig.agent.source")
+
+
+def commit_not_prepared(qemu_alive: bool, error: BaseException) -> ev.Event:
+    """The source could not prepare its commit (finish the mirrors, measure the guest), so
+    nothing was sent. With its QEMU alive that is a refusal: the guest runs here again and the
+    destination discards. With its QEMU gone the destination's copy may be the only complete
+    one: the migration stays in doubt (guest kept paused there) for the retries or an
+    operator, never a discard."""
+    line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if qemu_alive:
+        return ev.CommitRefused("refused", f"on the source: {line}")
+    return ev.CommitLost(f"the source QEMU is gone before its commit was prepared ({line})")
+
+
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 S = SourceState
 #: Codes of the destination's answers; anything else is "no answer".
@@ -248,7 +262,9 @@ class SourceDriver:
         with contextlib.suppress(Exception):
             await self.emit(event)
 
-    def _persist(self) -> None:
+    def _persist(self) -> bool:
+        """Journal the migration; False (logged, kept in the result's warnings) if the write
+        failed."""
         row = MigrationRow(
             id=self.migration_id, role="source", vm=self.core.vm, peer=self.core.peer,
             state=self.core.state.value, epoch=self.core.epoch, core=self.core.record(),
@@ -263,6 +279,8 @@ class SourceDriver:
             # the facts go on (a commit cannot be unsent); a restart asks QEMU and the peer
             log.error("%s", e)
             self.warnings.append(str(e))
+            return False
+        return True
 
     async def _effect_worker(self) -> None:
         while True:
@@ -422,7 +440,11 @@ class SourceDriver:
                 self._on_prepared(await self._call("incoming.prepare", self._prepare_params(), 120))
             elif a.op == "commit":
                 wait = self.svc.cfg.migration.commit_timeout_s
-                params = await self._commit_params()
+                try:
+                    params = await self._commit_params()
+                except Exception as e:  # noqa: BLE001 - judged by what it leaves behind
+                    self.post(commit_not_prepared(self.vm.qemu.alive(), e))
+                    return
                 self.marks.setdefault("commit_sent", time.monotonic())
                 res = await self._call("incoming.commit", params, wait)
                 self.marks["commit_answered"] = time.monotonic()
@@ -442,8 +464,7 @@ class SourceDriver:
         except (ControlError, RequestError, OSError) as e:
             self._peer_failed(a.op, e)
         except (MeasurementError, BlockCopyError, QemuError) as e:
-            # nothing was sent: the destination cannot run the guest, ours runs again
-            self.post(ev.CommitRefused("refused", f"on the source: {e}"))
+            self.post(commit_not_prepared(self.vm.qemu.alive(), e))
 
     def _disk_sockets(self) -> dict[int, tuple[str, Path]]:
         """Stream index -> (disk id, the relay's socket for its NBD client): after QEMU's
@@ -643,7 +664,10 @@ class SourceDriver:
             self.t_transfer = time.monotonic()
             self.ctx.info["cpu0"] = qemu.cpu_seconds()
             self.ctx.info["migrate_sent"] = True
-            self._persist()  # journaled before QEMU is told: a restart knows it may have begun
+            # journaled before QEMU is told, or not told: a restart must know it may have begun
+            if not self._persist():
+                raise JournalError("the journal cannot record that the memory is about to be "
+                                   "sent; free space in the state directory and retry")  # fmt: skip
             self.post(ev.MemoryStreamStarting())
             await qemu.cmd("migrate", {"uri": uri})
         except Exception as e:  # noqa: BLE001

@@ -123,28 +123,50 @@ def _carry(role: str, wire: socket.socket, secret: bytes | None, total: int,
     return got
 
 
+def _answer(conn: Connection, proc: Any, what: str, timeout: float) -> Any:
+    """The child's next message, or RuntimeError if it exits or stays silent."""
+    if not conn.poll(timeout):
+        state = "exited" if not proc.is_alive() else "is silent"
+        raise RuntimeError(f"the relay benchmark's {what} {state} (exit code {proc.exitcode})")
+    try:
+        return conn.recv()
+    except EOFError:
+        raise RuntimeError(
+            f"the relay benchmark's {what} died (exit code {proc.exitcode})"
+        ) from None
+
+
 def _one(secure: bool, total: int, write_bytes: int) -> tuple[RelaySide, RelaySide]:
     ctx = mp.get_context("fork")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     secret = os.urandom(32) if secure else None
+    deadline = max(60.0, total / 50e6)  # far beyond 50 MB/s: a stuck run, not a slow one
     (src_r, src_w), (dst_r, dst_w) = ctx.Pipe(False), ctx.Pipe(False)
-    dst = ctx.Process(target=_side, args=("destination", port, secret, total, write_bytes, dst_w))
-    dst.start()
-    if not dst_r.poll(10):
-        dst.kill()
-        raise RuntimeError("the relay benchmark's destination did not start listening")
-    dst_r.recv()
-    src = ctx.Process(target=_side, args=("source", port, secret, total, write_bytes, src_w))
-    src.start()
+    procs = []
     try:
-        sides = [src_r.recv(), dst_r.recv()]
+        dst = ctx.Process(target=_side, args=("destination", port, secret, total, write_bytes,
+                                              dst_w))  # fmt: skip
+        dst.start()
+        procs.append(dst)
+        dst_w.close()  # the child's end only: its death is then an EOF here
+        first = _answer(dst_r, dst, "destination", 10)
+        if first != ("listening",):
+            raise RuntimeError(first[3] if len(first) == 4 else f"unexpected {first!r}")
+        src = ctx.Process(target=_side, args=("source", port, secret, total, write_bytes, src_w))
+        src.start()
+        procs.append(src)
+        src_w.close()
+        sides = [_answer(src_r, src, "source", deadline), _answer(dst_r, dst, "destination", 30)]
     finally:
-        for p in (src, dst):
-            p.join(30)
+        for p in procs:
+            p.join(5)
             if p.is_alive():
                 p.kill()
+                p.join(5)
+        for c in (src_r, dst_r, src_w, dst_w):
+            c.close()
     for _wall, _cpu, carried, error in sides:
         if error or carried != total:
             raise RuntimeError(error or f"carried {carried} of {total} bytes")

@@ -86,9 +86,9 @@ LATENCY_BUFFER_BYTES = 256 * 1024
 
 def favour_latency(sock: socket.socket, bufsize: int = LATENCY_BUFFER_BYTES) -> None:
     """Shrink a live connection's buffers (the kernel applies it to what is queued next)."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bufsize)
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, bufsize)
 
 
 class StreamPump:

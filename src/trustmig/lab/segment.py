@@ -94,29 +94,39 @@ class SegmentTap:
             return
         self._ready.set()
         with s:
-            while True:  # after stop(), what the kernel already holds is still read (a while)
-                if self._stop.is_set() and time.monotonic() > self._drain_until:
+            try:
+                self._read(s)
+            except Exception as e:  # noqa: BLE001 - a broken tap must not pass for a clean one
+                self.error = f"the tap on {self.ifname} failed: {type(e).__name__}: {e}"
+            finally:
+                self.dropped += _drops(s)
+
+    def _read(self, s: socket.socket) -> None:
+        while True:  # after stop(), what the kernel already holds is still read (a while)
+            if self._stop.is_set() and time.monotonic() > self._drain_until:
+                self.error = f"the tap on {self.ifname} stopped with frames still queued"
+                break
+            try:
+                frame = s.recv(262144)
+            except TimeoutError:
+                if self._stop.is_set():
                     break
-                try:
-                    frame = s.recv(262144)
-                except TimeoutError:
-                    if self._stop.is_set():
-                        break
-                    continue
-                self.frames += 1
-                got = tcp_payload(frame)
-                if got is None:
-                    continue
-                flow, data = got
-                index = self.flows.setdefault(flow, len(self.flows))
-                self.tap.on_data(index, 0, data)
-            self.dropped += _drops(s)
+                continue
+            self.frames += 1
+            got = tcp_payload(frame)
+            if got is None:
+                continue
+            flow, data = got
+            index = self.flows.setdefault(flow, len(self.flows))
+            self.tap.on_data(index, 0, data)
 
     def stop(self) -> None:
         self._drain_until = time.monotonic() + DRAIN_S
         self._stop.set()
         if self._thread is not None:
             self._thread.join(DRAIN_S + 5)
+            if self._thread.is_alive():
+                self.error = f"the tap on {self.ifname} was still reading after {DRAIN_S:.0f}s"
 
 
 def _drops(s: socket.socket) -> int:
