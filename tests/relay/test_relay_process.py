@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -69,11 +69,11 @@ def _set_up(
     return src, dst, incoming, tmp_path / "out.sock"
 
 
-def test_stream_crosses_two_relays_and_survives_the_agent_going_away(
-    tmp_path: Path, relays: tuple[RelayRecord, RelayRecord]
-) -> None:
-    keys = SessionKeys(master_secret=os.urandom(32), cipher="aes-256-gcm", n_streams=1)
-    src, dst, incoming, out_path = _set_up(tmp_path, relays, keys)
+def _carry_in_two_halves(
+    incoming: socket.socket, out_path: Path, between: Callable[[], None]
+) -> bytearray:
+    """ "QEMU" sends PAYLOAD through the relays in two halves with ``between()`` run in the
+    middle of the stream; returns what the destination "QEMU" received."""
     received = bytearray()
 
     def qemu_destination() -> None:
@@ -84,20 +84,33 @@ def test_stream_crosses_two_relays_and_survives_the_agent_going_away(
 
     t = threading.Thread(target=qemu_destination)
     t.start()
-    qemu_source = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    qemu_source.connect(str(out_path))
-    qemu_source.sendall(PAYLOAD[: len(PAYLOAD) // 2])
-    # the agent disconnects (as if killed) and a new one attaches in the middle of the stream
-    src.close(stop=False)
-    dst.close(stop=False)
-    qemu_source.sendall(PAYLOAD[len(PAYLOAD) // 2 :])
-    qemu_source.shutdown(socket.SHUT_WR)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as qemu_source:
+        qemu_source.connect(str(out_path))
+        qemu_source.sendall(PAYLOAD[: len(PAYLOAD) // 2])
+        between()
+        qemu_source.sendall(PAYLOAD[len(PAYLOAD) // 2 :])
+        qemu_source.shutdown(socket.SHUT_WR)
+        t.join(20)
+    return received
+
+
+def test_stream_crosses_two_relays_and_survives_the_agent_going_away(
+    tmp_path: Path, relays: tuple[RelayRecord, RelayRecord]
+) -> None:
+    keys = SessionKeys(master_secret=os.urandom(32), cipher="aes-256-gcm", n_streams=1)
+    src, dst, incoming, out_path = _set_up(tmp_path, relays, keys)
+
     src2, dst2 = RelayHandle(relays[0]), RelayHandle(relays[1])
-    src2.connect()
-    dst2.connect()
-    t.join(20)
+
+    def agent_replaced() -> None:
+        # the agent disconnects (as if killed) and a new one attaches in the middle of the stream
+        src.close(stop=False)
+        dst.close(stop=False)
+        src2.connect()
+        dst2.connect()
+
+    received = _carry_in_two_halves(incoming, out_path, agent_replaced)
     assert hashlib.sha256(received).digest() == hashlib.sha256(PAYLOAD).digest()
-    qemu_source.close()
     assert _wait(lambda: src2.status()["state"] == "done")
     st = src2.status()
     assert st["streams"][0]["bytes_out"] == len(PAYLOAD) and st["failure"] is None
@@ -227,26 +240,13 @@ def test_the_post_copy_switch_shrinks_a_live_streams_buffers_and_loses_nothing(
 ) -> None:
     keys = SessionKeys(master_secret=os.urandom(32), cipher="aes-256-gcm", n_streams=1)
     src, dst, incoming, out_path = _set_up(tmp_path, relays, keys)
-    received = bytearray()
 
-    def qemu_destination() -> None:
-        conn, _ = incoming.accept()
-        while chunk := conn.recv(65536):
-            received.extend(chunk)
-        conn.close()
+    def post_copy_switch() -> None:
+        for side in (src, dst):
+            assert side.favour_latency() == {"streams": [0], "buffer_bytes": 256 * 1024}
+            assert side.favour_latency((7,))["streams"] == []  # no such stream: nothing to do
 
-    t = threading.Thread(target=qemu_destination)
-    t.start()
-    qemu_source = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    qemu_source.connect(str(out_path))
-    qemu_source.sendall(PAYLOAD[: len(PAYLOAD) // 2])
-    for side in (src, dst):
-        assert side.favour_latency() == {"streams": [0], "buffer_bytes": 256 * 1024}
-        assert side.favour_latency((7,))["streams"] == []  # no such stream: nothing to do
-    qemu_source.sendall(PAYLOAD[len(PAYLOAD) // 2 :])
-    qemu_source.shutdown(socket.SHUT_WR)
-    t.join(20)
-    qemu_source.close()
+    received = _carry_in_two_halves(incoming, out_path, post_copy_switch)
     assert hashlib.sha256(received).digest() == hashlib.sha256(PAYLOAD).digest()
     src.close()
     dst.close()

@@ -24,6 +24,7 @@ from trustmig.agent.diskkeys import encrypted_disks
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.journal import JournalError, MigrationRow
 from trustmig.agent.runtime import HostServices
+from trustmig.agent.steps import span_ms
 from trustmig.agent.vms import ManagedVM
 from trustmig.channel.errors import ChannelError
 from trustmig.hypervisor.blockcopy import (
@@ -433,14 +434,10 @@ class DestinationDriver:
                     fut.set_exception(RequestError(a.message, a.code or Code.FAILED))
 
     def _handover_ms(self) -> dict[str, float | None]:
-        m = self.marks
-
-        def span(a: str, b: str) -> float | None:
-            return round((m[b] - m[a]) * 1000, 2) if a in m and b in m else None
-
-        return {"loaded_to_running": span("loaded", "running"),
-                "commit_to_running": span("commit", "running"),
-                "loaded_to_commit": span("loaded", "commit")}  # fmt: skip
+        pairs = {"loaded_to_running": ("loaded", "running"),
+                 "commit_to_running": ("commit", "running"),
+                 "loaded_to_commit": ("loaded", "commit")}  # fmt: skip
+        return {name: span_ms(self.marks, a, b) for name, (a, b) in pairs.items()}
 
     async def _discard(self, reason: str) -> None:
         await self.vm.qemu.kill()

@@ -27,18 +27,17 @@ from trustmig.agent.diskkeys import encrypted_disks
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.journal import JournalError, MigrationRow
 from trustmig.agent.runtime import HostServices
+from trustmig.agent.steps import span_ms
 from trustmig.agent.vms import ManagedVM
 from trustmig.hypervisor.blockcopy import (
-    BlockCopyError,
     DiskProgress,
     copied_disks,
     finish_mirrors,
     start_mirrors,
     wait_mirrors_ready,
 )
-from trustmig.hypervisor.measure import MeasurementError, measure
+from trustmig.hypervisor.measure import measure
 from trustmig.hypervisor.migration import MigrationOptions, configure_source, query
-from trustmig.hypervisor.qemu import QemuError
 from trustmig.migration import actions as A
 from trustmig.migration import events as ev
 from trustmig.migration.source import (
@@ -463,8 +462,6 @@ class SourceDriver:
                         self.ctx.info["destination_error"] = st["error"]
         except (ControlError, RequestError, OSError) as e:
             self._peer_failed(a.op, e)
-        except (MeasurementError, BlockCopyError, QemuError) as e:
-            self.post(commit_not_prepared(self.vm.qemu.alive(), e))
 
     def _disk_sockets(self) -> dict[int, tuple[str, Path]]:
         """Stream index -> (disk id, the relay's socket for its NBD client): after QEMU's
@@ -515,7 +512,8 @@ class SourceDriver:
     async def _commit_params(self) -> dict[str, Any]:
         """The commit carries the measurement of the stopped source guest, if its definition
         asks for one (taken once: a repeated commit sends the same digests). Raises
-        MeasurementError, and the commit is then never sent."""
+        MeasurementError (or whatever a gone QEMU raises), and the commit is then never sent:
+        :func:`commit_not_prepared` judges it."""
         if copied_disks(self.vm.spec) and self.vm.qemu.alive():
             # the source is stopped for good: its ready mirrors end with complete targets (a
             # source QEMU gone after its memory was sent had its writes mirrored already)
@@ -893,14 +891,9 @@ class SourceDriver:
     def _handover_ms(self) -> dict[str, Any]:
         """The handover's steps in ms: on this host from QEMU's completion to the commit sent
         and answered, and the destination's own (from loaded or commit to running)."""
-        m = self.marks
-
-        def span(a: str, b: str) -> float | None:
-            return round((m[b] - m[a]) * 1000, 2) if a in m and b in m else None
-
         return {
-            "source_completed_to_commit_sent": span("completed", "commit_sent"),
-            "commit_round_trip": span("commit_sent", "commit_answered"),
+            "source_completed_to_commit_sent": span_ms(self.marks, "completed", "commit_sent"),
+            "commit_round_trip": span_ms(self.marks, "commit_sent", "commit_answered"),
             "destination": self.ctx.info.get("destination_handover_ms"),
         }
 
