@@ -9,7 +9,7 @@ demo: bootstrap
 test: bootstrap
 	.venv/bin/trustmig image build
 	.venv/bin/trustmig image build --os debian-12
-	.venv/bin/pytest -q -p no:cacheprovider tests
+	.venv/bin/pytest -q -p no:cacheprovider --durations=40 tests
 
 test-fast: bootstrap
 	.venv/bin/pytest -q -m "not vm" tests
