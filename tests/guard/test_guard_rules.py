@@ -8,7 +8,7 @@ import random
 import pytest
 
 from trustmig.guard import ConnState, Guard, GuardRules, InvalidRulesError
-from trustmig.guard.errors import UnknownConnectionError
+from trustmig.guard.errors import GuardError, UnknownConnectionError
 
 
 class Clock:
@@ -228,3 +228,72 @@ def test_strangers_share_one_connection_budget_cluster_peers_do_not() -> None:
     assert g.on_connect("c", "127.0.0.1", 1)[0].accept  # a cluster peer is not a stranger
     clock.advance(1.0)
     assert g.on_connect("c", "127.0.0.99", 1)[0].accept  # the budget refills at the rate
+
+
+# ---------------------------------------------------------------- gated listeners (data port)
+def test_a_gated_connection_waits_unproven_and_counts_in_no_per_peer_budget() -> None:
+    g, _ = make(max_conn_rate_per_peer=1.0, max_half_open_per_peer=1)
+    ids = []
+    for port in range(10):  # far past the per-peer rate and half-open caps: none apply here
+        gate = g.on_connect_gated("data", "127.0.0.1", port)
+        assert gate.verdict.accept and gate.conn_id is not None and gate.evicted == ()
+        ids.append(gate.conn_id)
+    assert {g.get(i).state for i in ids} == {ConnState.UNPROVEN}
+    snap = g.snapshot()["summary"]
+    assert snap["unproven"] == 10 and snap["half_open"] == 0
+    # and the control port's budget for the same address is untouched
+    assert g.on_connect("control", "127.0.0.1", 1)[0].accept
+
+
+def test_outside_the_allowed_networks_a_gated_connection_is_refused() -> None:
+    g, _ = make(listener_networks={"data": ["10.9.0.0/24"]})
+    gate = g.on_connect_gated("data", "127.0.0.1", 1)
+    assert not gate.verdict.accept and gate.conn_id is None and gate.verdict.rule == "network"
+
+
+def test_a_full_waiting_room_evicts_its_oldest_for_the_newcomer() -> None:
+    g, clock = make(max_unproven=3)
+    first = [g.on_connect_gated("data", "127.0.0.1", p).conn_id for p in range(3)]
+    clock.advance(0.01)
+    gate = g.on_connect_gated("data", "127.0.0.1", 99)
+    assert gate.verdict.accept and gate.evicted == (first[0],)
+    assert g.get(first[0]).state is ConnState.DROPPED
+    assert "evicted unproven" in (g.get(first[0]).end_reason or "")
+    assert gate.conn_id is not None
+    assert g.on_proven(gate.conn_id, "admit").accept  # the newcomer proves itself at once
+    assert g.get(gate.conn_id).state is ConnState.NEW
+    assert g.counters()["evicted"] == 1 and g.counters()["proven"] == 1
+    assert not g.on_proven(first[0], "admit").accept  # an evicted waiter cannot come back
+
+
+def test_proven_connections_run_the_ordinary_handshake_deadline() -> None:
+    g, clock = make(handshake_deadline_s=5.0, proof_deadline_s=1.0)
+    cid = g.on_connect_gated("data", "127.0.0.1", 1).conn_id
+    assert cid is not None and g.on_proven(cid, "stream-join").accept
+    clock.advance(2.0)
+    assert g.expire_unproven() == [] and g.sweep() == []
+    clock.advance(3.5)
+    assert [c for c, _ in g.sweep()] == [cid]
+    other = g.on_connect_gated("data", "127.0.0.1", 2).conn_id
+    assert other is not None and g.on_proven(other, "admit").accept
+    with pytest.raises(GuardError, match="is new, not unproven"):
+        g.on_proven(other, "admit")
+
+
+def test_waiters_past_the_proof_deadline_are_dropped_by_the_gate_not_the_sweeper() -> None:
+    g, clock = make(proof_deadline_s=1.0)
+    cid = g.on_connect_gated("data", "127.0.0.1", 1).conn_id
+    clock.advance(1.5)
+    assert g.sweep() == []  # the sweeper leaves waiters to the gate
+    assert g.expire_unproven() == [cid] and not g.is_live(cid or 0)
+    assert g.counters()["proof_deadline"] == 1 and g.expire_unproven() == []
+
+
+def test_a_failed_proof_is_counted_under_its_own_rule() -> None:
+    g, _ = make()
+    cid = g.on_connect_gated("data", "127.0.0.1", 1).conn_id
+    assert cid is not None
+    g.on_proof_failed(cid, "admit_bad_mac", "wrong MAC")
+    g.on_proof_failed(cid, "admit_bad_mac", "twice is a no-op")
+    assert g.counters()["admit_bad_mac"] == 1 and g.get(cid).end_reason == "wrong MAC"
+    assert g.snapshot()["summary"]["unproven"] == 0

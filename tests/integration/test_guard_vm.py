@@ -234,3 +234,50 @@ def test_flood_during_a_migration_does_not_stop_it_and_memory_stays_bounded(make
     assert hits.get("rate", 0) + hits.get("half_open", 0) + hits.get("half_open_per_peer", 0) > 100
     # the agent holds no per-attempt state beyond its bounded tables
     assert rss.max_kib - rss.first_kib < 64 * 1024, rss
+
+
+def test_a_flood_from_the_peers_own_address_does_not_shut_the_peer_out(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    """Garbage and half-open connections at 400/s from 127.0.0.1 (the source agent's address)
+    on the destination's data port: the migration goes through, the flood is refused by the
+    gate's proof (never by a budget on the address both share)."""
+    from trustmig.config import parse_hostport
+    from trustmig.lab.flood import Flood, FloodSpec
+
+    c = make_cluster()
+    hb = c.hosts["host-b"]
+    spec_ = FloodSpec(
+        targets=[parse_hostport(hb.data_listen)], kinds=("garbage", "halfopen"),
+        rate_per_s=400, max_attempts=20_000, duration_s=60, max_open=512, hold_s=10,
+        source_ips=("127.0.0.1",),
+    )  # fmt: skip
+
+    async def go():  # type: ignore[no-untyped-def]
+        a = await c.client("host-a", "alice")
+        b = await c.client("host-b", "alice")
+        try:
+            await start_vm(a, spec(memory=256, workload=64, rate=4), c)
+            before = (await b.call("guard.show"))["guard"]["counters"]
+            with Flood(spec_) as flood:
+                await asyncio.sleep(2)
+                res = await a.call(
+                    "migrate", {"vm": "vm1", "to": "host-b", "options": {}}, timeout=300
+                )
+            await assert_running_and_beating(b, "vm1")
+            await assert_absent(a, "vm1")
+            after = (await b.call("guard.show"))["guard"]["counters"]
+            return res, flood.report(), before, after
+        finally:
+            await a.close()
+            await b.close()
+
+    res, flood, before, after = arun(go())
+    assert res["status"] == "completed", res
+    assert flood.total_attempted > 500
+    hits = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    # the flood was refused by what its first bytes failed to prove, or waited out
+    assert hits.get("first_message", 0) + hits.get("proof_deadline", 0) + hits.get(
+        "evicted", 0
+    ) > 100, hits
+    assert hits.get("proven", 0) >= 1, hits  # the source's stream 0
+    # and no budget by address refused anyone: the source agent shares 127.0.0.1
+    assert hits.get("rate", 0) == hits.get("half_open_per_peer", 0) == 0, hits

@@ -16,22 +16,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import selectors
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from trustmig.agent.diskkeys import EXPORTER_LABEL
-from trustmig.channel.errors import ChannelError
+from trustmig.channel.admit import Admit, AdmitCheck, AdmitOutcome, FirstMessage, Join, make_admit
+from trustmig.channel.errors import ChannelError, HandshakeError
 from trustmig.channel.handshake import ClientHandshake, HandshakeResult, ServerHandshake
 from trustmig.channel.identity import LocalIdentity
 from trustmig.channel.join import JoinVerifier, make_join, parse_join
 from trustmig.channel.relay import recv_exact, tune_tcp
 from trustmig.channel.session import SessionKeys
-from trustmig.channel.wire import FRAME_HEADER, MAX_FRAME_BODY, MsgType
+from trustmig.channel.wire import FRAME_HEADER, MAX_FRAME_BODY
 from trustmig.config import parse_hostport
 from trustmig.guard.ratelog import RateLimitedLog
 from trustmig.relay.client import RelayError, RelayHandle
@@ -57,7 +58,12 @@ class DataGuard(Protocol):
     @property
     def handshake_deadline_s(self) -> float: ...
 
-    def connect(self, listener: str, ip: str, port: int) -> int | None: ...
+    def gate_connect(self, listener: str, ip: str, port: int) -> tuple[int | None, tuple[int, ...]]:
+        """A new connection's id (None: refused) and the waiters evicted for it."""
+
+    def proven(self, conn_id: int, proof: str) -> bool: ...
+    def proof_failed(self, conn_id: int, rule: str, reason: str) -> None: ...
+    def expire_unproven(self) -> list[int]: ...
     def progress(self, conn_id: int, step: str) -> None: ...
     def authenticated(self, conn_id: int, identity: str) -> None: ...
     def close(self, conn_id: int) -> None: ...
@@ -79,6 +85,10 @@ class SessionTarget:
 
 class IncomingSessions(Protocol):
     """The destination's migrations, as the data listener sees them (thread-safe calls)."""
+
+    def admission_key(self, migration_id: bytes) -> bytes | None:
+        """The key an expected migration's source must MAC its opening with (None: no such
+        migration is expected here)."""
 
     def expect(self, migration_id: bytes, peer: str, n_streams: int) -> None:
         """Refuse (ChannelError) a session nobody expects, before any expensive crypto."""
@@ -180,9 +190,19 @@ class OutboundSession:
 
 
 def open_outbound_session(
-    security: ChannelSecurity, address: str, server_name: str, migration_id: str, n_streams: int
+    security: ChannelSecurity,
+    address: str,
+    server_name: str,
+    migration_id: str,
+    n_streams: int,
+    admission_key: bytes,
 ) -> OutboundSession:
-    """Blocking: connect, handshake and join every stream; raises ChannelError/OSError."""
+    """Blocking: connect, handshake and join every stream; raises ChannelError/OSError.
+
+    Stream 0 opens with the ``Admit`` the destination's gate checks first: the MAC of the
+    ClientHello under ``admission_key``, which the destination gave this source over the
+    control channel for this migration (``incoming.prepare``/``incoming.recover``).
+    """
     host, port = parse_hostport(address, "data address")
     mid = bytes.fromhex(migration_id.replace("-", ""))
     socks: list[socket.socket] = []
@@ -199,7 +219,8 @@ def open_outbound_session(
             make_evidence=security.make_evidence,
             verify_evidence=security.verify_evidence,
         )
-        s0.sendall(hs.start())
+        hello = hs.start()
+        s0.sendall(make_admit(admission_key, mid, hello) + hello)
         result = _run_handshake(s0, hs, b"")
         for i in range(1, n_streams):
             si = socket.create_connection((host, port), timeout=HANDSHAKE_TIMEOUT)
@@ -253,15 +274,59 @@ async def favour_latency(relay: RelayHandle | None) -> None:
 
 @dataclass
 class _InboundSession:
-    target: SessionTarget
+    """A session the handshake finished: its keys judge the joins at once; the target (the
+    migration's relay) follows once the migration claimed it (``ready``)."""
+
+    migration_id: bytes
     keys: SessionKeys
     verifier: JoinVerifier
     peer: str
+    target: SessionTarget | None = None
+    failed: bool = False
+    ready: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+_ADMIT_REFUSALS = {
+    AdmitOutcome.UNKNOWN: "Admit names no migration expected here (ended, replayed or forged)",
+    AdmitOutcome.BAD_MAC: "Admit MAC is wrong: the sender does not hold this migration's key",
+    AdmitOutcome.MISMATCH: "Admit and its ClientHello name different migrations",
+    AdmitOutcome.REPLAYED: "Admit was already used: a replayed opening",
+    AdmitOutcome.EXHAUSTED: "this migration's admission key opened too many sessions",
+}
+
+
+@dataclass
+class _Waiter:
+    """A connection in the gate's waiting room: its socket and what arrived of its first
+    message."""
+
+    sock: socket.socket
+    peer: tuple[str, int]
+    conn_id: int
+    first: FirstMessage = field(default_factory=FirstMessage)
+    #: a complete StreamJoin whose session's handshake is finishing on another thread
+    parked: Join | None = None
+
+
+#: The gate's select timeout: how often it drops waiters past the proof deadline.
+GATE_TICK_S = 0.1
+#: ... and how soon it looks again for the session of a join that overtook its handshake.
+PARKED_TICK_S = 0.002
+#: Accepts per turn of the gate, so a flood of connects cannot starve the reads.
+ACCEPTS_PER_TURN = 64
+
+
 class DataListener:
-    """Destination data port: authenticates every connection before any byte reaches QEMU."""
+    """Destination data port: authenticates every connection before any byte reaches QEMU.
+
+    One gate thread accepts every connection and reads its first message without blocking:
+    an ``Admit`` + ``ClientHello`` whose MAC needs this migration's admission key, or a
+    ``StreamJoin`` whose MAC needs the session's join key. Only a connection that proved
+    itself gets a thread, a handshake and a guard slot; anything else costs one accept, a
+    read and a close. A flood, from any address (a peer's too), can only shorten how long a
+    connection may wait in the gate's bounded room.
+    """
 
     def __init__(
         self,
@@ -274,60 +339,193 @@ class DataListener:
         self.security = security
         self.guard = guard
         self.sessions = sessions
-        self.sock = socket.create_server((host, port), backlog=128, reuse_port=False)
+        self.sock = socket.create_server((host, port), backlog=1024, reuse_port=False)
+        self.sock.setblocking(False)
         self.address = self.sock.getsockname()[:2]
         self._inbound: dict[bytes, _InboundSession] = {}
+        self._admits = AdmitCheck()
+        self._admits_lock = threading.Lock()
+        self._waiting: dict[int, _Waiter] = {}
         self._stop = False
-        self._thread = threading.Thread(
-            target=self._accept_loop, name="tm-data-accept", daemon=True
-        )
+        self._thread = threading.Thread(target=self._gate_loop, name="tm-data-gate", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def close(self) -> None:
         self._stop = True
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+        if self._thread.is_alive():
+            self._thread.join(1.0)  # the gate sees the flag within one tick
         with contextlib.suppress(OSError):
             self.sock.close()
 
     def forget(self, migration_id: str) -> None:
-        """Drop the session keys kept for stream joins (the migration ended)."""
+        """Drop the session keys kept for stream joins and the openings admitted (the
+        migration ended)."""
+        raw = bytes.fromhex(migration_id.replace("-", ""))
         for sid, sess in list(self._inbound.items()):
-            if sess.target.migration_id == migration_id:
+            if sess.migration_id == raw:
                 self._inbound.pop(sid, None)
+        with self._admits_lock:
+            self._admits.forget(raw)
 
-    def _accept_loop(self) -> None:
-        while not self._stop:
+    # ------------------------------------------------------------------ the gate
+    def _gate_loop(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ, None)
+        try:
+            while not self._stop:
+                parked = any(w.parked is not None for w in self._waiting.values())
+                for key, _ in sel.select(PARKED_TICK_S if parked else GATE_TICK_S):
+                    if key.data is None:
+                        self._accept(sel)
+                    else:
+                        self._read(sel, key.data)
+                for conn_id in self.guard.expire_unproven():
+                    self._drop(sel, conn_id)
+                for w in [w for w in self._waiting.values() if w.parked is not None]:
+                    assert w.parked is not None
+                    self._judge_join(sel, w, w.parked)
+        except Exception:  # pragma: no cover - the gate must be visible if it ever dies
+            log.exception("data listener gate stopped")
+        finally:
+            for conn_id in list(self._waiting):
+                self._drop(sel, conn_id)
+            sel.close()
+
+    def _accept(self, sel: selectors.BaseSelector) -> None:
+        for _ in range(ACCEPTS_PER_TURN):
             try:
                 conn, peer = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError:
-                if self._stop:
-                    return
-                time.sleep(0.01)
-                continue
-            conn_id = self.guard.connect("data", peer[0], peer[1])
+                if not self._stop:
+                    log.warning("data listener: accept failed", exc_info=True)
+                return
+            conn_id, evicted = self.guard.gate_connect("data", peer[0], peer[1])
+            for old in evicted:
+                self._drop(sel, old)
             if conn_id is None:
                 with contextlib.suppress(OSError):
                     conn.close()
                 continue
-            threading.Thread(
-                target=self._handle, args=(conn, peer, conn_id), name="tm-data-conn", daemon=True
-            ).start()
+            conn.setblocking(False)
+            waiter = _Waiter(conn, (str(peer[0]), int(peer[1])), conn_id)
+            self._waiting[conn_id] = waiter
+            sel.register(conn, selectors.EVENT_READ, waiter)
 
-    def _handle(self, conn: socket.socket, peer: tuple[str, int], conn_id: int) -> None:
+    def _drop(self, sel: selectors.BaseSelector, conn_id: int) -> None:
+        waiter = self._waiting.pop(conn_id, None)
+        if waiter is None:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            sel.unregister(waiter.sock)
+        with contextlib.suppress(OSError):
+            waiter.sock.close()
+
+    def _refuse(self, sel: selectors.BaseSelector, w: _Waiter, rule: str, reason: str) -> None:
+        self.guard.proof_failed(w.conn_id, rule, reason)
+        rlog.log(logging.INFO, f"data-gate:{rule}", "data connection from %s:%s refused: %s",
+                 w.peer[0], w.peer[1], reason)  # fmt: skip
+        self.guard.refused(w.peer, reason)
+        self._drop(sel, w.conn_id)
+
+    def _read(self, sel: selectors.BaseSelector, w: _Waiter) -> None:
+        try:
+            data = w.sock.recv(w.first.wanted())
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._refuse(
+                sel, w, "first_message", f"connection failed before its first message: {e}"
+            )
+            return
+        if not data:
+            self._refuse(sel, w, "first_message", "connection closed before its first message")
+            return
+        try:
+            msg = w.first.feed(data)
+        except HandshakeError as e:
+            self._refuse(sel, w, "first_message", str(e))
+            return
+        if isinstance(msg, Admit):
+            self._judge_admit(sel, w, msg)
+        elif isinstance(msg, Join):
+            self._judge_join(sel, w, msg)
+
+    def _judge_admit(self, sel: selectors.BaseSelector, w: _Waiter, admit: Admit) -> None:
+        key = self.sessions.admission_key(admit.migration_id)
+        with self._admits_lock:
+            outcome = self._admits.check(key, admit)
+        if outcome is not AdmitOutcome.ADMITTED:
+            self._refuse(sel, w, f"admit_{outcome.value}", _ADMIT_REFUSALS[outcome])
+            return
+        if self._hand_off(sel, w, "admit"):
+            args = (w.sock, w.peer, w.conn_id, admit.hello_frame)
+            threading.Thread(target=self._handle, args=args, name="tm-data-conn",
+                             daemon=True).start()  # fmt: skip
+
+    def _judge_join(self, sel: selectors.BaseSelector, w: _Waiter, join: Join) -> None:
+        sess = self._inbound.get(parse_join(join.frame).session_id)
+        if sess is None:
+            # stream 0's server thread registers the session just after its last message; a
+            # join may overtake it: it waits (within the proof deadline), without a thread
+            if w.parked is None:
+                w.parked = join
+                with contextlib.suppress(KeyError, ValueError):
+                    sel.unregister(w.sock)
+            return
+        try:
+            with sess.lock:
+                index = sess.verifier.verify(join.frame)
+        except HandshakeError as e:
+            self._refuse(sel, w, "join_refused", str(e))
+            return
+        if self._hand_off(sel, w, "stream-join"):
+            threading.Thread(target=self._joined, args=(w.sock, w.peer, w.conn_id, sess, index),
+                             name="tm-data-join", daemon=True).start()  # fmt: skip
+
+    def _hand_off(self, sel: selectors.BaseSelector, w: _Waiter, proof: str) -> bool:
+        """Out of the waiting room into a guard slot and a thread of its own."""
+        self._waiting.pop(w.conn_id, None)
+        with contextlib.suppress(KeyError, ValueError):
+            sel.unregister(w.sock)
+        if not self.guard.proven(w.conn_id, proof):
+            with contextlib.suppress(OSError):
+                w.sock.close()
+            return False
+        w.sock.setblocking(True)
+        return True
+
+    # ------------------------------------------------------------------ proven connections
+    def _handle(
+        self, conn: socket.socket, peer: tuple[str, int], conn_id: int, hello: bytes
+    ) -> None:
+        self._proven(conn, peer, conn_id, lambda dog: self._handshake(conn, hello, conn_id, dog))
+
+    def _joined(
+        self,
+        conn: socket.socket,
+        peer: tuple[str, int],
+        conn_id: int,
+        sess: _InboundSession,
+        index: int,
+    ) -> None:
+        self._proven(conn, peer, conn_id, lambda dog: self._join(conn, sess, index, conn_id, dog))
+
+    def _proven(
+        self,
+        conn: socket.socket,
+        peer: tuple[str, int],
+        conn_id: int,
+        run: Callable[[HandshakeWatchdog], None],
+    ) -> None:
         tune_tcp(conn)
         conn.settimeout(HANDSHAKE_TIMEOUT)
         dog = HandshakeWatchdog(conn, self.guard.handshake_deadline_s)
         try:
-            mtype, frame = _read_frame(conn)
-            if mtype == MsgType.CLIENT_HELLO:
-                self._handshake(conn, frame, conn_id, dog)
-            elif mtype == MsgType.STREAM_JOIN:
-                self._join(conn, frame, conn_id, dog)
-            else:
-                raise ChannelError(f"unexpected first message type {mtype}")
+            run(dog)
         except Exception as e:  # noqa: BLE001 - a bad peer must never take the listener down
             dog.cancel()
             if dog.expired:
@@ -335,14 +533,8 @@ class DataListener:
                     f"handshake not finished within {self.guard.handshake_deadline_s:g} s "
                     f"(guard handshake deadline): {e}"
                 )
-            rlog.log(
-                logging.WARNING,
-                "data-refused",
-                "data connection from %s:%s refused: %s",
-                peer[0],
-                peer[1],
-                e,
-            )
+            rlog.log(logging.WARNING, "data-refused", "data connection from %s:%s refused: %s",
+                     peer[0], peer[1], e)  # fmt: skip
             self.guard.refused(peer, str(e))
             self.guard.close(conn_id)
             with contextlib.suppress(OSError):
@@ -362,22 +554,26 @@ class DataListener:
         result = _run_handshake(conn, hs, frame)
         if hs.leftover:
             raise ChannelError("client sent records before the handshake finished")
-        summary = {
-            "peer": result.peer_name,
-            "evidence": result.peer_evidence_summary,
-            "transcript_hash": result.transcript_hash.hex(),
-        }
-        wrap = result.session.exporter(EXPORTER_LABEL, result.migration_id)
-        target = self.sessions.claim(result.migration_id, result.peer_name, summary, wrap)
+        keys = result.session
+        # the joins are judged by their MAC the moment they arrive, before the claim
+        sess = _InboundSession(result.migration_id, keys, JoinVerifier(keys), result.peer_name)
+        self._inbound[result.session_id] = sess
+        try:
+            target = self._claim(result)
+        except BaseException:
+            self._inbound.pop(result.session_id, None)
+            sess.failed = True
+            sess.ready.set()
+            raise
         self.guard.authenticated(conn_id, result.peer_name)
         # handed over to the migration, whose own stall detection supervises it from here
         self.guard.close(conn_id)
         dog.hand_over()
         if target.handshake_only or target.relay is None:
+            self._inbound.pop(result.session_id, None)
             with contextlib.suppress(OSError):
                 conn.close()
             return
-        keys = result.session
         target.relay.configure(
             "destination",
             [keys.stream_keys(i, "s2c", "c2s") for i in range(keys.n_streams)],
@@ -385,23 +581,30 @@ class DataListener:
             target.migration_id,
             target.disk_sockets,
         )
-        sess = _InboundSession(target, keys, JoinVerifier(keys), result.peer_name)
-        self._inbound[result.session_id] = sess
+        sess.target = target
+        sess.ready.set()
         conn.settimeout(None)
         target.relay.add_stream(0, conn)
 
+    def _claim(self, result: HandshakeResult) -> SessionTarget:
+        summary = {
+            "peer": result.peer_name,
+            "evidence": result.peer_evidence_summary,
+            "transcript_hash": result.transcript_hash.hex(),
+        }
+        wrap = result.session.exporter(EXPORTER_LABEL, result.migration_id)
+        return self.sessions.claim(result.migration_id, result.peer_name, summary, wrap)
+
     def _join(
-        self, conn: socket.socket, frame: bytes, conn_id: int, dog: HandshakeWatchdog
+        self,
+        conn: socket.socket,
+        sess: _InboundSession,
+        index: int,
+        conn_id: int,
+        dog: HandshakeWatchdog,
     ) -> None:
-        sid = parse_join(frame).session_id
-        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
-        # stream 0 registers its session once handed to the relay; a join may arrive just before
-        while (sess := self._inbound.get(sid)) is None:
-            if time.monotonic() > deadline:
-                raise ChannelError("stream join for an unknown session")
-            time.sleep(0.005)
-        with sess.lock:
-            index = sess.verifier.verify(frame)
+        if not sess.ready.wait(HANDSHAKE_TIMEOUT) or sess.failed or sess.target is None:
+            raise ChannelError(f"stream {index} joined a session its migration did not claim")
         self.guard.authenticated(conn_id, sess.peer)
         self.guard.close(conn_id)
         dog.hand_over()

@@ -26,6 +26,7 @@ from trustmig.agent.journal import JournalError, MigrationRow
 from trustmig.agent.runtime import HostServices
 from trustmig.agent.steps import span_ms
 from trustmig.agent.vms import ManagedVM
+from trustmig.channel.admit import new_admission_key
 from trustmig.channel.errors import ChannelError
 from trustmig.hypervisor.blockcopy import (
     NBD_SOCKET,
@@ -132,6 +133,9 @@ class DestinationDriver:
         #: the first attested session's exporter for disk keys (memory only: an agent that
         #: restarts before the keys arrived cannot take them, and the migration rolls back)
         self.disk_key_wrap: bytes | None = None
+        #: what the source must MAC its data connections' opening with (memory only: a
+        #: restarted agent makes a new one and hands it over in its incoming.recover answer)
+        self.admission_key = new_admission_key()
         self._ids = itertools.count(1)
         self._waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._tasks: set[asyncio.Future[Any]] = set()

@@ -309,6 +309,7 @@ class MigrationRegistry:
         )
         return {
             "data_address": svc.data_advertise(),
+            "admission_key": driver.admission_key.hex(),
             "streams": opts.streams,
             "destination_pid": qemu.pid,
             "decision": decision,
@@ -371,7 +372,9 @@ class MigrationRegistry:
 
     async def recover_in(self, mid: str, source: str, lease: asyncio.Event) -> dict[str, Any]:
         res = await self._ask(mid, source, lease, ev.RecoverRequested, timeout=30)
-        return {**res, "data_address": self.svc.data_advertise()}
+        d = self._incoming_driver(mid, source)
+        key = d.admission_key.hex() if d is not None else ""
+        return {**res, "data_address": self.svc.data_advertise(), "admission_key": key}
 
     async def disk_keys_in(
         self, mid: str, source: str, lease: asyncio.Event, wrapped: dict[str, Any]
@@ -407,6 +410,10 @@ class MigrationRegistry:
             if mid.replace("-", "") == want:
                 return d
         return None
+
+    def admission_key(self, migration_id: bytes) -> bytes | None:
+        d = self._by_raw_id(migration_id)
+        return d.admission_key if d is not None and not d.done.is_set() else None
 
     def expect(self, migration_id: bytes, peer: str, n_streams: int) -> None:
         d = self._by_raw_id(migration_id)

@@ -85,13 +85,26 @@ class GuardHooks:
     def handshake_deadline_s(self) -> float:
         return float(self.guard.rules.handshake_deadline_s)
 
-    def connect(self, listener: str, ip: str, port: int) -> int | None:
-        verdict, cid = self.guard.on_connect(listener, ip, port)
-        if not verdict.accept:
-            rule = f"refused:{listener}:{verdict.rule}"
-            msg = "guard refused %s:%s on %s: %s"
-            rlog.log(logging.INFO, rule, msg, ip, port, listener, verdict.reason)
-        return cid if verdict.accept else None
+    def gate_connect(self, listener: str, ip: str, port: int) -> tuple[int | None, tuple[int, ...]]:
+        gate = self.guard.on_connect_gated(listener, ip, port)
+        if not gate.verdict.accept:
+            rlog.log(logging.INFO, f"refused:{listener}:{gate.verdict.rule}",
+                     "guard refused %s:%s on %s: %s", ip, port, listener,
+                     gate.verdict.reason)  # fmt: skip
+        return gate.conn_id, gate.evicted
+
+    def proven(self, conn_id: int, proof: str) -> bool:
+        try:
+            return self.guard.on_proven(conn_id, proof).accept
+        except GuardError:
+            return False
+
+    def proof_failed(self, conn_id: int, rule: str, reason: str) -> None:
+        with contextlib.suppress(GuardError):
+            self.guard.on_proof_failed(conn_id, rule, reason)
+
+    def expire_unproven(self) -> list[int]:
+        return self.guard.expire_unproven()
 
     def progress(self, conn_id: int, step: str) -> None:
         with contextlib.suppress(GuardError):

@@ -29,6 +29,7 @@ from trustmig.agent.journal import JournalError, MigrationRow
 from trustmig.agent.runtime import HostServices
 from trustmig.agent.steps import span_ms
 from trustmig.agent.vms import ManagedVM
+from trustmig.channel.admit import ADMISSION_KEY_SIZE
 from trustmig.hypervisor.blockcopy import (
     DiskProgress,
     copied_disks,
@@ -70,6 +71,23 @@ S = SourceState
 PEER_ANSWERS = frozenset({"refused", "denied", "not_found", "invalid", "busy", "aborted",
                           "committed", "in_doubt", "failed", "internal"})  # fmt: skip
 ACTIVE_QEMU = ("active", "setup", "device", "pre-switchover", "cancelling")
+
+
+def admission_key_of(answer: dict[str, Any], peer: str) -> bytes:
+    """The data gate's key from a destination's prepare or recover answer.
+
+    Raises RequestError naming the peer when it sent none (an agent too old for the gate).
+    """
+    try:
+        key = bytes.fromhex(str(answer.get("admission_key") or ""))
+    except ValueError:
+        key = b""
+    if len(key) != ADMISSION_KEY_SIZE:
+        raise RequestError(
+            f"{peer} sent no valid admission key for its data port; "
+            "upgrade its agent to this version"
+        )
+    return key
 
 
 def source_plan(opts: MigrationOptions, host: Any) -> SourcePlan:
@@ -157,6 +175,8 @@ class SourceDriver:
         self.relay: RelayHandle | None = None
         #: the attested session's exporter for disk keys (memory only, never journaled)
         self._disk_key_wrap: bytes | None = None
+        #: the destination's per-migration key for the data gate (memory only, like its own)
+        self._admission_key = b""
         self._relay_spawn: asyncio.Task[RelayRecord] | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
         self._main: asyncio.Future[None] | None = None
@@ -566,6 +586,7 @@ class SourceDriver:
         return advertised
 
     def _on_prepared(self, prep: dict[str, Any]) -> None:
+        self._admission_key = admission_key_of(prep, self.core.peer)
         self.ctx.data_address = self._data_address(str(prep["data_address"]))
         self.ctx.decision_in = str(prep.get("decision", ""))
         self.ctx.peer_audit_pub = str(prep.get("audit_pub", ""))
@@ -600,7 +621,7 @@ class SourceDriver:
                     raise RequestError(f"{self.core.peer} did not open a QEMU TLS port")
                 session = await asyncio.to_thread(
                     open_outbound_session, self.svc.security, self.ctx.data_address,
-                    self.core.peer, self.migration_id, 1,
+                    self.core.peer, self.migration_id, 1, self._admission_key,
                 )  # fmt: skip
                 self._disk_key_wrap = session.disk_key_wrap()
                 session.close()
@@ -612,6 +633,7 @@ class SourceDriver:
                 session = await asyncio.to_thread(
                     open_outbound_session, self.svc.security, self.ctx.data_address,
                     self.core.peer, self.migration_id, opts.streams + len(disks),
+                    self._admission_key,
                 )  # fmt: skip
                 self._disk_key_wrap = session.disk_key_wrap()
                 await asyncio.to_thread(hand_to_relay, session, self.relay, sock, self.migration_id,
@@ -736,7 +758,7 @@ class SourceDriver:
             address = self._data_address(str(res.get("data_address") or self.ctx.data_address))
             session = await asyncio.to_thread(
                 open_outbound_session, self.svc.security, address, self.core.peer,
-                self.migration_id, 1,
+                self.migration_id, 1, admission_key_of(res, self.core.peer),
             )  # fmt: skip
             await asyncio.to_thread(hand_to_relay, session, self.relay, sock, self.migration_id)
             await favour_latency(self.relay)  # the recovered stream is a post-copy one

@@ -10,6 +10,8 @@ socket-level outcome counts and the guard's rule hits.
 The flood (``trustmig.lab.flood``) targets the destination's control and data listeners from
 several loopback addresses other than the peers' own (127.0.0.2 and up), like attackers on other
 machines would; it is capped in rate, count, open sockets and time, and never leaves loopback.
+With ``from_peer_address`` it hits the data port from the peers' own address (127.0.0.1), which
+no budget by address can tell apart from the source agent: only the data gate's MAC can.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ from trustmig.hypervisor.qemu import process_cpu_seconds
 from trustmig.hypervisor.spec import VMSpec
 from trustmig.lab.flood import ALL_KINDS, KINDS, Flood, FloodSpec, RssSampler, peak_rss_kib
 
+#: The loopback cluster's peers all connect from this address.
+PEER_ADDRESS = "127.0.0.1"
+#: ``--from-peer-address`` without explicit kinds or rate: garbage and half-open at 400/s.
+PEER_ADDRESS_KINDS = ("garbage", "halfopen")
+PEER_ADDRESS_RATE = 400.0
+
 #: The ratio the issue asks for: a flooded migration keeps at least this share of throughput.
 GOAL_RATIO = 0.8
 
@@ -53,6 +61,9 @@ class FloodBenchConfig:
     max_open: int = 256
     max_attempts_per_run: int = 200_000
     max_flood_s: float = 300.0
+    #: Flood the data port only, from 127.0.0.1: the address the source agent itself uses, as
+    #: a NATed guest or any process on a peer host would share it on real hosts.
+    from_peer_address: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -67,6 +78,8 @@ class FloodBenchConfig:
             raise BenchError(f"rate is {self.rate_per_s}/s; use a rate in (0, 20000]")
 
     def source_ips(self) -> tuple[str, ...]:
+        if self.from_peer_address:
+            return (PEER_ADDRESS,)
         return tuple(f"127.0.0.{i}" for i in range(2, 2 + self.sources))
 
     def to_json(self) -> dict[str, Any]:
@@ -79,7 +92,9 @@ class FloodBenchConfig:
 
 def _flood_spec(cfg: FloodBenchConfig, cluster: LocalCluster) -> FloodSpec:
     hh = cluster.hosts[DEST]
-    targets = [parse_hostport(hh.control), parse_hostport(hh.data_listen)]
+    targets = [parse_hostport(hh.data_listen)]
+    if not cfg.from_peer_address:
+        targets.insert(0, parse_hostport(hh.control))
     return FloodSpec(
         targets=targets,
         kinds=cfg.kinds,

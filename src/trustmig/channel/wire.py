@@ -30,6 +30,7 @@ class MsgType(IntEnum):
     CLIENT_FINISHED = 5
     SERVER_FINISHED = 6
     STREAM_JOIN = 7
+    ADMIT = 8
 
 
 @dataclass(frozen=True)

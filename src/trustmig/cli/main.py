@@ -762,27 +762,51 @@ def bench_flood(
     memory: Annotated[int, typer.Option(help="Guest RAM, MiB.")] = 1024,
     dirty_rate: Annotated[float, typer.Option(help="Workload dirtying rate, MiB/s.")] = 0.0,
     repeat: Annotated[int, typer.Option(help="Unloaded/flooded pairs.")] = 3,
-    rate: Annotated[float, typer.Option(help="Flood connection attempts per second.")] = 1000.0,
-    kinds: Annotated[str, typer.Option(help="Comma-separated flood kinds.")] = ",".join(
-        ALL_FLOOD_KINDS
-    ),
+    rate: Annotated[
+        float | None,
+        typer.Option(
+            help="Flood connection attempts per second (default 1000; 400 from the peer's)."
+        ),
+    ] = None,
+    kinds: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated flood kinds (default all; garbage,halfopen from the peer's)."
+        ),
+    ] = None,
     sources: Annotated[int, typer.Option(help="Flooding loopback addresses (127.0.0.2..).")] = 8,
+    from_peer_address: Annotated[
+        bool,
+        typer.Option(
+            "--from-peer-address",
+            help="Flood the data port from 127.0.0.1, the address the source agent uses too.",
+        ),
+    ] = False,
     output: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Migrate a guest with and without a flood on the destination agent; compare."""
     from trustmig.bench import BenchError
-    from trustmig.bench.flood import FloodBenchConfig, run_flood_bench
+    from trustmig.bench.flood import (
+        PEER_ADDRESS_KINDS,
+        PEER_ADDRESS_RATE,
+        FloodBenchConfig,
+        run_flood_bench,
+    )
 
+    default_kinds = PEER_ADDRESS_KINDS if from_peer_address else ALL_FLOOD_KINDS
+    default_rate = PEER_ADDRESS_RATE if from_peer_address else 1000.0
+    chosen_kinds = (kinds or ",".join(default_kinds)).split(",")
     with _errors(as_json):
         try:
             cfg = FloodBenchConfig(
                 memory_mib=memory,
                 dirty_rate=dirty_rate,
                 repeat=repeat,
-                rate_per_s=rate,
+                rate_per_s=default_rate if rate is None else rate,
                 sources=sources,
-                kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
+                kinds=tuple(k.strip() for k in chosen_kinds if k.strip()),
+                from_peer_address=from_peer_address,
             )
             say = _narrator(as_json)
             with Progress(console=console, disable=as_json) as bar:

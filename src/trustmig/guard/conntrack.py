@@ -17,6 +17,8 @@ from typing import Any
 class ConnState(Enum):
     """Life cycle of a tracked connection."""
 
+    #: accepted by TCP, its first message not yet proven (a gated listener's waiting room)
+    UNPROVEN = "unproven"
     NEW = "new"
     HANDSHAKE = "handshake"
     ESTABLISHED = "established"
@@ -25,7 +27,9 @@ class ConnState(Enum):
 
 
 HALF_OPEN_STATES = frozenset({ConnState.NEW, ConnState.HANDSHAKE})
-LIVE_STATES = frozenset({ConnState.NEW, ConnState.HANDSHAKE, ConnState.ESTABLISHED})
+LIVE_STATES = frozenset(
+    {ConnState.UNPROVEN, ConnState.NEW, ConnState.HANDSHAKE, ConnState.ESTABLISHED}
+)
 
 
 @dataclass
@@ -134,6 +138,9 @@ class ConnTable:
         self._history = history
         self._half_open = 0
         self._established = 0
+        #: UNPROVEN connections, oldest first: the gated listeners' waiting room. They count
+        #: in no per-peer figure, since an address proves nothing about who is behind it.
+        self._unproven: OrderedDict[int, TrackedConn] = OrderedDict()
         self._per_peer_half_open: dict[str, int] = {}
         self._per_peer_live: dict[str, int] = {}
 
@@ -145,6 +152,16 @@ class ConnTable:
     @property
     def established(self) -> int:
         return self._established
+
+    @property
+    def unproven(self) -> int:
+        return len(self._unproven)
+
+    def oldest_unproven(self) -> TrackedConn | None:
+        return next(iter(self._unproven.values()), None)
+
+    def unproven_conns(self) -> Iterator[TrackedConn]:
+        return iter(list(self._unproven.values()))
 
     def peer_half_open(self, peer: str) -> int:
         return self._per_peer_half_open.get(peer, 0)
@@ -188,6 +205,20 @@ class ConnTable:
         self._bump(self._per_peer_half_open, conn.peer_ip, 1)
         self._bump(self._per_peer_live, conn.peer_ip, 1)
 
+    def add_unproven(self, conn: TrackedConn) -> None:
+        """Insert an UNPROVEN connection (it waits for its first message to be proven)."""
+        conn.state = ConnState.UNPROVEN
+        self._live[conn.id] = conn
+        self._unproven[conn.id] = conn
+
+    def prove(self, conn: TrackedConn) -> None:
+        """An UNPROVEN connection proved its first message: it becomes an ordinary NEW one."""
+        if self._unproven.pop(conn.id, None) is None:
+            return
+        self._live.pop(conn.id, None)
+        conn.state = ConnState.NEW
+        self.add(conn)
+
     def establish(self, conn: TrackedConn) -> None:
         """Move a half-open connection to ESTABLISHED, keeping the counters exact."""
         if conn.state in HALF_OPEN_STATES:
@@ -200,6 +231,11 @@ class ConnTable:
         """Move a live connection to the history ring as CLOSED or DROPPED."""
         if self._live.pop(conn.id, None) is None:
             return
+        if self._unproven.pop(conn.id, None) is not None:
+            conn.state = state
+            conn.end_reason = reason
+            self._remember(conn)
+            return
         if conn.state in HALF_OPEN_STATES:
             self._half_open -= 1
             self._bump(self._per_peer_half_open, conn.peer_ip, -1)
@@ -208,6 +244,9 @@ class ConnTable:
         self._bump(self._per_peer_live, conn.peer_ip, -1)
         conn.state = state
         conn.end_reason = reason
+        self._remember(conn)
+
+    def _remember(self, conn: TrackedConn) -> None:
         self._ended[conn.id] = conn
         while len(self._ended) > self._history:
             self._ended.popitem(last=False)

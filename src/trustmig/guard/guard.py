@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 from trustmig.guard.conntrack import (
@@ -40,6 +41,19 @@ RULE_CLOSED = "closed"
 RULE_HANDSHAKE_DEADLINE = "handshake_deadline"
 RULE_IDLE = "idle"
 RULE_STALL = "stall"
+RULE_PROVEN = "proven"
+RULE_EVICTED = "evicted"
+RULE_PROOF_DEADLINE = "proof_deadline"
+
+
+@dataclass(frozen=True)
+class GateAdmission:
+    """A gated listener's new connection: its id, and the waiters evicted to make room
+    (the caller closes their sockets)."""
+
+    verdict: Verdict
+    conn_id: int | None
+    evicted: tuple[int, ...] = ()
 
 
 P = ParamSpec("P")
@@ -119,7 +133,8 @@ class Guard:
             return self._hit(
                 RULE_NETWORK, f"peer {peer_ip} is outside the allowed networks ({nets})"
             ), None
-        if not self._buckets.take(peer_ip, now):
+        # budgets per listener: a flood on the data port must not spend the control port's
+        if not self._buckets.take(f"{listener} {peer_ip}", now):
             return self._hit(
                 RULE_RATE,
                 f"peer {peer_ip} exceeded {r.max_conn_rate_per_peer:g} connections/s "
@@ -154,21 +169,90 @@ class Guard:
                 f"peer {peer_ip} already holds {self._table.peer_live(peer_ip)} connections "
                 f"(limit {r.max_sessions_per_peer})",
             ), None
+        conn = self._new_conn(listener, peer_ip, peer_port, now)
+        self._table.add(conn)
+        conn_id = conn.id
+        return self._hit(RULE_ACCEPT, f"peer {peer_ip} admitted to {listener}", True), conn_id
+
+    def _new_conn(self, listener: str, peer_ip: str, peer_port: int, now: float) -> TrackedConn:
         conn_id = self._next_id
         self._next_id += 1
-        self._table.add(
-            TrackedConn(
-                id=conn_id,
-                listener=listener,
-                peer_ip=peer_ip,
-                peer_port=peer_port,
-                state=ConnState.NEW,
-                started=now,
-                last_activity=now,
-                last_bytes=now,
-            )
-        )
-        return self._hit(RULE_ACCEPT, f"peer {peer_ip} admitted to {listener}", True), conn_id
+        return TrackedConn(id=conn_id, listener=listener, peer_ip=peer_ip, peer_port=peer_port,
+                           state=ConnState.NEW, started=now, last_activity=now,
+                           last_bytes=now)  # fmt: skip
+
+    @_locked
+    def on_connect_gated(self, listener: str, peer_ip: str, peer_port: int) -> GateAdmission:
+        """A fresh connection to a gated listener: it waits, UNPROVEN, for its first message.
+
+        Only the network allow-list refuses here. No per-address budget applies, because an
+        address proves nothing (peers, NATed guests and a flood share them); the waiting room
+        is bounded instead, and when full its oldest waiters are evicted for the newcomer.
+        """
+        r = self.rules
+        now = self._clock()
+        if not r.network_allows(peer_ip, listener):
+            nets = ", ".join(str(n) for n in r.networks_for(listener))
+            reason = f"peer {peer_ip} is outside the allowed networks ({nets})"
+            return GateAdmission(self._hit(RULE_NETWORK, reason), None)
+        evicted: list[int] = []
+        while self._table.unproven >= r.max_unproven:
+            oldest = self._table.oldest_unproven()
+            assert oldest is not None
+            self._counters[RULE_EVICTED] += 1
+            self._table.end(oldest, ConnState.DROPPED,
+                            f"evicted unproven after {now - oldest.started:.3f} s "
+                            f"({r.max_unproven} were waiting)")  # fmt: skip
+            evicted.append(oldest.id)
+        conn = self._new_conn(listener, peer_ip, peer_port, now)
+        conn.handshake_progress = "unproven"
+        self._table.add_unproven(conn)
+        verdict = self._hit(RULE_ACCEPT, f"peer {peer_ip} waits for proof on {listener}", True)
+        return GateAdmission(verdict, conn.id, tuple(evicted))
+
+    @_locked
+    def on_proven(self, conn_id: int, proof: str) -> Verdict:
+        """The first message carried a valid MAC (``proof`` names it): the connection leaves
+        the waiting room for an ordinary handshake slot.
+
+        No cap applies here: proven connections are bounded by what the keys admit (openings
+        per migration key, one join per stream), and the global half-open cap is the one a
+        flood of strangers on the control port fills.
+        """
+        conn = self._live(conn_id)
+        if conn is None:
+            return self._hit(RULE_CLOSED, f"connection {conn_id} was evicted or dropped")
+        if conn.state is not ConnState.UNPROVEN:
+            raise GuardError(f"connection {conn_id} is {conn.state.value}, not unproven")
+        self._table.prove(conn)
+        conn.handshake_progress = proof
+        conn.last_activity = self._clock()
+        return self._hit(RULE_PROVEN, f"connection {conn_id} proved {proof}", True)
+
+    @_locked
+    def on_proof_failed(self, conn_id: int, rule: str, reason: str) -> None:
+        """The first message was malformed or its MAC wrong: dropped, counted under ``rule``."""
+        conn = self._live(conn_id)
+        if conn is None:
+            return
+        self._counters[rule] += 1
+        self._table.end(conn, ConnState.DROPPED, reason)
+
+    @_locked
+    def expire_unproven(self) -> list[int]:
+        """Waiters past the proof deadline, dropped; the gate closes their sockets."""
+        now = self._clock()
+        limit = self.rules.proof_deadline_s
+        late = [c for c in self._table.unproven_conns() if now - c.started > limit]
+        for conn in late:
+            self._counters[RULE_PROOF_DEADLINE] += 1
+            self._table.end(conn, ConnState.DROPPED, f"no first message within {limit:g} s")
+        return [c.id for c in late]
+
+    @_locked
+    def is_live(self, conn_id: int) -> bool:
+        """True while the guard still tracks the connection as open."""
+        return self._table.get_live(conn_id) is not None
 
     @_locked
     def on_handshake_progress(self, conn_id: int, step: str) -> None:
@@ -257,6 +341,8 @@ class Guard:
         for conn in self._table.live():
             rule: str | None = None
             reason = ""
+            if conn.state is ConnState.UNPROVEN:
+                continue  # the gate's own deadline (expire_unproven)
             if conn.state in HALF_OPEN_STATES:
                 if now - conn.started > r.handshake_deadline_s:
                     rule = RULE_HANDSHAKE_DEADLINE
@@ -318,6 +404,7 @@ class Guard:
             "rules": self.rules.to_dict(),
             "summary": {
                 "half_open": self._table.half_open,
+                "unproven": self._table.unproven,
                 "established": self._table.established,
                 "live": len(self._table),
                 "recent_ended": self._table.ended_count,

@@ -44,7 +44,8 @@ def _check_port(name: str, port: int) -> None:
 def render_nft(
     rules: GuardRules, *, control_port: int, data_port: int, table: str = "trustmig"
 ) -> str:
-    """nft script: allowed-peer sets, per-source rate meter, counted drop for the two ports.
+    """nft script: allowed-peer sets, a per-source rate meter on the control port, counted
+    drop for both ports.
 
     Traffic to other ports is left alone (policy accept): the table only guards trustmig's
     listeners and never locks an administrator out of the host. With ``listener_networks``
@@ -83,18 +84,27 @@ def render_nft(
         ]
 
     sets: list[str] = []
-    accepts: list[str] = []
-    for name, dport, nets in groups:
+    for name, _dport, nets in groups:
         sets += addr_set(f"{name}_v4", "ipv4_addr", [str(n) for n in nets if n.version == 4])
         sets += addr_set(f"{name}_v6", "ipv6_addr", [str(n) for n in nets if n.version == 6])
-        accepts += [
-            f"\t\ttcp dport {dport} ct state new ip saddr @{name}_v4 "
-            f"update @rate_v4 {{ ip saddr limit rate {rate} burst {burst} packets }} "
-            'counter name "accepted_new" accept',
-            f"\t\ttcp dport {dport} ct state new ip6 saddr @{name}_v6 "
-            f"update @rate_v6 {{ ip6 saddr limit rate {rate} burst {burst} packets }} "
-            'counter name "accepted_new" accept',
-        ]
+    control_set = groups[0][0]
+    data_set = groups[-1][0]
+    meter = f"limit rate {rate} burst {burst} packets"
+    accepts: list[str] = []
+    for family, saddr in (("v4", "ip saddr"), ("v6", "ip6 saddr")):
+        accepts.append(
+            f"\t\ttcp dport {control_port} ct state new {saddr} @{control_set}_{family} "
+            f'update @rate_{family} {{ {saddr} {meter} }} counter name "accepted_new" accept'
+        )
+    if control_port != data_port:
+        # no per-source meter on the data port: peers, NATed guests and a flood share source
+        # addresses, so the kernel would drop a real peer's SYN with the flood's. The agent's
+        # gate makes a bogus connection cost one accept and one read instead.
+        for family, saddr in (("v4", "ip saddr"), ("v6", "ip6 saddr")):
+            accepts.append(
+                f"\t\ttcp dport {data_port} ct state new {saddr} @{data_set}_{family} "
+                'counter name "accepted_new" accept'
+            )
     lines = [
         f"# trustmig guard: control port {control_port}, data port {data_port}",
         f"table inet {table}",

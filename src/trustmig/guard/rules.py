@@ -72,6 +72,13 @@ class GuardRules:
     #: Narrower networks for one listener ("control", "data"): on a host with separate
     #: management and migration segments, each port accepts only its own segment.
     listener_networks: dict[str, list[str]] = field(default_factory=dict)
+    #: Gated listeners (data): connections waiting for their first message to be proven (an
+    #: HMAC under a key only an authenticated peer holds). When the room is full the *oldest*
+    #: waiter is evicted rather than the newcomer refused, so a flood, from whatever address,
+    #: can only shorten the wait: a real peer proves itself with its first packet.
+    max_unproven: int = 256
+    #: How long a gated connection may take to send its first message.
+    proof_deadline_s: float = 3.0
     #: Install these rules in the kernel (``nft``, table ``inet trustmig``) while the agent runs.
     apply_nftables: bool = False
 
@@ -108,6 +115,7 @@ class GuardRules:
             "max_conn_rate_per_peer",
             "max_conn_rate_strangers",
             "handshake_deadline_s",
+            "proof_deadline_s",
             "idle_timeout_s",
             "stall_timeout_s",
         ):
@@ -117,6 +125,7 @@ class GuardRules:
         for name in (
             "max_half_open",
             "max_half_open_per_peer",
+            "max_unproven",
             "max_sessions",
             "max_sessions_per_peer",
         ):

@@ -35,6 +35,8 @@ FRAMES = 240
 CONCURRENCY = 24
 #: A connection the agent keeps open longer than its handshake deadline plus this is a hang.
 HANG_GRACE_S = 4.0
+#: Where the control-port junk comes from (not the administrators' 127.0.0.1).
+CONTROL_ATTACKER = "127.0.0.66"
 
 
 def _page_data_offsets(rec: bytes, rng: random.Random, count: int = 16) -> list[int]:
@@ -156,10 +158,14 @@ def _frames(hello: bytes, rng: random.Random) -> list[tuple[str, bytes]]:
     return out
 
 
-async def _throw(host: str, port: int, data: bytes, deadline_s: float) -> tuple[str, float]:
+async def _throw(
+    host: str, port: int, data: bytes, deadline_s: float, source: str | None = None
+) -> tuple[str, float]:
     t0 = time.monotonic()
+    local = (source, 0) if source else None
     try:
-        r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+        opening = asyncio.open_connection(host, port, local_addr=local)
+        r, w = await asyncio.wait_for(opening, 5)
     except (OSError, TimeoutError):
         return "refused", 0.0
     try:
@@ -190,8 +196,10 @@ async def trustmig(env: LabEnv) -> Outcome:
 
     async def one(kind: str, data: bytes) -> tuple[str, float]:
         async with sem:
-            port = cport if kind == "control junk" else int(dport)
-            return await _throw(host, port, data, deadline)
+            if kind == "control junk":  # the control port budgets by address: the attacker's
+                return await _throw(host, cport, data, deadline, CONTROL_ATTACKER)
+            # the data port's gate judges proof, not addresses: thrown from the peers' own
+            return await _throw(host, int(dport), data, deadline)
 
     with RssSampler(hh.pid, interval_ms=50) as rss:
         results = await asyncio.gather(*(one(k, d) for k, d in frames))
