@@ -275,9 +275,9 @@ def test_a_flood_from_the_peers_own_address_does_not_shut_the_peer_out(make_clus
     assert flood.total_attempted > 500
     hits = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     # the flood was refused by what its first bytes failed to prove, or waited out
-    assert hits.get("first_message", 0) + hits.get("proof_deadline", 0) + hits.get(
-        "evicted", 0
-    ) > 100, hits
+    assert (
+        hits.get("first_message", 0) + hits.get("proof_deadline", 0) + hits.get("evicted", 0) > 100
+    ), hits
     assert hits.get("proven", 0) >= 1, hits  # the source's stream 0
     # and no budget by address refused anyone: the source agent shares 127.0.0.1
     assert hits.get("rate", 0) == hits.get("half_open_per_peer", 0) == 0, hits
