@@ -99,7 +99,7 @@ def _parsed(wire: bytes) -> Admit:
 
 def test_the_check_names_every_refusal(pki: Pki, src_id: LocalIdentity,
                                        opening: tuple[bytes, ...]) -> None:  # fmt: skip
-    key, mid, _hello, wire = opening
+    key, mid, _frame, wire = opening
     check = AdmitCheck(max_openings=2)
     assert check.check(None, _parsed(wire)) is AdmitOutcome.UNKNOWN
     assert check.check(new_admission_key(), _parsed(wire)) is AdmitOutcome.BAD_MAC

@@ -19,6 +19,7 @@ import logging
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,6 +347,8 @@ class DataListener:
         self._admits = AdmitCheck()
         self._admits_lock = threading.Lock()
         self._waiting: dict[int, _Waiter] = {}
+        #: waiters whose join overtook its session's handshake
+        self._parked: set[int] = set()
         self._stop = False
         self._thread = threading.Thread(target=self._gate_loop, name="tm-data-gate", daemon=True)
 
@@ -373,17 +376,19 @@ class DataListener:
     def _gate_loop(self) -> None:
         sel = selectors.DefaultSelector()
         sel.register(self.sock, selectors.EVENT_READ, None)
+        next_expiry = 0.0
         try:
             while not self._stop:
-                parked = any(w.parked is not None for w in self._waiting.values())
-                for key, _ in sel.select(PARKED_TICK_S if parked else GATE_TICK_S):
+                for key, _ in sel.select(PARKED_TICK_S if self._parked else GATE_TICK_S):
                     if key.data is None:
                         self._accept(sel)
                     else:
                         self._read(sel, key.data)
-                for conn_id in self.guard.expire_unproven():
-                    self._drop(sel, conn_id)
-                for w in [w for w in self._waiting.values() if w.parked is not None]:
+                if time.monotonic() >= next_expiry:
+                    next_expiry = time.monotonic() + GATE_TICK_S
+                    for conn_id in self.guard.expire_unproven():
+                        self._drop(sel, conn_id)
+                for w in [self._waiting[c] for c in list(self._parked) if c in self._waiting]:
                     assert w.parked is not None
                     self._judge_join(sel, w, w.parked)
         except Exception:  # pragma: no cover - the gate must be visible if it ever dies
@@ -416,6 +421,7 @@ class DataListener:
             sel.register(conn, selectors.EVENT_READ, waiter)
 
     def _drop(self, sel: selectors.BaseSelector, conn_id: int) -> None:
+        self._parked.discard(conn_id)
         waiter = self._waiting.pop(conn_id, None)
         if waiter is None:
             return
@@ -473,9 +479,11 @@ class DataListener:
             # join may overtake it: it waits (within the proof deadline), without a thread
             if w.parked is None:
                 w.parked = join
+                self._parked.add(w.conn_id)
                 with contextlib.suppress(KeyError, ValueError):
                     sel.unregister(w.sock)
             return
+        self._parked.discard(w.conn_id)
         try:
             with sess.lock:
                 index = sess.verifier.verify(join.frame)
@@ -488,6 +496,7 @@ class DataListener:
 
     def _hand_off(self, sel: selectors.BaseSelector, w: _Waiter, proof: str) -> bool:
         """Out of the waiting room into a guard slot and a thread of its own."""
+        self._parked.discard(w.conn_id)
         self._waiting.pop(w.conn_id, None)
         with contextlib.suppress(KeyError, ValueError):
             sel.unregister(w.sock)

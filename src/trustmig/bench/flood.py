@@ -42,6 +42,9 @@ PEER_ADDRESS = "127.0.0.1"
 #: ``--from-peer-address`` without explicit kinds or rate: garbage and half-open at 400/s.
 PEER_ADDRESS_KINDS = ("garbage", "halfopen")
 PEER_ADDRESS_RATE = 400.0
+#: ... with room for every half-open socket the gate keeps until its proof deadline (3 s), so the
+#: generator really reaches its rate instead of waiting for free sockets.
+PEER_ADDRESS_MAX_OPEN = 2048
 
 #: The ratio the issue asks for: a flooded migration keeps at least this share of throughput.
 GOAL_RATIO = 0.8
@@ -95,13 +98,14 @@ def _flood_spec(cfg: FloodBenchConfig, cluster: LocalCluster) -> FloodSpec:
     targets = [parse_hostport(hh.data_listen)]
     if not cfg.from_peer_address:
         targets.insert(0, parse_hostport(hh.control))
+    max_open = max(cfg.max_open, PEER_ADDRESS_MAX_OPEN) if cfg.from_peer_address else cfg.max_open
     return FloodSpec(
         targets=targets,
         kinds=cfg.kinds,
         rate_per_s=cfg.rate_per_s,
         max_attempts=cfg.max_attempts_per_run,
         duration_s=cfg.max_flood_s,
-        max_open=cfg.max_open,
+        max_open=max_open,
         hold_s=10.0,
         source_ips=cfg.source_ips(),
     )

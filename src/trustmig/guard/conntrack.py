@@ -161,7 +161,8 @@ class ConnTable:
         return next(iter(self._unproven.values()), None)
 
     def unproven_conns(self) -> Iterator[TrackedConn]:
-        return iter(list(self._unproven.values()))
+        """Oldest first; the caller must not end connections while it iterates."""
+        return iter(self._unproven.values())
 
     def peer_half_open(self, peer: str) -> int:
         return self._per_peer_half_open.get(peer, 0)

@@ -243,7 +243,11 @@ class Guard:
         """Waiters past the proof deadline, dropped; the gate closes their sockets."""
         now = self._clock()
         limit = self.rules.proof_deadline_s
-        late = [c for c in self._table.unproven_conns() if now - c.started > limit]
+        late: list[TrackedConn] = []
+        for conn in self._table.unproven_conns():  # oldest first: stop at the first in time
+            if now - conn.started <= limit:
+                break
+            late.append(conn)
         for conn in late:
             self._counters[RULE_PROOF_DEADLINE] += 1
             self._table.end(conn, ConnState.DROPPED, f"no first message within {limit:g} s")
