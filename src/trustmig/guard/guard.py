@@ -106,6 +106,13 @@ class Guard:
         self._counters[rule] += 1
         return Verdict(accept=accept, rule=rule, reason=reason)
 
+    def _outside_networks(self, listener: str, peer_ip: str) -> Verdict | None:
+        """The refusal of a peer outside the networks ``listener`` accepts (counted), or None."""
+        if self.rules.network_allows(peer_ip, listener):
+            return None
+        nets = ", ".join(str(n) for n in self.rules.networks_for(listener))
+        return self._hit(RULE_NETWORK, f"peer {peer_ip} is outside the allowed networks ({nets})")
+
     def _live(self, conn_id: int) -> TrackedConn | None:
         """Live record, or None for a recently ended one; unknown ids are an error."""
         conn = self._table.get_live(conn_id)
@@ -128,11 +135,8 @@ class Guard:
         """
         r = self.rules
         now = self._clock()
-        if not r.network_allows(peer_ip, listener):
-            nets = ", ".join(str(n) for n in r.networks_for(listener))
-            return self._hit(
-                RULE_NETWORK, f"peer {peer_ip} is outside the allowed networks ({nets})"
-            ), None
+        if (outside := self._outside_networks(listener, peer_ip)) is not None:
+            return outside, None
         # budgets per listener: a flood on the data port must not spend the control port's
         if not self._buckets.take(f"{listener} {peer_ip}", now):
             return self._hit(
@@ -191,10 +195,8 @@ class Guard:
         """
         r = self.rules
         now = self._clock()
-        if not r.network_allows(peer_ip, listener):
-            nets = ", ".join(str(n) for n in r.networks_for(listener))
-            reason = f"peer {peer_ip} is outside the allowed networks ({nets})"
-            return GateAdmission(self._hit(RULE_NETWORK, reason), None)
+        if (outside := self._outside_networks(listener, peer_ip)) is not None:
+            return GateAdmission(outside, None)
         evicted: list[int] = []
         while self._table.unproven >= r.max_unproven:
             oldest = self._table.oldest_unproven()
