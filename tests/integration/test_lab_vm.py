@@ -52,6 +52,7 @@ def test_every_attack_ran_and_the_summary_counts_them(lab: dict[str, Any]) -> No
         "control-plane",
         "rogue-destination",
         "false-resources",
+        "false-resources-balancer",
         "flood",
         "malformed-stream",
         "connection-abort",
@@ -60,8 +61,8 @@ def test_every_attack_ran_and_the_summary_counts_them(lab: dict[str, Any]) -> No
         a["name"]: (a["baseline"]["outcome"], a["trustmig"]["outcome"]) for a in lab["attacks"]
     }
     assert lab["summary"] == {
-        "attacks": 12,
-        "baseline_compromised": 12,
+        "attacks": 13,
+        "baseline_compromised": 13,
         "trustmig_compromised": 0,
         "errors": 0,
     }, outcomes
@@ -173,6 +174,21 @@ def test_lying_host_attracts_the_vm_only_in_the_baseline(lab: dict[str, Any]) ->
     assert "claim_exceeds_attested" in tv["error"] and tv["quarantined"]
     assert "is quarantined" in tv["second_attempt"] and tv["cleared_by"] == "sam"
     _protected_guest(e, "host-a")
+
+
+def test_lying_host_attracts_the_balancer_only_in_the_baseline(lab: dict[str, Any]) -> None:
+    e = _attack(lab, "false-resources-balancer")
+    assert [m["destination"] for m in e["baseline"]["evidence"]["plan"]["moves"]] == ["host-l"]
+    assert e["baseline"]["guest"]["where"] == "host-l"
+    tv = e["trustmig"]["evidence"]
+    verdicts = {h["host"]: (h["accept"], h["rule"]) for h in tv["hosts"]}
+    assert verdicts == {"host-b": (True, "report_ok"),
+                        "host-l": (False, "report_exceeds_attested"),
+                        "host-r": (False, "report_unattested")}  # fmt: skip
+    assert [m["destination"] for m in tv["plan"]["moves"]] == ["host-b"]
+    assert [o["status"] for o in tv["outcomes"]] == ["completed"]
+    assert tv["cleared_by"] == "sam"
+    _protected_guest(e, "host-b")
 
 
 def test_flood_stops_only_the_baseline_migration(lab: dict[str, Any]) -> None:

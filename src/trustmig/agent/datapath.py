@@ -262,13 +262,14 @@ def hand_to_relay(
         session.close()
 
 
-async def favour_latency(relay: RelayHandle | None) -> None:
-    """At the post-copy switch the memory stream's buffers shrink on this side (a relay that
-    cannot be asked only costs page-fault latency: logged, never fatal)."""
+async def favour_latency(relay: RelayHandle | None, streams: tuple[int, ...]) -> None:
+    """At the post-copy switch the buffers of the streams that carry requested pages shrink on
+    this side (a relay that cannot be asked only costs page-fault latency: logged, never
+    fatal)."""
     if relay is None:
         return
     try:
-        await asyncio.to_thread(relay.favour_latency)
+        await asyncio.to_thread(relay.favour_latency, streams)
     except RelayError as e:
         log.warning("post-copy: the relay kept its large buffers: %s", e)
 

@@ -283,7 +283,7 @@ class DestinationDriver:
             elif status == "postcopy-active" and self.relay is not self._latency_relay:
                 # at the switch, and again on a recovered stream's fresh relay
                 self._latency_relay = self.relay
-                self._spawn(favour_latency(self.relay))
+                self._spawn(favour_latency(self.relay, self.ctx.options.latency_streams))
             if status in ("failed", "cancelled") and self.relay is not None:
                 # QEMU only says the load failed; the relay knows which record was refused
                 self._spawn(self._qemu_failed(status))
@@ -380,12 +380,15 @@ class DestinationDriver:
             raise ChannelError(f"migration {self.migration_id} already has a session (replay?)")
         if self.ctx.options.channel != "qemu-tls" and self.relay is None:
             raise ChannelError(f"migration {self.migration_id} has no relay to carry it")
+        # a recovered post-copy carries no disk: the mirrors were in sync before the switch
+        recovering = self.core.state == DestinationState.RECOVERING
+        n_disks = 0 if recovering else len(copied_disks(self.vm.spec))
         self.ctx.session = summary
         self.disk_key_wrap = disk_key_wrap
         self._apply(self.core.handle(ev.SessionClaimed(), time.monotonic()))
         first_disk = self.ctx.options.streams
         nbd = self.vm.qemu.sock_dir / NBD_SOCKET
-        disks = {first_disk + i: nbd for i in range(len(copied_disks(self.vm.spec)))}
+        disks = {first_disk + i: nbd for i in range(n_disks)}
         return SessionTarget(
             self.migration_id, self.relay, Path(self.ctx.qemu_socket),
             handshake_only=self.ctx.options.channel == "qemu-tls", disk_sockets=disks,

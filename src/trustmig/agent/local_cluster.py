@@ -312,7 +312,8 @@ class LocalCluster:
             f"postcopy = {str(p['postcopy']).lower()}\nmax_per_hour = {p['max_per_hour']}\n"
             f"[destinations]\ncountries = {json.dumps(p['countries'])}\n"
             f"min_security_level = {p['min_security_level']}\n"
-            f'[attestation]\nprofile = "{p["profile"]}"\n'
+            + "".join(f"{k} = {json.dumps(p[k])}\n" for k in ("hosts", "zones") if k in p)
+            + f'[attestation]\nprofile = "{p["profile"]}"\n'
         )
         c = self.user_credentials(user)
         return sign_policy(text, "toml", user, c.cert_der(), c.load_key()).to_json()

@@ -429,8 +429,13 @@ class MigrationRegistry:
         if opts.channel == "qemu-tls":
             if n_streams != 1:
                 raise ChannelError("a qemu-tls migration uses the channel for its handshake only")
-        elif n_streams != d.n_streams and d.core.state.value == "prepared":
+        elif d.core.state.value == "prepared" and n_streams != d.n_streams:
             raise ChannelError(f"expected {d.n_streams} streams, client asked {n_streams}")
+        elif d.core.state.value == "recovering" and n_streams != opts.recovery_streams:
+            raise ChannelError(
+                f"a recovered stream set has {opts.recovery_streams} streams, client asked "
+                f"{n_streams}"
+            )
 
     def claim(
         self, migration_id: bytes, peer: str, summary: dict[str, str], disk_key_wrap: bytes

@@ -42,8 +42,10 @@ from trustmig.agent.control import ControlServer, Operations
 from trustmig.agent.datapath import ChannelSecurity, DataListener
 from trustmig.agent.diskkeys import DiskKeys
 from trustmig.agent.errors import Code, RequestError
+from trustmig.agent.evacuation import Evacuation
 from trustmig.agent.governance import Governance, load_or_create_ed25519, new_ed25519_pem
 from trustmig.agent.host_key import load_host_key, transient_key_file
+from trustmig.agent.host_report import ClusterLoads, HostReporter
 from trustmig.agent.journal import Journal
 from trustmig.agent.migrations import MigrationRegistry
 from trustmig.agent.runtime import AdmissionGate, HostServices
@@ -215,6 +217,24 @@ class Agent:
         return load_or_create_ed25519(self.state_dir / "keys" / "audit.key")
 
     # ------------------------------------------------------------------ services
+    def _placement_ops(self, ops: Operations) -> None:
+        """Measured load (``host.report``, ``cluster.loads``) and ``host.evacuate``."""
+        quote = self.attestation.make_evidence if self.attestation else None
+        reporter = HostReporter(self.cfg, self.vms, self._host_key(), quote)
+        loads = ClusterLoads(sorted(self.cfg.peers), self.connect_peer,
+                             self.attestation.verify_evidence if self.attestation else None,
+                             self.quarantine, self.audit_event)  # fmt: skip
+        reporter.register(ops)
+        loads.register(ops)
+        Evacuation(self.cfg, self.vms, self.gov, loads, reporter, self.registry.migrate_out,
+                   self.audit_event).register(ops)  # fmt: skip
+
+    def _host_key(self) -> ec.EllipticCurvePrivateKey:
+        key = serialization.load_pem_private_key(self.host_key_pem, None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise TypeError("the host identity key must be an ECDSA key")
+        return key
+
     def audit_event(self, kind: str, **fields: Any) -> None:
         """Record an audit event in the host's signed, hash-chained trail."""
         log.info("audit %s %s", kind, json.dumps(fields, default=str))
@@ -348,6 +368,7 @@ class Agent:
         PkiApi(self.cfg.name, self.bundle, control, self.audit_event, sorted(self.cfg.peers),
                self.connect_peer).register(ops)  # fmt: skip
         self.anchor.register(ops)
+        self._placement_ops(ops)
         control.starting_ops = frozenset({"ping", "crl.show", "audit.witness", "audit.witnessed"})
 
         async def serve(reader: Any, writer: Any, conn_id: int) -> None:

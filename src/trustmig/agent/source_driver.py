@@ -405,7 +405,7 @@ class SourceDriver:
             except Exception as e:  # noqa: BLE001
                 self.post(ev.PostcopySwitchRefused(str(e).splitlines()[0]))
                 return
-            await favour_latency(self.relay)
+            await favour_latency(self.relay, self.ctx.options.latency_streams)
         elif isinstance(a, A.CancelTransfer):
             await self._cancel_transfer()
         elif isinstance(a, A.ResumeGuest):
@@ -758,10 +758,12 @@ class SourceDriver:
             address = self._data_address(str(res.get("data_address") or self.ctx.data_address))
             session = await asyncio.to_thread(
                 open_outbound_session, self.svc.security, address, self.core.peer,
-                self.migration_id, 1, admission_key_of(res, self.core.peer),
+                self.migration_id, self.ctx.options.recovery_streams,
+                admission_key_of(res, self.core.peer),
             )  # fmt: skip
             await asyncio.to_thread(hand_to_relay, session, self.relay, sock, self.migration_id)
-            await favour_latency(self.relay)  # the recovered stream is a post-copy one
+            # the recovered streams are post-copy ones
+            await favour_latency(self.relay, self.ctx.options.latency_streams)
             await qemu.cmd("migrate", {"uri": f"unix:{sock}", "resume": True})
             deadline = time.monotonic() + 20
             while (st := await self._qemu_status()) not in (

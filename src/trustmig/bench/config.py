@@ -86,6 +86,7 @@ class BenchConfig:
     dirty_rates: tuple[float, ...] = (0.0,)
     repeat: int = 3
     postcopy: bool = False
+    postcopy_preempt: bool = True
     prealloc_destination: bool = True
     postcopy_after_rounds: int = 1
     timeout_s: float = 600.0

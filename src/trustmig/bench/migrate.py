@@ -100,6 +100,7 @@ def migration_options(cfg: BenchConfig, mode: str) -> MigrationOptions:
         {
             "mode": "postcopy" if mode == "postcopy" else "precopy",
             "postcopy_after_rounds": cfg.postcopy_after_rounds,
+            "postcopy_preempt": cfg.postcopy_preempt,
             "prealloc_destination": cfg.prealloc_destination,
             "timeout_s": cfg.timeout_s,
         }

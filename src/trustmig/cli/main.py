@@ -49,12 +49,14 @@ from trustmig.cli.attest_cmds import register as _register_attest  # noqa: E402
 from trustmig.cli.cluster_cmds import cluster_app  # noqa: E402
 from trustmig.cli.host_cmds import register as _register_host  # noqa: E402
 from trustmig.cli.migration_cmds import migration_app  # noqa: E402
+from trustmig.cli.placement_cmds import register as _register_placement  # noqa: E402
 
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(migration_app, name="migration")
 
 _register_attest(app, host_app)
 _register_host(host_app)
+_register_placement(app, cluster_app)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 AgentOpt = Annotated[
@@ -514,6 +516,9 @@ def migrate(
     postcopy: Annotated[bool, typer.Option(help="Switch to post-copy after a few rounds.")] = False,
     postcopy_after: Annotated[int, typer.Option(help="Rounds before the post-copy switch.")] = 2,
     multifd: Annotated[int, typer.Option(help="Parallel multifd streams (0 = off).")] = 0,
+    postcopy_preempt: Annotated[
+        bool, typer.Option(help="Post-copy: requested pages on a stream of their own.")
+    ] = True,
     downtime_ms: Annotated[int, typer.Option(help="Maximum downtime QEMU aims for.")] = 300,
     bandwidth_mibps: Annotated[int | None, typer.Option(help="Bandwidth cap, MiB/s.")] = None,
     no_auto_converge: bool = False,
@@ -542,6 +547,7 @@ def migrate(
         opts = {
             "mode": "postcopy" if postcopy else "precopy",
             "multifd": multifd,
+            "postcopy_preempt": postcopy_preempt,
             "channel": channel,
             "transport": transport,
             "downtime_ms": downtime_ms,
@@ -680,6 +686,9 @@ def bench_migrate(
     ] = "0",
     repeat: Annotated[int, typer.Option(help="Runs per channel and dirty rate.")] = 3,
     postcopy: Annotated[bool, typer.Option(help="Also measure post-copy migrations.")] = False,
+    postcopy_preempt: Annotated[
+        bool, typer.Option(help="Post-copy runs use QEMU's preempt channel.")
+    ] = True,
     prealloc: Annotated[bool, typer.Option(help="-mem-prealloc on every destination.")] = True,
     output: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
     disk_mib: Annotated[
@@ -707,6 +716,7 @@ def bench_migrate(
                 dirty_rates=parse_dirty_rates(dirty_rate),
                 repeat=repeat,
                 postcopy=postcopy,
+                postcopy_preempt=postcopy_preempt,
                 prealloc_destination=prealloc,
                 netns=netns,
             )
@@ -874,6 +884,48 @@ def bench_relay(
             f"{report['relay_overhead_vs_cipher']}x the cipher's own "
             f"{report['cipher']['both_sides_cpu_s_per_gib']}"
         )
+
+
+@bench_app.command("plan")
+def bench_plan(
+    hosts: Annotated[int, typer.Option(min=2, max=100_000, help="Hosts to generate.")] = 1000,
+    vms: Annotated[int, typer.Option(min=0, max=1_000_000, help="VMs to generate.")] = 20_000,
+    seed: Annotated[int, typer.Option(help="Seed of the generated cluster.")] = 1,
+    repeat: Annotated[int, typer.Option(min=1, max=20, help="Plans per goal (best kept).")] = 3,
+    output: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Time evacuate, balance and consolidate on a generated cluster and check every plan."""
+    from trustmig.bench.plan import run_plan_bench
+
+    with _errors(as_json):
+        report = run_plan_bench(hosts, vms, seed, repeat)
+        if output is not None:
+            _write_json(output, report)
+        if as_json:
+            print(json.dumps(report))
+        else:
+            _print_plan_bench(report)
+        if report["goal"]["violations"]:
+            raise typer.Exit(1)
+
+
+def _print_plan_bench(report: dict[str, Any]) -> None:
+    title = f"{report['hosts']} hosts, {report['vms']} VMs (seed {report['seed']})"
+    t = Table("goal", "s", "moves", "imbalance", "hosts in use", "stuck", "violations",
+              title=title)  # fmt: skip
+    for name, g in report["goals"].items():
+        b, a = g["before"], g["after"]
+        t.add_row(name, str(g["plan_seconds"]), str(g["moves"]),
+                  f"{b['imbalance']} -> {a['imbalance']}",
+                  f"{b['hosts_in_use']} -> {a['hosts_in_use']}",
+                  str(sum(g["stuck"].values())), str(g["violations"]))  # fmt: skip
+    out.print(t)
+    goal = report["goal"]
+    verdict = "met" if goal["met"] else "NOT met"
+    out.print(f"slowest plan {goal['slowest_plan_seconds']} s "
+              f"(goal <= {goal['plan_seconds_max']} s: {verdict}); "
+              f"violations {goal['violations']}")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- lab

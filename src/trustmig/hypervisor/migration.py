@@ -30,6 +30,9 @@ class MigrationOptions(BaseModel):
     postcopy_if_not_converging: bool = True
     auto_converge: bool = True
     multifd: int = Field(0, ge=0, le=16, description="multifd channels (0 = off)")
+    #: post-copy: QEMU sends the pages the destination faults on over a channel of their own
+    #: (QEMU 7.2's ``postcopy-preempt``), so they never queue behind bulk pages
+    postcopy_preempt: bool = True
     downtime_ms: int = Field(300, ge=1, le=60000)
     max_bandwidth_mibps: int | None = Field(None, ge=1, description="None = unlimited")
     timeout_s: float = Field(600, gt=0)
@@ -52,14 +55,36 @@ class MigrationOptions(BaseModel):
         return self
 
     @property
+    def preempt(self) -> bool:
+        """Whether QEMU opens the post-copy preempt channel: post-copy mode only, and not with
+        QEMU's own TLS (7.2 tells its channels apart by arrival order, and two TLS handshakes
+        may finish in either order; trustmig's relay connects the main stream first)."""
+        return self.mode == "postcopy" and self.postcopy_preempt and self.channel != "qemu-tls"
+
+    @property
     def streams(self) -> int:
-        """Number of data streams QEMU opens: the main one plus each multifd channel."""
-        return 1 + self.multifd
+        """Number of data streams QEMU opens, in its order of connecting: the main one, then
+        each multifd channel or the post-copy preempt channel."""
+        return 1 + self.multifd + int(self.preempt)
+
+    @property
+    def recovery_streams(self) -> int:
+        """Streams of a recovered post-copy: the main one and the preempt channel (the disks
+        were in sync before the switch, and multifd is never combined with post-copy)."""
+        return 1 + int(self.preempt)
+
+    @property
+    def latency_streams(self) -> tuple[int, ...]:
+        """The streams the destination guest waits on after the post-copy switch: the main
+        one (the device state at the switch, then every page when there is no preempt
+        channel) and the preempt channel (the pages it faults on)."""
+        return (0, 1) if self.preempt else (0,)
 
 
 def _caps(opts: MigrationOptions, *, source: bool) -> list[dict[str, Any]]:
     caps = {
         "postcopy-ram": opts.mode == "postcopy",
+        "postcopy-preempt": opts.preempt,
         "multifd": opts.multifd > 0,
         "events": True,
         "auto-converge": source and opts.auto_converge,

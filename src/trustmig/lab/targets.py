@@ -50,6 +50,8 @@ DESTINATIONS = (HONEST, ROGUE, LIAR)
 OWNER, MALLORY, SECADMIN = "alice", "mallory", "sam"
 #: An operator of another tenant, another owner of the victim's tenant, an operator to revoke.
 EVE, HIJACKER, RITA = "eve", "oscar", "rita"
+#: The administrator who drains hosts (``host.evacuate``).
+CLUSTER_ADMIN = "cleo"
 TENANT = "acme"
 
 Say = Callable[[str], None]
@@ -288,6 +290,7 @@ class TrustmigCluster:
         self.cluster.add_user(EVE, ["owner", "operator"], tenant="evil")
         self.cluster.add_user(HIJACKER, ["owner"], tenant=TENANT)
         self.cluster.add_user(RITA, ["operator"], tenant=TENANT)
+        self.cluster.add_user(CLUSTER_ADMIN, ["cluster-admin"])
         self.cluster.start_agents()
 
     def tap(self, host: str, tap: Tap | None) -> None:
@@ -296,7 +299,8 @@ class TrustmigCluster:
     async def client(self, host: str, user: str = OWNER) -> ControlClient:
         return await self.cluster.client(host, user)
 
-    async def boot(self, name: str) -> None:
+    async def boot(self, name: str, **policy: Any) -> None:
+        """Boot ``name`` on the source with its owner's signed policy (``policy`` overrides)."""
         c = await self.client(SOURCE)
         try:
             await c.call(
@@ -305,7 +309,7 @@ class TrustmigCluster:
                     "spec": guest_spec(name).model_dump(
                         mode="json", exclude={"image_key", "owner"}
                     ),
-                    "policy": self.cluster.signed_policy(OWNER, name),
+                    "policy": self.cluster.signed_policy(OWNER, name, **policy),
                 },
                 timeout=BOOT_TIMEOUT_S + 60,
             )

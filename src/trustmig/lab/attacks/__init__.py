@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from trustmig.lab.attack import Attack
 from trustmig.lab.attacks import (
+    balancer,
     connection_abort,
     control_plane,
     disk_stream,
@@ -28,6 +29,7 @@ ATTACKS: tuple[Attack, ...] = (
     control_plane.ATTACK,
     rogue_destination.ATTACK,
     false_resources.ATTACK,
+    balancer.ATTACK,
     flood.ATTACK,
     malformed_stream.ATTACK,
     connection_abort.ATTACK,
