@@ -129,6 +129,17 @@ class MigrationSettings(BaseModel):
     relay_linger_s: float = Field(600.0, gt=0)
 
 
+class StoreSettings(BaseModel):
+    """The cluster store (``[store]``): shared ownership records, quarantine, hosts' verdicts
+    and loads. Off when ``url`` is empty; ``postgresql+psycopg://USER@HOST:PORT/DB`` for a
+    cluster, ``sqlite:///PATH`` for a single host."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str = ""
+    #: seconds between two rounds that make the store agree with this host
+    interval_s: float = Field(5.0, gt=0, le=3600)
+
+
 class AgentSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     #: What stopping the agent (SIGTERM) does to the guests: ``keep`` leaves them (and
@@ -183,6 +194,7 @@ class HostConfig(BaseModel):
     capacity: CapacitySettings = Field(default_factory=CapacitySettings)
     migration: MigrationSettings = Field(default_factory=MigrationSettings)
     agent: AgentSettings = Field(default_factory=AgentSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
 
     @field_validator("guard", mode="before")
     @classmethod

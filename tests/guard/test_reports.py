@@ -54,6 +54,9 @@ def test_an_honest_report_is_accepted() -> None:
         ({"total_mem_mib": -1}, "report_malformed"),
         ({"host_cpu_cores": float("nan")}, "report_malformed"),
         ({"vms": (WEB, WEB)}, "report_malformed"),
+        ({"ts": 10**400}, "report_malformed"),
+        ({"host_cpu_cores": 10**400}, "report_malformed"),
+        ({"total_mem_mib": 2**80}, "report_malformed"),
         ({"vms": (dataclasses.replace(WEB, rss_mib=True), DB)}, "report_malformed"),
     ],
 )

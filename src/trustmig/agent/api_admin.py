@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from trustmig import __version__
@@ -17,6 +17,7 @@ from trustmig.agent.vms import VmManager
 from trustmig.guard import Admission, Guard, GuardError
 from trustmig.guard.claims import Quarantine
 from trustmig.policy import PolicySignatureError, PolicyStaleError, VmAction
+from trustmig.store import StoreError
 
 AUDITORS = ("auditor", "security-admin")
 #: Who reaches ``audit.show`` at all; tenant roles then see only their own VM's events.
@@ -49,6 +50,8 @@ class AdminApi:
         self.quarantine = quarantine
         self.status_extra = status_extra
         self.attestation_status = attestation_status
+        #: lifts a quarantine in the cluster store (set when the agent has one)
+        self.clear_cluster: Callable[[str, str], Awaitable[Any]] | None = None
 
     def register(self, ops: Operations) -> None:
         ops.add("ping", self.ping, kinds=("user", "host"))
@@ -167,10 +170,21 @@ class AdminApi:
 
     async def guard_clear(self, req: Request) -> dict[str, Any]:
         host = req.param("host")
+        lifted = None
+        if self.clear_cluster is not None:  # with a cluster store the quarantine is cluster-wide
+            try:
+                lifted = await self.clear_cluster(host, req.peer.name)
+            except StoreError as e:
+                raise RequestError(
+                    f"{e}: a quarantine is lifted once for the whole cluster; "
+                    "try again when the store is back",
+                    Code.REFUSED,
+                ) from None
         try:
             self.quarantine.clear(host, by_user=req.peer.name)
         except GuardError as e:
-            raise RequestError(str(e), Code.INVALID) from None
+            if lifted is None:
+                raise RequestError(str(e), Code.INVALID) from None
         self.gov.event("guard.quarantine", user=req.peer.name, outcome="cleared",
                        data={"host": host})  # fmt: skip
         return {"host": self.host, "cleared": host, "by": req.peer.name}

@@ -101,7 +101,7 @@ class Evacuation:
     async def _evacuate(
         self, req: Request, dry_run: bool, parallel: int, opts: MigrationOptions
     ) -> dict[str, Any]:
-        judged = [await self.loads.ask(p) for p in self.loads.peers]
+        judged = await self.loads.ask_all()
         view, refused = self.view(req.peer, judged, opts)
         p = plan(view, Goal.EVACUATE, host=self.cfg.name)
         broken = violations(view, p)

@@ -20,7 +20,7 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ from trustmig.agent.capacity import host_capacity, parse_capacity
 from trustmig.agent.claim_check import summary_field
 from trustmig.agent.control import Operations, Request
 from trustmig.agent.errors import Code, RequestError
-from trustmig.agent.vms import VmManager
+from trustmig.agent.vms import HOLDING, VmManager
 from trustmig.attest.errors import AttestationFailed
 from trustmig.config import HostConfig
 from trustmig.guard.claims import AttestedCapacity
@@ -86,23 +86,33 @@ def _uptime() -> float:
         return float(fh.read().split()[0])
 
 
+#: the shortest window a CPU rate is measured over: the kernel counts in 10 ms ticks, so a
+#: shorter one would turn one busy tick into many cores (and asking often must not do that)
+MIN_WINDOW_S = 2.0
+
+
 class UseMeter:
-    """CPU in cores per process between successive reports (the first: since it started)."""
+    """CPU in cores per process over windows of at least ``MIN_WINDOW_S`` (the first: since
+    it started); asked again sooner, it answers the last completed window's rate."""
 
     def __init__(self, clock: Callable[[], float] = _uptime) -> None:
         self.clock = clock
-        self._last: dict[int, tuple[float, float]] = {}
+        self._last: dict[int, tuple[float, float, float]] = {}  # pid -> (t, cpu, rate)
 
-    def cores(self, pid: int) -> float:
+    def cores(self, pid: int, limit: float) -> float:
+        """The rate, never above ``limit`` (the guest's vCPUs plus QEMU's own threads)."""
         sample = _proc_cpu_and_start(pid)
         if sample is None:
             self._last.pop(pid, None)
             return 0.0
         cpu, started = sample
         now = self.clock()
-        prev_t, prev_cpu = self._last.get(pid, (started, 0.0))
-        self._last[pid] = (now, cpu)
-        return max(0.0, cpu - prev_cpu) / max(now - prev_t, 1e-3)
+        prev_t, prev_cpu, prev_rate = self._last.get(pid, (started, 0.0, -1.0))
+        if now - prev_t < MIN_WINDOW_S and prev_rate >= 0:
+            return prev_rate
+        rate = min(limit, max(0.0, cpu - prev_cpu) / max(now - prev_t, MIN_WINDOW_S))
+        self._last[pid] = (now, cpu, rate)
+        return rate
 
 
 def current_report(cfg: HostConfig, guests: list[VmUse], nonce: str) -> HostReport:
@@ -142,11 +152,13 @@ class HostReporter:
     def guests(self) -> list[VmUse]:
         out = []
         for vm in sorted(self.vms.visible(), key=lambda v: v.name):
+            if vm.state not in HOLDING:
+                continue
             pid = vm.qemu.pid
             out.append(VmUse(
                 name=vm.name, mem_mib=vm.spec.memory_mib, vcpus=vm.spec.vcpus,
                 rss_mib=_proc_rss_mib(pid) if pid else 0,
-                cpu_cores=round(self.meter.cores(pid), 3) if pid else 0.0,
+                cpu_cores=round(self.meter.cores(pid, vm.spec.vcpus + 0.5), 3) if pid else 0.0,
             ))  # fmt: skip
         return out
 
@@ -157,8 +169,9 @@ class HostReporter:
                                Code.INVALID)  # fmt: skip
         report = current_report(self.cfg, self.guests(), nonce)
         evidence = None
-        if self.make_evidence is not None:
-            evidence = base64.b64encode(self.make_evidence(quote_digest(nonce, report))).decode()
+        if self.make_evidence is not None:  # a TPM quote takes tens of ms: off the loop
+            quote = await asyncio.to_thread(self.make_evidence, quote_digest(nonce, report))
+            evidence = base64.b64encode(quote).decode()
         signature = base64.b64encode(sign_report(report, self.key)).decode()
         return {"report": report.to_json(), "signature": signature, "evidence": evidence}
 
@@ -187,7 +200,17 @@ class ReportJudgement:
         }  # fmt: skip
 
 
-def judge_host_report(
+def judge_host_report(answer: Any, **kw: Any) -> ReportJudgement:
+    """Check a ``host.report`` answer; never raises for bad input (a bad report is a verdict).
+    Keywords as for :func:`_judge`."""
+    try:
+        return _judge(answer, **kw)
+    except Exception as e:  # noqa: BLE001 - whatever a peer sends is a verdict, never a crash
+        reason = f"host {kw.get('host')} report unreadable: {type(e).__name__}: {e}"
+        return ReportJudgement(str(kw.get("host")), False, "report_malformed", reason, None, None)
+
+
+def _judge(
     answer: Any,
     *,
     host: str,
@@ -196,7 +219,7 @@ def judge_host_report(
     verify_evidence: Callable[[str, bytes, bytes], str] | None,
     known: dict[str, tuple[int, int]],
 ) -> ReportJudgement:
-    """Check a ``host.report`` answer; never raises for bad input (a bad report is a verdict).
+    """The checks of one report.
 
     ``verify_evidence`` is this host's attestation (None: attestation off, the report is held
     only to its own capacity); ``known``: the VMs the cluster placed on ``host``."""
@@ -253,11 +276,15 @@ def _attested(
 
 
 # ---------------------------------------------------------------------------------- asking
+async def _nothing_known(host: str) -> dict[str, tuple[int, int]]:
+    return {}
+
+
 class ClusterLoads:
     """``cluster.loads``: ask every peer for its report, judge each, quarantine the liars.
 
-    The cluster's records of which VM runs where are, until the cluster store holds them, the
-    VMs this host handed over to each peer in the handovers it took part in (``known``)."""
+    With a cluster store, a report must account for every VM the store places on its host
+    (``known``), and the verdicts and verified loads are kept in the store."""
 
     PEER_TIMEOUT_S = 10.0
 
@@ -268,21 +295,35 @@ class ClusterLoads:
         verify_evidence: Callable[[str, bytes, bytes], str] | None,
         quarantine: Any,
         audit: Callable[..., None],
-        known: Callable[[str], dict[str, tuple[int, int]]] = lambda host: {},
     ) -> None:
         self.peers = peers
         self.connect_peer = connect_peer
         self.verify_evidence = verify_evidence
         self.quarantine = quarantine
         self.audit = audit
-        self.known = known
+        #: the cluster store's records of which VMs run on a host (none without a store)
+        self.known: Callable[[str], Awaitable[dict[str, tuple[int, int]]]] = _nothing_known
+        #: called with every round of judged reports (the cluster store keeps them)
+        self.on_judged: Callable[[list[ReportJudgement]], Awaitable[None]] | None = None
 
     def register(self, ops: Operations) -> None:
         ops.add("cluster.loads", self.loads_op, roles=("cluster-admin", "security-admin"))
 
     async def loads_op(self, req: Request) -> dict[str, Any]:
-        judged = [await self.ask(peer) for peer in self.peers]
-        return {"hosts": [j.to_json() for j in judged]}
+        return {"hosts": [j.to_json() for j in await self.ask_all()]}
+
+    async def ask_all(self) -> list[ReportJudgement]:
+        """Every peer's judged report, in peer order (kept in the store when there is one)."""
+        judged = []
+        for peer in self.peers:
+            try:
+                judged.append(await self.ask(peer))
+            except Exception as e:  # noqa: BLE001 - one peer never stops the others' verdicts
+                judged.append(ReportJudgement(peer, False, "report_malformed",
+                                              f"{type(e).__name__}: {e}", None, None))  # fmt: skip
+        if self.on_judged is not None:
+            await self.on_judged(judged)
+        return judged
 
     async def ask(self, peer: str) -> ReportJudgement:
         """One peer's judged report (an unreachable peer is a verdict too, never a lie)."""
@@ -304,9 +345,10 @@ class ClusterLoads:
         if not cert:
             why = "the control connection carried no certificate"
             return ReportJudgement(peer, False, "report_unreachable", why, None, None)
-        judged = judge_host_report(answer, host=peer, peer_cert_der=cert, nonce=nonce,
-                                   verify_evidence=self.verify_evidence,
-                                   known=self.known(peer))  # fmt: skip
+        known = await self.known(peer)
+        judged = await asyncio.to_thread(
+            judge_host_report, answer, host=peer, peer_cert_der=cert, nonce=nonce,
+            verify_evidence=self.verify_evidence, known=known)  # fmt: skip
         if judged.lie:
             self.quarantine.add(peer, f"{judged.rule}: {judged.reason}")
             data = {"host": peer, "reason": judged.reason, "rule": judged.rule}

@@ -38,6 +38,7 @@ from trustmig.agent.api_vm import VmApi
 from trustmig.agent.attestation import AgentAttestation
 from trustmig.agent.audit_anchor import AuditAnchor
 from trustmig.agent.client import ControlClient
+from trustmig.agent.cluster_sync import ClusterSync
 from trustmig.agent.control import ControlServer, Operations
 from trustmig.agent.datapath import ChannelSecurity, DataListener
 from trustmig.agent.diskkeys import DiskKeys
@@ -71,6 +72,9 @@ from trustmig.pki.trust import TrustBundle
 from trustmig.timeouts import cancel_and_wait, within
 
 log = logging.getLogger("trustmig.agent")
+#: audit events after which the cluster store's records change: a sync round follows at once
+STORE_WAKING_EVENTS = frozenset({"vm.start", "vm.stop", "vm.resume", "migration.phase",
+                                 "guard.quarantine"})  # fmt: skip
 rlog = RateLimitedLog(log)
 
 
@@ -201,6 +205,8 @@ class Agent:
         self._stop = asyncio.Event()
         self._server: GuardedServer | None = None
         self._anchor_task: asyncio.Future[None] | None = None
+        self._sync_task: asyncio.Future[None] | None = None
+        self.cluster_sync: ClusterSync | None = None
         self.data: DataListener | None = None
         self.control_address = ""
         self.data_advertise = ""
@@ -224,10 +230,23 @@ class Agent:
         loads = ClusterLoads(sorted(self.cfg.peers), self.connect_peer,
                              self.attestation.verify_evidence if self.attestation else None,
                              self.quarantine, self.audit_event)  # fmt: skip
+        if self.cluster_sync is not None:
+            loads.known = self.cluster_sync.known
+            loads.on_judged = self.cluster_sync.record_reports
         reporter.register(ops)
         loads.register(ops)
         Evacuation(self.cfg, self.vms, self.gov, loads, reporter, self.registry.migrate_out,
                    self.audit_event).register(ops)  # fmt: skip
+
+    def _store_status(self) -> dict[str, Any] | None:
+        """What every caller of host.status may see: reachability, not other tenants' VMs
+        (conflicts are in the audit trail) nor the database's address."""
+        if self.cluster_sync is None:
+            return None
+        st = self.cluster_sync.status
+        return {"reachable": st["reachable"], "last_round": st["last_round"],
+                "conflicts": len(st["conflicts"]), "audit_head": st.get("audit_head"),
+                "error": "unreachable" if st["reachable"] is False else None}  # fmt: skip
 
     def _host_key(self) -> ec.EllipticCurvePrivateKey:
         key = serialization.load_pem_private_key(self.host_key_pem, None)
@@ -239,6 +258,8 @@ class Agent:
         """Record an audit event in the host's signed, hash-chained trail."""
         log.info("audit %s %s", kind, json.dumps(fields, default=str))
         self.gov.event(kind, **fields)
+        if self.cluster_sync is not None and kind in STORE_WAKING_EVENTS:
+            self.cluster_sync.wake()
 
     def verify_host_cert(self, cert_der: bytes, expected_name: str) -> object:
         self.bundle.refresh()
@@ -338,6 +359,7 @@ class Agent:
             "data_advertise": self.data_advertise,
             "labels": self.cfg.labels,
             "refused_data_connections": self.guard_hooks.refused_data[-10:],
+            "store": self._store_status(),
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -356,11 +378,18 @@ class Agent:
         tenancy = Tenancy(self.vms, self.audit_event)
         VmApi(self.cfg.name, self.vms, self.gov, tenancy).register(ops)
         MigrationApi(self.cfg.name, self.registry, self.gov, tenancy).register(ops)
-        AdminApi(
+        admin = AdminApi(
             self.cfg.name, self.gov, self.vms, self.registry, self.guard, self.admission,
             self.quarantine, self._status_extra,
             self.attestation.status if self.attestation else None, tenancy, self.anchor,
-        ).register(ops)  # fmt: skip
+        )  # fmt: skip
+        admin.register(ops)
+        if self.cfg.store.url:
+            self.cluster_sync = ClusterSync(self.cfg.name, self.cfg.store.url, self.vms,
+                                            self.quarantine, self.audit_event,
+                                            self.gov.audit.durable_head,
+                                            self.cfg.store.interval_s)  # fmt: skip
+            admin.clear_cluster = self.cluster_sync.clear
         control = ControlServer(ops, self._authenticate, self.audit_event,
                                 self.guard_hooks.authenticated,
                                 is_peer=lambda name: name in self.cfg.peers,
@@ -405,6 +434,8 @@ class Agent:
         self._anchor_task = asyncio.ensure_future(
             self.anchor.run(self.cfg.agent.audit_witness_interval_s)
         )
+        if self.cluster_sync is not None:
+            self._sync_task = asyncio.ensure_future(self.cluster_sync.run())
         # what survived the previous agent: its guests, then its migrations
         await self.vms.load()
         restored = await self.registry.restore_all()
@@ -446,6 +477,8 @@ class Agent:
     async def shutdown(self) -> None:
         log.info("agent %s stopping (%s guests)", self.cfg.name, self.cfg.agent.on_shutdown)
         t0 = time.monotonic()
+        if self._sync_task is not None:
+            await cancel_and_wait(self._sync_task)
         if self._anchor_task is not None:
             await cancel_and_wait(self._anchor_task)
             with contextlib.suppress(Exception):
@@ -464,6 +497,8 @@ class Agent:
         if self._nft_applied:
             remove_nft()
         self.audit_event("agent.stop", data={"guests": self.cfg.agent.on_shutdown})
+        if self.cluster_sync is not None:
+            self.cluster_sync.close()
         self.gov.close()
         self.journal.close()
         if self.attestation:

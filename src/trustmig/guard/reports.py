@@ -108,11 +108,17 @@ def _refuse(rule: str, reason: str) -> Verdict:
 
 
 def _count(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**53
 
 
 def _amount(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+    """A finite, non-negative number of sane size (a huge integer is no amount)."""
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v) and 0 <= v < 1e15
+    except OverflowError:
+        return False
 
 
 def _malformed(r: HostReport) -> str | None:
@@ -171,7 +177,7 @@ def check_report(
                            f"({mem} MiB, {vcpus} vCPUs) that the cluster placed there")  # fmt: skip
     rss = sum(v.rss_mib for v in report.vms)
     cores = max(report.host_cpu_cores, sum(v.cpu_cores for v in report.vms))
-    if rss > attested.mem_mib or cores > attested.vcpus + 0.5:
+    if rss > attested.mem_mib or cores > attested.vcpus * 1.1 + 0.5:
         return _refuse("report_impossible", f"host {h} reports guests using {rss} MiB and "
                        f"{cores:.1f} cores, beyond its attested capacity")  # fmt: skip
     return Verdict(accept=True, rule="report_ok", reason=f"host {h} report agrees")
