@@ -99,6 +99,17 @@ async def connect(agent: str | None, creds: Path | None) -> ControlClient:
     return await ControlClient.connect(resolve_agent(agent), client_context(c, bundle))
 
 
+async def call_agent(
+    agent: str | None, creds: Path | None, op: str, params: dict[str, Any], timeout: float = 120
+) -> Any:
+    """One call on a fresh connection, closed afterwards."""
+    c = await connect(agent, creds)
+    try:
+        return await c.call(op, params, timeout=timeout)
+    finally:
+        await c.close()
+
+
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from trustmig.cli.common import connect, one_line_errors, out, print_json, run
+from trustmig.cli.common import call_agent, one_line_errors, out, print_json, run
 
 migration_app = typer.Typer(no_args_is_help=True, help="Migrations of a host.")
 
@@ -31,21 +31,13 @@ GUIDANCE = {
 }
 
 
-async def _call(agent: str | None, creds: Path | None, op: str, params: dict[str, Any]) -> Any:
-    c = await connect(agent, creds)
-    try:
-        return await c.call(op, params, timeout=120)
-    finally:
-        await c.close()
-
-
 @migration_app.command("list")
 def migration_list(
     agent: AgentOpt = None, credentials: CredOpt = None, limit: int = 50, as_json: JsonOpt = False
 ) -> None:
     """Migrations this host takes part in, newest first."""
     with one_line_errors(as_json):
-        res = run(_call(agent, credentials, "migration.list", {"limit": limit}))
+        res = run(call_agent(agent, credentials, "migration.list", {"limit": limit}))
         if as_json:
             print_json(res)
             return
@@ -63,7 +55,7 @@ def migration_show(
 ) -> None:  # fmt: skip
     """One migration: its state, its history, and what to do if it is in doubt."""
     with one_line_errors(as_json):
-        res = run(_call(agent, credentials, "migration.show", {"migration_id": migration_id}))
+        res = run(call_agent(agent, credentials, "migration.show", {"migration_id": migration_id}))
         if as_json:
             print_json(res)
             return
@@ -92,7 +84,7 @@ def migration_resolve(
 ) -> None:
     """Settle a migration left in doubt on its source host (operator or security-admin; audited)."""
     with one_line_errors(as_json):
-        res = run(_call(agent, credentials, "migration.resolve",
+        res = run(call_agent(agent, credentials, "migration.resolve",
                         {"migration_id": migration_id, "keep": keep}))  # fmt: skip
         if as_json:
             print_json(res)

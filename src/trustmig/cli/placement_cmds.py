@@ -17,7 +17,16 @@ from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
-from trustmig.cli.common import CliError, connect, console, one_line_errors, out, print_json, run
+from trustmig.cli.common import (
+    CliError,
+    call_agent,
+    connect,
+    console,
+    one_line_errors,
+    out,
+    print_json,
+    run,
+)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 AgentOpt = Annotated[
@@ -97,7 +106,7 @@ def register(app: typer.Typer, cluster_app: typer.Typer) -> None:
     ) -> None:
         """Every peer's measured load as the agent verified it (liars are quarantined)."""
         with one_line_errors(as_json):
-            doc = run(_call(agent, credentials, "cluster.loads", {}))
+            doc = run(call_agent(agent, credentials, "cluster.loads", {}))
             if as_json:
                 print_json(doc)
                 return
@@ -106,14 +115,6 @@ def register(app: typer.Typer, cluster_app: typer.Typer) -> None:
                 for v in (h.get("report") or {}).get("vms", []):
                     out.print(f"  {h['host']}/{v['name']}: {v['rss_mib']} MiB resident, "
                               f"{v['cpu_cores']} cores")  # fmt: skip
-
-
-async def _call(agent: str | None, creds: Path | None, op: str, params: dict[str, Any]) -> Any:
-    c = await connect(agent, creds)
-    try:
-        return await c.call(op, params, timeout=120)
-    finally:
-        await c.close()
 
 
 async def _evacuate(

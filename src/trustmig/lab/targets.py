@@ -203,6 +203,15 @@ class Baseline:
             return await dst.status()
         return "unknown"
 
+    async def migrate_to(self, name: str, host: str) -> tuple[MigrationProgress, dict[str, Any]]:
+        """Boot ``name`` and migrate it, untapped, to an incoming QEMU standing for ``host``
+        (the one a placement chose); the migration's progress and the guest's state."""
+        src = await self.boot(name)
+        dst, port = await self.destination(name)
+        prog = await self.migrate(src, port)
+        await self.settle(dst)
+        return prog, await self.state({"source": src, host: dst})
+
     async def state(self, vms: dict[str, QemuVM]) -> dict[str, Any]:
         """Which copies run, and what the running guest says about its own memory."""
         running: list[str] = []

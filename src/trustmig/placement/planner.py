@@ -163,7 +163,7 @@ def _best_move_from(
         new_dst = dst.load_with(vm)
         if new_dst >= top_load - _EPS:
             continue
-        gap = abs(new_dst - _load_without(src, vm))
+        gap = abs(new_dst - src.load_without(vm))
         if best is None or (gap, name) < (best[0], best[1]):
             best = (gap, name, vm, dst)
     return None if best is None else (best[2], best[3])
@@ -186,11 +186,6 @@ def _least_loaded_target(
         if use.fits(vm, limits):
             return use
     return None
-
-
-def _load_without(use: HostUse, vm: VmFacts) -> float:
-    f = use.facts
-    return max((use.mem_mib - vm.mem_mib) / f.mem_mib, (use.cpu_used - vm.cpu_used) / f.vcpus)
 
 
 # ------------------------------------------------------------------------------ consolidate

@@ -33,6 +33,10 @@ class HostUse:
         f = self.facts
         return max((self.mem_mib + vm.mem_mib) / f.mem_mib, (self.cpu_used + vm.cpu_used) / f.vcpus)
 
+    def load_without(self, vm: VmFacts) -> float:
+        f = self.facts
+        return max((self.mem_mib - vm.mem_mib) / f.mem_mib, (self.cpu_used - vm.cpu_used) / f.vcpus)
+
     def fits(self, vm: VmFacts, limits: PlanLimits) -> bool:
         """Memory is never overcommitted; vCPUs up to the operator's ratio; the CPU the guests
         measurably use must stay within the host's cores."""

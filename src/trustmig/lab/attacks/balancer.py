@@ -46,11 +46,7 @@ async def baseline(env: LabEnv) -> Outcome:
     adverts = [_advert(SOURCE, 1), _advert(HONEST, 1), _advert(LIAR, LIE_FACTOR)]
     p = plan(advertised_view(adverts, NAME), Goal.EVACUATE, host=SOURCE)
     chosen = p.moves[0].destination if p.moves else SOURCE
-    src = await b.boot(NAME)
-    dst, port = await b.destination(NAME)  # the chosen host's incoming QEMU
-    prog = await b.migrate(src, port)
-    await b.settle(dst)
-    guest = await b.state({"source": src, chosen: dst})
+    prog, guest = await b.migrate_to(NAME, chosen)
     return Outcome(
         compromised=chosen == LIAR and guest["where"] == LIAR,
         outcome=f"the balancer planned on unsigned adverts and evacuated the VM to {chosen} "

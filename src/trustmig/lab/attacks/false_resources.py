@@ -35,11 +35,7 @@ async def baseline(env: LabEnv) -> Outcome:
     b = env.baseline
     adverts = [_advert(HONEST, 1), _advert(LIAR, LIE_FACTOR)]
     chosen = max(adverts, key=lambda a: a["free_mem_mib"])["host"]
-    src = await b.boot(NAME)
-    dst, port = await b.destination(NAME)  # the chosen host's incoming QEMU
-    prog = await b.migrate(src, port)
-    await b.settle(dst)
-    guest = await b.state({"source": src, chosen: dst})
+    prog, guest = await b.migrate_to(NAME, chosen)
     return Outcome(
         compromised=chosen == LIAR and guest["where"] == LIAR,
         outcome=f"placement believed the unsigned adverts and sent the VM to {chosen} "
