@@ -4,6 +4,9 @@ store killed in the middle of an evacuation loses and duplicates nothing."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -107,3 +110,122 @@ def test_a_store_killed_mid_evacuation_loses_and_duplicates_nothing(make_cluster
     # the store caught up: every VM on the host that runs it, one epoch later, none twice
     assert all(epoch == 2 and owner != "host-a" for owner, epoch in r["after"].values())
     assert sorted(r["after"]) == sorted(names)
+
+
+def _cli(c: Any, user: str, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "trustmig.cli.main", *args, "--agent",
+           c.hosts["host-a"].control, "--credentials", str(c.users[user]), "--json"]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def _placed(c: Any) -> dict[str, list[str]]:
+    async def ask() -> dict[str, list[str]]:
+        out = {}
+        for h in HOSTS:
+            cl = await c.client(h, "alice")
+            try:
+                out[h] = sorted(v["name"] for v in (await cl.call("vm.list"))["vms"])
+            finally:
+                await cl.close()
+        return out
+
+    return arun(ask())
+
+
+def _beating(c: Any, where: dict[str, list[str]]) -> None:
+    async def check() -> None:
+        for h, vms in where.items():
+            cl = await c.client(h, "alice")
+            try:
+                for vm in vms:
+                    await assert_running_and_beating(cl, vm)
+            finally:
+                await cl.close()
+
+    arun(check())
+
+
+def test_balance_then_consolidate_run_exactly_their_dry_run_plans(
+    make_cluster, pg, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    small = (
+        f'store = {{url = "{pg.url}", interval_s = 1.0}}\ncapacity = {{mem_mib = 512, vcpus = 16}}'
+    )
+    c = make_cluster(hosts=HOSTS, extra_config=dict.fromkeys(HOSTS, small), defer_start=True)
+    c.add_user("cleo", ["cluster-admin"])
+    c.start_agents()
+    names = ("vm1", "vm2", "vm3")
+
+    async def boot() -> None:
+        a = await c.client("host-a", "alice")
+        try:
+            for n in names:
+                await start_vm(a, spec(n, memory=128, workload=16), c, allowed_roles=ROLES)
+        finally:
+            await a.close()
+
+    arun(boot())
+    refused = _cli(c, "alice", "balance", "--dry-run")
+    assert refused.returncode != 0 and "cluster-admin" in json.loads(refused.stdout)["error"]
+
+    # balance: host-a holds 3 x 128 of 512 MiB, its peers nothing
+    dry = _cli(c, "cleo", "balance", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    assert plan["vantage"] == "host-a" and "outcomes" not in plan
+    assert [m["source"] for m in plan["moves"]] == ["host-a", "host-a"]
+    assert sorted(m["destination"] for m in plan["moves"]) == ["host-b", "host-c"]
+    assert plan["after"]["spread"] < plan["before"]["spread"]
+    saved = tmp_path / "balance.json"
+    saved.write_text(dry.stdout)
+    ran = _cli(c, "cleo", "balance", "--plan", str(saved))
+    assert ran.returncode == 0, ran.stderr
+    done = json.loads(ran.stdout)
+    moved = [(o["vm"], o["destination"], o["status"]) for o in done["outcomes"]]
+    assert moved == [(m["vm"], m["destination"], "completed") for m in plan["moves"]]
+    placed = _placed(c)
+    assert sorted(vm for vms in placed.values() for vm in vms) == sorted(names)  # each once
+    assert all(len(vms) == 1 for vms in placed.values())
+    _beating(c, placed)
+
+    # balanced now, and the VMs that just moved cool down: a second plan moves nothing
+    again = json.loads(_cli(c, "cleo", "balance", "--dry-run").stdout)
+    assert again["moves"] == []
+    # the saved plan no longer fits (its VMs moved): refused, nothing runs
+    stale = _cli(c, "cleo", "balance", "--plan", str(saved))
+    assert stale.returncode != 0 and "no longer fits" in json.loads(stale.stdout)["error"]
+
+    # consolidate: one host can hold all three; the two it empties can be powered down
+    dry = _cli(c, "cleo", "consolidate", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    assert len(plan["moves"]) == 2 and len(plan["freed_hosts"]) == 2
+    saved = tmp_path / "consolidate.json"
+    saved.write_text(dry.stdout)
+    ran = _cli(c, "cleo", "consolidate", "--plan", str(saved))
+    assert ran.returncode == 0, ran.stderr
+    done = json.loads(ran.stdout)
+    assert [(o["vm"], o["destination"]) for o in done["outcomes"]] == [
+        (m["vm"], m["destination"]) for m in plan["moves"]
+    ]
+    placed = _placed(c)
+    for h in plan["freed_hosts"]:
+        assert placed[h] == []
+    (keeper,) = set(HOSTS) - set(plan["freed_hosts"])
+    assert placed[keeper] == sorted(names)
+    _beating(c, placed)
+    owners = _until_sync(lambda: {n: o for n, (o, _) in _owners(pg.url).items()})
+    assert owners == dict.fromkeys(names, keeper)
+
+
+def _until_sync(read: Any, timeout: float = 30.0) -> Any:
+    """The store's view once it stopped changing (agents write it every round)."""
+    deadline = time.monotonic() + timeout
+    last = read()
+    while time.monotonic() < deadline:
+        time.sleep(1.5)
+        now = read()
+        if now == last and len(set(now.values())) == 1:
+            return now
+        last = now
+    return last

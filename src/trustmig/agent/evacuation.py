@@ -27,11 +27,14 @@ from trustmig.agent.vms import ManagedVM, VmManager
 from trustmig.config import HostConfig
 from trustmig.hypervisor.migration import MigrationOptions
 from trustmig.placement import ClusterView, Goal, HostFacts, Plan, VmFacts, plan, violations
+from trustmig.placement.wire import host_to_json, vm_to_json
 from trustmig.policy import HostLabels
 
 #: KubeVirt's default: at most two outbound migrations per node at once
 DEFAULT_PARALLEL = 2
 MAX_PARALLEL = 5
+#: a VM that arrived by migration this recently is not moved again by balance (no ping-pong)
+COOLDOWN_S = 300.0
 Migrate = Callable[[str, str, MigrationOptions, Any, Any], Awaitable[dict[str, Any]]]
 
 
@@ -83,6 +86,35 @@ class Evacuation:
 
     def register(self, ops: Operations) -> None:
         ops.add("host.evacuate", self.evacuate_op, roles=("cluster-admin",))
+        ops.add("host.placement", self.placement_op, roles=("cluster-admin",))
+
+    async def placement_op(self, req: Request) -> dict[str, Any]:
+        """This host's part of a cluster-wide plan (``trustmig balance``, ``consolidate``).
+
+        Every host answers with its own VMs and, for each, the peers its migrate-out policy
+        allows for the caller. With ``verify``, the host also answers as the plan's vantage
+        point: itself and the peers whose measured load it verified (attested capacity, and the
+        guests each report shows), which is all the coordinator plans on."""
+        opts = MigrationOptions.model_validate(req.params.get("options") or {})
+        peers = sorted(self.cfg.peers)
+        guests, refused = self._own_vms(req.peer, peers, opts, accepting=True)
+        doc: dict[str, Any] = {
+            "host": self.cfg.name,
+            "vms": [vm_to_json(g) for g in guests],
+            "refused": refused,
+            "peers": {name: p.control for name, p in sorted(self.cfg.peers.items())},
+        }
+        if req.params.get("verify"):
+            judged = await self.loads.ask_all()
+            hosts = [self._own_facts(accepting=True)]
+            verified: dict[str, list[dict[str, Any]]] = {}
+            for j in self._trusted(judged):
+                h, g = peer_facts(j, self.gov.peer_labels(j.host))
+                hosts.append(h)
+                verified[j.host] = [vm_to_json(v) for v in g]
+            doc |= {"hosts": [host_to_json(h) for h in hosts], "verified_guests": verified,
+                    "judged": self._judged_json(judged)}  # fmt: skip
+        return doc
 
     async def evacuate_op(self, req: Request) -> dict[str, Any]:
         dry_run = bool(req.params.get("dry_run", False))
@@ -125,35 +157,53 @@ class Evacuation:
         self, user: Any, judged: list[ReportJudgement], opts: MigrationOptions
     ) -> tuple[ClusterView, list[dict[str, Any]]]:
         """The verified view, and the VMs no trusted peer may take (with the first denial)."""
-        hosts: list[HostFacts] = [self._own_facts()]
+        hosts: list[HostFacts] = [self._own_facts(accepting=False)]
         guests: list[VmFacts] = []
-        for j in judged:
-            if j.accept and self.loads.quarantine.is_quarantined(j.host) is None:
-                h, g = peer_facts(j, self.gov.peer_labels(j.host))
-                hosts.append(h)
-                guests.extend(g)
-        trusted = [h.name for h in hosts[1:]]
+        for j in self._trusted(judged):
+            h, g = peer_facts(j, self.gov.peer_labels(j.host))
+            hosts.append(h)
+            guests.extend(g)
+        own, refused = self._own_vms(user, [h.name for h in hosts[1:]], opts, accepting=False)
+        return ClusterView(tuple(hosts), tuple(guests + own)), refused
+
+    def _trusted(self, judged: list[ReportJudgement]) -> list[ReportJudgement]:
+        return [j for j in judged
+                if j.accept and self.loads.quarantine.is_quarantined(j.host) is None]  # fmt: skip
+
+    def _own_vms(
+        self, user: Any, peers: list[str], opts: MigrationOptions, *, accepting: bool
+    ) -> tuple[list[VmFacts], list[dict[str, Any]]]:
+        """This host's VMs with the peers each may go to, and those that may go nowhere."""
         use = {g.name: g for g in self.reporter.guests()}
+        guests: list[VmFacts] = []
         refused: list[dict[str, Any]] = []
+        now = time.time()
         for vm in sorted(self.vms.visible(), key=lambda v: v.name):
-            allowed, denial = self._allowed(user, vm, trusted, opts)
+            allowed, denial = self._allowed(user, vm, peers, opts)
             if not allowed and vm.state == "running":
                 why = denial or "no trusted peer reported a verified load"
                 refused.append({"vm": vm.name, "host": self.cfg.name, "code": "no_allowed_host",
                                 "why": why})  # fmt: skip
             measured = use.get(vm.name)
+            cooling = accepting and vm.arrived_by is not None and now - vm.created_at < COOLDOWN_S
             guests.append(VmFacts(
                 name=vm.name, tenant=vm.spec.tenant, host=self.cfg.name,
                 mem_mib=vm.spec.memory_mib, vcpus=vm.spec.vcpus,
                 cpu_used=measured.cpu_cores if measured else 0.0,
-                allowed_hosts=frozenset(allowed),
+                allowed_hosts=frozenset(allowed), cooling=cooling,
                 movable=bool(allowed) and vm.state == "running" and vm.migration is None,
             ))  # fmt: skip
-        return ClusterView(tuple(hosts), tuple(guests)), refused
+        return guests, refused
 
-    def _own_facts(self) -> HostFacts:
+    def _own_facts(self, *, accepting: bool) -> HostFacts:
         cap = host_capacity(self.cfg)
-        return HostFacts(self.cfg.name, max(1, cap.mem_mib), max(1, cap.vcpus), accepts=False)
+        hp = self.gov.host_policy
+        labels = hp.labels if hp is not None else HostLabels(country="ZZ")
+        cpu = sum(g.cpu_cores for g in self.reporter.guests())
+        return HostFacts(self.cfg.name, max(1, cap.mem_mib), max(1, cap.vcpus),
+                         country=labels.country, zone=labels.zone,
+                         security_level=labels.security_level, accepts=accepting,
+                         cpu_used=round(cpu, 3))  # fmt: skip
 
     def _allowed(
         self, user: Any, vm: ManagedVM, peers: list[str], opts: MigrationOptions
@@ -175,10 +225,13 @@ class Evacuation:
         pinned = {r["vm"] for r in refused}
         doc["stuck"] = refused + [s for s in doc["stuck"] if s["vm"] not in pinned]
         doc["host"] = self.cfg.name
-        doc["hosts"] = [{"host": j.host, "accept": j.accept, "rule": j.rule, "reason": j.reason,
-                         "quarantined": self.loads.quarantine.is_quarantined(j.host)}
-                        for j in judged]  # fmt: skip
+        doc["hosts"] = self._judged_json(judged)
         return doc
+
+    def _judged_json(self, judged: list[ReportJudgement]) -> list[dict[str, Any]]:
+        return [{"host": j.host, "accept": j.accept, "rule": j.rule, "reason": j.reason,
+                 "quarantined": self.loads.quarantine.is_quarantined(j.host)}
+                for j in judged]  # fmt: skip
 
     async def _run(
         self, p: Plan, req: Request, parallel: int, opts: MigrationOptions
