@@ -140,6 +140,26 @@ class StoreSettings(BaseModel):
     interval_s: float = Field(5.0, gt=0, le=3600)
 
 
+class MetricsSettings(BaseModel):
+    """``/metrics`` in the Prometheus text format (``[metrics]``). Off when ``listen`` is empty.
+
+    With ``tls`` (the default) the listener asks for a client certificate of the cluster's CA,
+    checked against the CRL like the control port: give Prometheus a user certificate (any
+    role; metrics name no VM or tenant). ``tls = false`` serves plain HTTP: bind it to a
+    management address only."""
+
+    model_config = ConfigDict(extra="forbid")
+    listen: str = ""
+    tls: bool = True
+
+    @field_validator("listen")
+    @classmethod
+    def _hp(cls, v: str) -> str:
+        if v:
+            parse_hostport(v, "[metrics] listen")
+        return v
+
+
 class AgentSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     #: What stopping the agent (SIGTERM) does to the guests: ``keep`` leaves them (and
@@ -195,6 +215,7 @@ class HostConfig(BaseModel):
     migration: MigrationSettings = Field(default_factory=MigrationSettings)
     agent: AgentSettings = Field(default_factory=AgentSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @field_validator("guard", mode="before")
     @classmethod

@@ -52,6 +52,8 @@ class AdminApi:
         self.attestation_status = attestation_status
         #: lifts a quarantine in the cluster store (set when the agent has one)
         self.clear_cluster: Callable[[str, str], Awaitable[Any]] | None = None
+        #: told the outcome of every full verification of the chain (the metrics keep it)
+        self.on_audit_verified: Callable[[bool], None] | None = None
 
     def register(self, ops: Operations) -> None:
         ops.add("ping", self.ping, kinds=("user", "host"))
@@ -151,6 +153,8 @@ class AdminApi:
             out["problems"] = [*rep.problems, verdict.detail]
         elif verdict.code == "unanchored":
             out["warnings"] = [*rep.warnings, verdict.detail]
+        if self.on_audit_verified is not None:
+            self.on_audit_verified(bool(out["ok"]))
         return out
 
     async def guard_show(self, req: Request) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from trustmig.agent.control import Operations, Request
@@ -23,6 +24,8 @@ class MigrationApi:
         self.registry = registry
         self.gov = gov
         self.tenancy = tenancy
+        #: measures the guest's felt pause from the source's last heartbeats (the metrics)
+        self.on_receipt: Callable[[str, list[Any], str, str], None] | None = None
 
     def register(self, ops: Operations) -> None:
         ops.add("migrate", self.migrate)
@@ -111,11 +114,15 @@ class MigrationApi:
 
     async def receipt(self, req: Request) -> dict[str, Any]:
         mid = req.param("migration_id")
-        _vm, peer_pub = self.registry.incoming_for_receipt(mid, req.peer.name)
+        vm, peer_pub = self.registry.incoming_for_receipt(mid, req.peer.name)
         fields = dict(req.param("fields", dict))
         if fields.get("migration_id") != mid or fields.get("destination") != self.host:
             raise RequestError("receipt does not describe this migration", Code.INVALID)
         own = self.gov.sign_receipt(fields)
         self.gov.check_and_store_receipt(fields, own, req.peer.name, req.param("signature"),
                                          peer_pub)  # fmt: skip
+        felt = req.params.get("felt")
+        if isinstance(felt, dict) and self.on_receipt is not None:
+            self.on_receipt(vm, felt.get("heartbeats") or [], str(felt.get("channel")),
+                            str(felt.get("mode")))  # fmt: skip
         return {"signature": own}

@@ -398,6 +398,8 @@ class AgentAttestation:
         self._results_lock = threading.Lock()
         self.last_results: dict[str, PeerResult] = {}
         self._closed = False
+        #: told every verdict on a peer's evidence and how long judging it took (the metrics)
+        self.on_verdict: Callable[[bool, float], None] | None = None
 
     # --- start / close ----------------------------------------------------------------------------
     @classmethod
@@ -508,6 +510,7 @@ class AgentAttestation:
     def verify_evidence(self, peer: str, evidence: bytes, th: bytes) -> str:
         """Judge a peer's evidence; returns ``verified pcr_digest=<hex16>`` or raises
         AttestationFailed (message names the measurement when one was not approved)."""
+        started = time.monotonic()
         try:
             try:
                 registry, refvalues = self._trust.get()
@@ -525,7 +528,8 @@ class AgentAttestation:
                 PeerResult(
                     peer=peer, ok=False, at=time.time(), summary=str(exc),
                     measurement=exc.measurement,
-                )
+                ),
+                started,
             )  # fmt: skip
             raise
         summary = f"verified pcr_digest={res.pcr_digest[:16]}"
@@ -543,11 +547,15 @@ class AgentAttestation:
                     {"name": m["name"], "digest": m["digest"], "pcr": m["pcr"]}
                     for m in res.measurements
                 ],
-            )
+            ),
+            started,
         )
         return summary
 
-    def _record(self, result: PeerResult) -> None:
+    def _record(self, result: PeerResult, started: float | None = None) -> None:
+        if self.on_verdict is not None and started is not None:
+            with contextlib.suppress(Exception):
+                self.on_verdict(result.ok, time.monotonic() - started)
         with self._results_lock:
             self.last_results.pop(result.peer, None)
             self.last_results[result.peer] = result

@@ -189,7 +189,8 @@ class MigrationRegistry:
         svc.audit("policy.decision", vm=spec.name, migration_id=mid, user=user.get("name"),
                   outcome="allow" if decision.allow else "deny",
                   data={"direction": "migrate-in", "rule": decision.rule,
-                        "line": decision.line(), "source": source})  # fmt: skip
+                        "line": decision.line(), "source": source,
+                        "options": {"channel": opts.channel, "mode": opts.mode}})  # fmt: skip
         if not decision.allow:
             raise RequestError(decision.line(), Code.REFUSED)
         existing = svc.vms.vms.get(spec.name)

@@ -49,6 +49,7 @@ from trustmig.agent.host_key import load_host_key, transient_key_file
 from trustmig.agent.host_report import ClusterLoads, HostReporter
 from trustmig.agent.journal import Journal
 from trustmig.agent.migrations import MigrationRegistry
+from trustmig.agent.observability import Observability
 from trustmig.agent.runtime import AdmissionGate, HostServices
 from trustmig.agent.tenancy import Tenancy
 from trustmig.agent.vms import VmManager
@@ -146,6 +147,7 @@ class Agent:
     ) -> None:
         self.cfg = cfg
         self.accept_audit_loss = accept_audit_loss
+        self.observability = Observability(self)  # first: every audit event is counted
         self.state_dir = cfg.state_dir
         self.run_dir = self.state_dir / "run"
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -210,6 +212,8 @@ class Agent:
         self.data: DataListener | None = None
         self.control_address = ""
         self.data_advertise = ""
+        if self.attestation is not None:
+            self.attestation.on_verdict = self.observability.metrics.attested
 
     def _audit_key(self) -> Ed25519PrivateKey:
         if self.attestation is not None:
@@ -257,6 +261,7 @@ class Agent:
     def audit_event(self, kind: str, **fields: Any) -> None:
         """Record an audit event in the host's signed, hash-chained trail."""
         log.info("audit %s %s", kind, json.dumps(fields, default=str))
+        self.observability.metrics.observe_audit(kind, dict(fields))
         self.gov.event(kind, **fields)
         if self.cluster_sync is not None and kind in STORE_WAKING_EVENTS:
             self.cluster_sync.wake()
@@ -357,7 +362,9 @@ class Agent:
             "accel_warning": self.accel.warning,
             "control": self.control_address,
             "data_advertise": self.data_advertise,
+            "metrics": self.observability.address,
             "labels": self.cfg.labels,
+            "peers": {name: p.control for name, p in sorted(self.cfg.peers.items())},
             "refused_data_connections": self.guard_hooks.refused_data[-10:],
             "store": self._store_status(),
         }
@@ -377,12 +384,15 @@ class Agent:
                                   self.audit_event)  # fmt: skip
         tenancy = Tenancy(self.vms, self.audit_event)
         VmApi(self.cfg.name, self.vms, self.gov, tenancy).register(ops)
-        MigrationApi(self.cfg.name, self.registry, self.gov, tenancy).register(ops)
+        migration_api = MigrationApi(self.cfg.name, self.registry, self.gov, tenancy)
+        migration_api.on_receipt = self.observability.measure_pause
+        migration_api.register(ops)
         admin = AdminApi(
             self.cfg.name, self.gov, self.vms, self.registry, self.guard, self.admission,
             self.quarantine, self._status_extra,
             self.attestation.status if self.attestation else None, tenancy, self.anchor,
         )  # fmt: skip
+        admin.on_audit_verified = self.observability.note_audit_verified
         admin.register(ops)
         if self.cfg.store.url:
             self.cluster_sync = ClusterSync(self.cfg.name, self.cfg.store.url, self.vms,
@@ -423,6 +433,8 @@ class Agent:
             self.cfg.data.advertise or f"{self.data.address[0]}:{self.data.address[1]}"
         )
         self._apply_kernel_rules(int(sock[1]), int(self.data.address[1]))
+        with _listener("metrics", self.cfg.metrics.listen):
+            await self.observability.start()
         # the audit trail must be the one the peers saw before anything else happens
         try:
             await self.anchor.check_at_start(self.accept_audit_loss)
@@ -449,6 +461,7 @@ class Agent:
             "control": self.control_address,
             "data": f"{self.data.address[0]}:{self.data.address[1]}",
             "data_advertise": self.data_advertise,
+            "metrics": self.observability.address,
             "accel": self.accel.accel,
             "accel_warning": self.accel.warning,
             "adopted_vms": sorted(self.vms.vms),
@@ -487,6 +500,7 @@ class Agent:
             await stop_guarded(self._server)
         if self.data:
             self.data.close()
+        await self.observability.stop()
         await self.registry.detach()
         t1 = time.monotonic()
         if self.cfg.agent.on_shutdown == "stop":

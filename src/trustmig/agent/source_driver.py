@@ -181,6 +181,8 @@ class SourceDriver:
         self._tasks: set[asyncio.Future[Any]] = set()
         self._main: asyncio.Future[None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
+        #: the latest RAM and disk progress, shown by migration.list while the migration runs
+        self.last_progress: dict[str, dict[str, Any]] = {}
         self._resolve_waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._rids = 1
         self.t_request = time.monotonic()
@@ -270,6 +272,9 @@ class SourceDriver:
                 self.effects.put_nowait(a)
 
     def _emit(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind in ("progress", "disk-progress"):  # what migration.list shows while it runs
+            self.last_progress[str(kind)] = {k: v for k, v in event.items() if k != "event"}
         if self.emit is None:
             return
         if event.get("event") == "phase":
@@ -811,14 +816,15 @@ class SourceDriver:
         except Exception as e:  # noqa: BLE001 - reported with the result, the facts stand
             self.warnings.append(f"could not forget the disk keys: {str(e).splitlines()[0]}")
         self._step("count the migration", lambda: self.svc.gov.record_migration(self.core.vm))
-        receipt = await self._exchange_receipt(relay_status or {})
+        receipt = await self._exchange_receipt(relay_status or {}, src_hbs)
         self._step("drop the VM policy", lambda: self.svc.gov.drop_vm_policy(self.core.vm))
         self.ctx.info["result"] = self._result(prog, src_hbs, cpu_src, relay_status or {}, receipt)
         self.svc.safe_audit(
             "migration.complete", vm=self.core.vm, migration_id=self.migration_id,
             user=self.ctx.user.get("name"), outcome="completed",
             data={k: self.ctx.info["result"].get(k) for k in
-                  ("destination", "mode", "total_ms", "downtime_ms", "bytes_transferred")},
+                  ("destination", "mode", "channel", "total_ms", "downtime_ms",
+                   "bytes_transferred", "throughput_mbps", "handshake_ms")},
         )  # fmt: skip
 
     def _step(self, what: str, fn: Callable[[], Any]) -> None:
@@ -828,7 +834,9 @@ class SourceDriver:
             log.error("migration %s: could not %s: %s", self.migration_id, what, e)
             self.warnings.append(f"could not {what}: {str(e).splitlines()[0]}")
 
-    async def _exchange_receipt(self, relay_status: dict[str, Any]) -> dict[str, Any]:
+    async def _exchange_receipt(
+        self, relay_status: dict[str, Any], src_hbs: list[tuple[int, float]]
+    ) -> dict[str, Any]:
         """Both hosts sign the same receipt; each keeps both signatures."""
         fields = {
             "migration_id": self.migration_id, "vm": self.core.vm,
@@ -838,7 +846,11 @@ class SourceDriver:
         }  # fmt: skip
         try:
             own = self.svc.gov.sign_receipt(fields)
-            res = await self._call("incoming.receipt", {"fields": fields, "signature": own}, 30)
+            # the last heartbeats let the destination measure the pause its guest felt
+            felt = {"heartbeats": src_hbs[-8:], "channel": self.ctx.options.channel,
+                    "mode": "postcopy" if self.core.postcopy_switched else "precopy"}  # fmt: skip
+            params = {"fields": fields, "signature": own, "felt": felt}
+            res = await self._call("incoming.receipt", params, 30)
             self.svc.gov.check_and_store_receipt(
                 fields, own, self.core.peer, res["signature"], self.ctx.peer_audit_pub
             )
@@ -959,6 +971,8 @@ class SourceDriver:
             "history": [
                 {"t": round(t - self.t_request, 3), "state": s} for t, s in self.core.history
             ],
+            "progress": self.last_progress.get("progress"),
+            "disk_progress": self.last_progress.get("disk-progress"),
         }
 
     # ------------------------------------------------------------------ restart

@@ -233,6 +233,12 @@ class AuditLog:
         return self._host
 
     @property
+    def length(self) -> int:
+        """Events in the chain, pending ones included (no disk access)."""
+        with self._lock:
+            return self._seq
+
+    @property
     def public_key(self) -> Ed25519PublicKey | None:
         """Public half of the signing key (None when read-only): what verify() needs."""
         return self._public_key

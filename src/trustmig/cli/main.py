@@ -47,6 +47,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(guard_app, name="guard")
 from trustmig.cli.attest_cmds import register as _register_attest  # noqa: E402
 from trustmig.cli.cluster_cmds import cluster_app  # noqa: E402
+from trustmig.cli.dashboard_cmds import register as _register_dashboard  # noqa: E402
 from trustmig.cli.host_cmds import register as _register_host  # noqa: E402
 from trustmig.cli.migration_cmds import migration_app  # noqa: E402
 from trustmig.cli.placement_cmds import register as _register_placement  # noqa: E402
@@ -57,6 +58,7 @@ app.add_typer(migration_app, name="migration")
 _register_attest(app, host_app)
 _register_host(host_app)
 _register_placement(app, cluster_app)
+_register_dashboard(app)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 AgentOpt = Annotated[
