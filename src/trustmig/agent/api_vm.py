@@ -13,12 +13,13 @@ from trustmig.agent.control import Operations, Request
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.governance import Governance
 from trustmig.agent.journal import DefinitionRow
+from trustmig.agent.neighbours import Neighbours, policy_of
 from trustmig.agent.tenancy import Tenancy, ownership_of
 from trustmig.agent.vms import VmManager
 from trustmig.hypervisor.spec import DefinitionError, VMSpec, parse_definition
 from trustmig.pki.errors import InvalidInput
 from trustmig.pki.identity import check_user_name
-from trustmig.policy import AccessDecision, VmAction, VmOwnership, owner_for_new_vm
+from trustmig.policy import AccessDecision, VmAction, VmOwnership, VmPolicy, owner_for_new_vm
 
 
 def ownership_of_definition(row: DefinitionRow | None, name: str) -> VmOwnership | None:
@@ -26,11 +27,14 @@ def ownership_of_definition(row: DefinitionRow | None, name: str) -> VmOwnership
 
 
 class VmApi:
-    def __init__(self, host: str, vms: VmManager, gov: Governance, tenancy: Tenancy) -> None:
+    def __init__(
+        self, host: str, vms: VmManager, gov: Governance, tenancy: Tenancy, neighbours: Neighbours
+    ) -> None:
         self.host = host
         self.vms = vms
         self.gov = gov
         self.tenancy = tenancy
+        self.neighbours = neighbours
 
     def register(self, ops: Operations) -> None:
         ops.add("vm.start", self.start)
@@ -89,12 +93,20 @@ class VmApi:
             raise RequestError(f"a VM named {spec.name} already exists on {self.host}", Code.BUSY)
         own = defined or self._new_ownership(req, raw, spec.name)
         spec = spec.model_copy(update={"tenant": own.tenant, "owner": own.owner})
-        if req.params.get("policy"):
-            self.gov.set_vm_policy(str(req.params["policy"]), own)
+        brought = req.params.get("policy")
+        if brought:
+            policy: VmPolicy | None = self.gov.verify_policy(str(brought), own)[1]
         elif vm is None and spec.name not in self.vms.definitions:
-            self.gov.drop_vm_policy(spec.name)  # a stale file of an earlier VM of this name
+            policy = None
+        else:
+            policy = policy_of(self.gov.vm_policy_json(spec.name))
         timeout = float(req.params.get("boot_timeout", 180))
-        vm = await self.vms.start(spec, req.peer.name, timeout)
+        with self.neighbours.reserve(spec.name, own.tenant, policy, user=req.peer.name):
+            if brought:
+                self.gov.set_vm_policy(str(brought), own)
+            elif policy is None:
+                self.gov.drop_vm_policy(spec.name)  # a stale file of an earlier VM of this name
+            vm = await self.vms.start(spec, req.peer.name, timeout)
         await req.emit({"event": "phase", "phase": "running", "pid": vm.qemu.pid})
         return await vm.describe()
 

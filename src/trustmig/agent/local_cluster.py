@@ -314,6 +314,7 @@ class LocalCluster:
             f"min_security_level = {p['min_security_level']}\n"
             + "".join(f"{k} = {json.dumps(p[k])}\n" for k in ("hosts", "zones") if k in p)
             + f'[attestation]\nprofile = "{p["profile"]}"\n'
+            + _co_residency_toml(p)
         )
         c = self.user_credentials(user)
         return sign_policy(text, "toml", user, c.cert_der(), c.load_key()).to_json()
@@ -497,3 +498,9 @@ class LocalCluster:
             return {str(k): int(v) for k, v in res["guard"]["counters"].items()}
         finally:
             await c.close()
+
+
+def _co_residency_toml(p: dict[str, Any]) -> str:
+    """``neighbours`` and ``never_with_tenants`` of a test policy, when given."""
+    lines = [f"{k} = {json.dumps(p[k])}\n" for k in ("neighbours", "never_with_tenants") if k in p]
+    return "[co_residency]\n" + "".join(lines) if lines else ""

@@ -26,6 +26,7 @@ from trustmig.agent.dest_driver import (
 )
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.journal import MigrationRow
+from trustmig.agent.neighbours import policy_of
 from trustmig.agent.runtime import HostServices
 from trustmig.agent.source_driver import SourceContext, SourceDriver, source_plan
 from trustmig.agent.vms import ManagedVM
@@ -199,15 +200,18 @@ class MigrationRegistry:
         await self._require_can_run(spec)
         svc.disk_keys.require_keeper(spec)
         opts = _checked_options(spec, opts)  # the source's checks, on what arrived here
-        await svc.admission.admit("in", tenant=spec.tenant, vm=spec.name, migration_id=mid)
-        try:
-            return await self._start_incoming(
-                mid, spec, opts, user, policy_json, epoch, source, decision.line(), params,
-                peer_cert_der, lease,
-            )  # fmt: skip
-        except BaseException:
-            svc.admission.release(mid)
-            raise
+        # who it would run next to: this host's own residents, not the source's word
+        with svc.neighbours.reserve(spec.name, spec.tenant, policy_of(policy_json),
+                                    user=user.get("name"), migration_id=mid):  # fmt: skip
+            await svc.admission.admit("in", tenant=spec.tenant, vm=spec.name, migration_id=mid)
+            try:
+                return await self._start_incoming(
+                    mid, spec, opts, user, policy_json, epoch, source, decision.line(), params,
+                    peer_cert_der, lease,
+                )  # fmt: skip
+            except BaseException:
+                svc.admission.release(mid)
+                raise
 
     async def _require_can_run(self, spec: VMSpec) -> None:
         """Refuse, before anything is allocated, a definition this host cannot satisfy: the

@@ -24,6 +24,7 @@ from trustmig.agent.diskkeys import DiskKeys
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.governance import Governance
 from trustmig.agent.journal import Journal
+from trustmig.agent.neighbours import Neighbours
 from trustmig.agent.vms import AuditFn, QemuFactory, VmManager
 from trustmig.config import HostConfig
 from trustmig.guard import Admission
@@ -98,6 +99,7 @@ class HostServices:
     #: Builds (once) the guest image and returns its key, which both hosts must share.
     prepare_image: Callable[[], Awaitable[str]]
     disk_keys: DiskKeys
+    neighbours: Neighbours
 
     @property
     def name(self) -> str:

@@ -49,6 +49,7 @@ from trustmig.agent.host_key import load_host_key, transient_key_file
 from trustmig.agent.host_report import ClusterLoads, HostReporter
 from trustmig.agent.journal import Journal
 from trustmig.agent.migrations import MigrationRegistry
+from trustmig.agent.neighbours import Neighbours
 from trustmig.agent.observability import Observability
 from trustmig.agent.runtime import AdmissionGate, HostServices
 from trustmig.agent.tenancy import Tenancy
@@ -354,6 +355,7 @@ class Agent:
             attesting=self.attestation is not None,
             prepare_image=self.image_key,
             disk_keys=self.disk_keys,
+            neighbours=self.neighbours,
         )
 
     def _status_extra(self) -> dict[str, Any]:
@@ -376,6 +378,8 @@ class Agent:
         self.disk_keys = DiskKeys(self.attestation, self.audit_event, self.cfg.name)
         self.vms = VmManager(self.journal, self.audit_event, self.cfg.name, self.make_qemu,
                              self.image_key, self.host_net, self.disk_keys)  # fmt: skip
+        self.neighbours = Neighbours(self.cfg.name, self.vms, self.gov.vm_policy_json,
+                                     self.audit_event)  # fmt: skip
         self.services = self._services()
         self.registry = MigrationRegistry(self.services)
         ops = Operations()
@@ -383,7 +387,7 @@ class Agent:
                                   sorted(self.cfg.peers), self.connect_peer,
                                   self.audit_event)  # fmt: skip
         tenancy = Tenancy(self.vms, self.audit_event)
-        VmApi(self.cfg.name, self.vms, self.gov, tenancy).register(ops)
+        VmApi(self.cfg.name, self.vms, self.gov, tenancy, self.neighbours).register(ops)
         migration_api = MigrationApi(self.cfg.name, self.registry, self.gov, tenancy)
         migration_api.on_receipt = self.observability.measure_pause
         migration_api.register(ops)

@@ -59,6 +59,8 @@ def _move_problem(
         return "bad_destination", f"{dst} is not another host of the view"
     if not vm.may_run_on(target.facts):
         return "policy", f"{dst} is untrusted, not accepting or outside VM {vm_name}'s rules"
+    if not target.near.admits(vm):
+        return "co_residency", f"{dst}'s residents and VM {vm_name}'s rules forbid sharing it"
     if not target.fits(vm, limits):
         return "capacity", f"{dst} has no room for VM {vm_name} at this point of the plan"
     return None

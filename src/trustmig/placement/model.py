@@ -33,6 +33,8 @@ class StuckCode(Enum):
     NO_ALLOWED_HOST = "no_allowed_host"
     #: allowed hosts exist, but none has room for it
     NO_CAPACITY = "no_capacity"
+    #: every allowed host runs a neighbour its co-residency rules (or the neighbour's) forbid
+    CO_RESIDENCY = "co_residency"
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,9 @@ class VmFacts:
     destination rules of its signed policy (empty sets: no restriction from that rule).
 
     ``movable`` is False when its policy forbids migration or it is migrating now;
-    ``cooling`` is True when it moved recently (no ping-pong: balance leaves it alone)."""
+    ``cooling`` is True when it moved recently (no ping-pong: balance leaves it alone).
+    ``neighbours`` (``any``, ``tenant``, ``none``) and ``never_with`` are its policy's
+    co-residency rules: whom it may share a host with."""
 
     name: str
     tenant: str
@@ -78,6 +82,12 @@ class VmFacts:
     min_security_level: int = 0
     movable: bool = True
     cooling: bool = False
+    neighbours: str = "any"
+    never_with: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.neighbours not in ("any", "tenant", "none"):
+            raise ValueError(f"VM {self.name}: neighbours must be any, tenant or none")
 
     def rule_key(self) -> tuple[frozenset[str], frozenset[str], frozenset[str], int]:
         """VMs with the same key may go to the same hosts (one eligibility set per key)."""

@@ -72,7 +72,8 @@ def _evacuate(wc: WorkingCluster, host: str, limits: PlanLimits) -> tuple[list[M
         allowed = wc.eligible(vm) - {host}
         room = [wc.hosts[h] for h in allowed if wc.hosts[h].fits(vm, limits)]
         if not room:
-            stuck.append(_nowhere(vm, host, len(allowed)))
+            forbidden = sum(1 for h in allowed if not wc.hosts[h].near.admits(vm))
+            stuck.append(_nowhere(vm, host, len(allowed), forbidden))
             continue
         best = min(room, key=lambda u: (u.load_with(vm), u.facts.name))
         after = best.load_with(vm)
@@ -82,10 +83,14 @@ def _evacuate(wc: WorkingCluster, host: str, limits: PlanLimits) -> tuple[list[M
     return moves, stuck
 
 
-def _nowhere(vm: VmFacts, host: str, n_allowed: int) -> Stuck:
+def _nowhere(vm: VmFacts, host: str, n_allowed: int, forbidden: int = 0) -> Stuck:
     if n_allowed == 0:
         why = "no other trusted, accepting host satisfies its destination rules"
         return Stuck(vm.name, host, StuckCode.NO_ALLOWED_HOST, why)
+    if forbidden == n_allowed:
+        why = (f"co-residency rules (its own or a resident's) forbid all {n_allowed} allowed "
+               "hosts")  # fmt: skip
+        return Stuck(vm.name, host, StuckCode.CO_RESIDENCY, why)
     why = f"none of its {n_allowed} allowed hosts has {vm.mem_mib} MiB and {vm.vcpus} vCPUs free"
     return Stuck(vm.name, host, StuckCode.NO_CAPACITY, why)
 

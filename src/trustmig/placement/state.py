@@ -7,11 +7,54 @@ capacity the same way.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 from trustmig.placement.model import ClusterView, Figures, HostFacts, PlanLimits, VmFacts
 
 RuleKey = tuple[frozenset[str], frozenset[str], frozenset[str], int]
+
+
+@dataclass
+class Neighbourhood:
+    """Who runs on a host, as co-residency needs it: counts that a move updates in O(1)."""
+
+    count: int = 0
+    tenants: Counter[str] = field(default_factory=Counter)
+    alone: int = 0  # residents that want a host of their own
+    tenant_only: Counter[str] = field(default_factory=Counter)  # per tenant: "own tenant only"
+    tenant_only_total: int = 0
+    excluded: Counter[str] = field(default_factory=Counter)  # tenants some resident refuses
+
+    def add(self, vm: VmFacts, sign: int = 1) -> None:
+        """Count ``vm`` in (``sign`` 1) or out (-1)."""
+        self.count += sign
+        _bump(self.tenants, vm.tenant, sign)
+        self.alone += sign * (vm.neighbours == "none")
+        if vm.neighbours == "tenant":
+            _bump(self.tenant_only, vm.tenant, sign)
+            self.tenant_only_total += sign
+        for t in vm.never_with:
+            _bump(self.excluded, t, sign)
+
+    def admits(self, vm: VmFacts) -> bool:
+        """The newcomer's rules and every resident's (the newcomer is not counted in)."""
+        plain = not (self.alone or self.tenant_only_total or self.excluded)
+        if plain and vm.neighbours == "any" and not vm.never_with:
+            return True  # the common case, kept cheap: nobody here or there has a rule
+        foreign = self.count - self.tenants.get(vm.tenant, 0)
+        if (vm.neighbours == "none" and self.count) or (vm.neighbours == "tenant" and foreign):
+            return False
+        if self.alone or any(t in self.tenants for t in vm.never_with):
+            return False
+        foreign_tenant_only = self.tenant_only_total - self.tenant_only.get(vm.tenant, 0)
+        return not foreign_tenant_only and vm.tenant not in self.excluded
+
+
+def _bump(c: Counter[str], key: str, by: int) -> None:
+    c[key] += by
+    if c[key] <= 0:
+        del c[key]
 
 
 @dataclass
@@ -23,6 +66,7 @@ class HostUse:
     vcpus: int = 0
     cpu_used: float = 0.0
     vms: set[str] = field(default_factory=set)
+    near: Neighbourhood = field(default_factory=Neighbourhood)
 
     def load(self) -> float:
         """The larger of memory and CPU use, as a fraction of attested capacity."""
@@ -45,6 +89,7 @@ class HostUse:
             self.mem_mib + vm.mem_mib <= f.mem_mib
             and self.vcpus + vm.vcpus <= f.vcpus * limits.vcpu_overcommit
             and self.cpu_used + vm.cpu_used <= f.vcpus
+            and self.near.admits(vm)
         )
 
     def active(self) -> bool:
@@ -65,6 +110,7 @@ class WorkingCluster:
             use.mem_mib += vm.mem_mib
             use.vcpus += vm.vcpus
             use.vms.add(vm.name)
+            use.near.add(vm)
             guest_cpu[vm.host] += vm.cpu_used
         for name, use in self.hosts.items():
             # a host's measured use is at least its guests' (the rest is its own overhead)
@@ -97,6 +143,8 @@ class WorkingCluster:
         src.vcpus -= vm.vcpus
         src.cpu_used -= vm.cpu_used
         src.vms.discard(vm_name)
+        src.near.add(vm, -1)
+        dst.near.add(vm)
         dst.mem_mib += vm.mem_mib
         dst.vcpus += vm.vcpus
         dst.cpu_used += vm.cpu_used

@@ -15,7 +15,7 @@ from typing import Any
 from trustmig.placement.errors import PlacementError
 from trustmig.placement.model import Figures, Goal, HostFacts, Move, Plan, VmFacts
 
-_SETS = ("allowed_hosts", "zones", "countries")
+_SETS = ("allowed_hosts", "zones", "countries", "never_with")
 
 
 def host_to_json(h: HostFacts) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from trustmig.policy.access import (
     owner_for_new_vm,
 )
 from trustmig.policy.check import check_policy_file, summarize_host_policy, summarize_vm_policy
+from trustmig.policy.coresidency import CoResidencyDecision, Neighbour, decide_co_residency
 from trustmig.policy.decision import (
     MIGRATE_IN,
     MIGRATE_OUT,
@@ -48,6 +49,7 @@ from trustmig.policy.loading import (
 from trustmig.policy.models import (
     AcceptRules,
     AttestationRules,
+    CoResidencyRules,
     DestinationRules,
     HostLabels,
     HostPolicy,
@@ -68,6 +70,8 @@ __all__ = [
     "AcceptRules",
     "AccessDecision",
     "AttestationRules",
+    "CoResidencyDecision",
+    "CoResidencyRules",
     "Decision",
     "DestinationRules",
     "HostLabels",
@@ -76,6 +80,7 @@ __all__ = [
     "MigrateRules",
     "MigrationHistory",
     "MigrationRequest",
+    "Neighbour",
     "PolicyError",
     "PolicyFormat",
     "PolicySignatureError",
@@ -87,6 +92,7 @@ __all__ = [
     "VmOwnership",
     "VmPolicy",
     "check_policy_file",
+    "decide_co_residency",
     "decide_migrate_in",
     "decide_migrate_out",
     "decide_vm_access",

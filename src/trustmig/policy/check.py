@@ -43,12 +43,17 @@ def summarize_vm_policy(policy: VmPolicy) -> str:
         f"security level >= {d.min_security_level}",
     ]
     signed = f"; signed by {policy.signed_by}" if policy.signed_by else ""
+    co = policy.co_residency
+    near = {"any": "any neighbours", "tenant": "neighbours of its tenant only",
+            "none": "a host of its own"}[co.neighbours]  # fmt: skip
+    if co.never_with_tenants:
+        near += f", never with tenants {_list(co.never_with_tenants)}"
     return (
         f"VM policy for {policy.vm} (tenant {policy.tenant}, owner {policy.owner}): "
         f"migrate by {who}; post-copy {'allowed' if m.postcopy else 'refused'}; "
         f"{'at most ' + str(m.max_per_hour) + ' per hour' if m.max_per_hour else 'no rate limit'}; "
         f"windows {_list(m.windows) if m.windows else 'any time'}; "
-        f"destinations {', '.join(where)}; attestation {policy.attestation.profile}{signed}"
+        f"destinations {', '.join(where)}; {near}; attestation {policy.attestation.profile}{signed}"
     )
 
 

@@ -128,6 +128,24 @@ class DestinationRules(BaseModel):
         return _check_name_list(value, "zone names")
 
 
+class CoResidencyRules(BaseModel):
+    """Whom the VM may share a host with (the paper's co-residency and inter-VM attacks).
+
+    ``neighbours``: ``any`` (the default), ``tenant`` (only VMs of its own tenant) or ``none``
+    (a host of its own). ``never_with_tenants``: tenants it must never share a host with. A
+    host decides these from what really runs there, and every resident's rules count too."""
+
+    model_config = _STRICT
+
+    neighbours: Literal["any", "tenant", "none"] = "any"
+    never_with_tenants: list[str] = Field(default_factory=list, max_length=64)
+
+    @field_validator("never_with_tenants", mode="before")
+    @classmethod
+    def _tenants(cls, value: Any) -> list[str]:
+        return _check_name_list(value, "tenant names")
+
+
 class AttestationRules(BaseModel):
     """How strictly the destination must be attested before it receives the VM."""
 
@@ -152,6 +170,7 @@ class VmPolicy(BaseModel):
     migrate: MigrateRules = Field(default_factory=MigrateRules)
     destinations: DestinationRules = Field(default_factory=DestinationRules)
     attestation: AttestationRules = Field(default_factory=AttestationRules)
+    co_residency: CoResidencyRules = Field(default_factory=CoResidencyRules)
 
     _signed_by: str | None = PrivateAttr(default=None)
 
