@@ -36,7 +36,7 @@ async def migrate(cl: ControlClient, vm: str, to: str) -> str:
 
 
 def test_a_host_refuses_neighbours_its_residents_or_the_newcomer_forbid(make_cluster: Any) -> None:
-    both = dict.fromkeys(HOSTS, ["acme", "evil"])
+    both = {h: ["acme", "evil"] for h in HOSTS}
     c = make_cluster(hosts=HOSTS, accept_tenants=both, defer_start=True)
     c.add_user("eve", ["owner", "operator"], tenant="evil")
     c.start_agents()
