@@ -73,6 +73,15 @@ class Peer(BaseModel):
     #: the peer's data listener through a host-to-host IPsec tunnel (``migrate --transport
     #: ipsec``); the attested session then runs inside the tunnel
     tunnel_data: str | None = None
+    #: the peer's VXLAN address for tenant networks (``[tenant_networks]``)
+    underlay: str | None = None
+
+    @field_validator("underlay")
+    @classmethod
+    def _underlay(cls, v: str | None) -> str | None:
+        if v is not None:
+            _ipv4(v, "peer underlay")
+        return v
 
     @field_validator("control")
     @classmethod
@@ -138,6 +147,51 @@ class StoreSettings(BaseModel):
     url: str = ""
     #: seconds between two rounds that make the store agree with this host
     interval_s: float = Field(5.0, gt=0, le=3600)
+
+
+def _ipv4(value: str, what: str) -> str:
+    import ipaddress
+
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        raise ValueError(
+            f"{what} must be an IPv4 address such as 10.77.2.11, not {value!r}"
+        ) from None
+    return value
+
+
+class TenantNetworkSettings(BaseModel):
+    """Tenant-isolated guest networks (``[tenant_networks]``): one bridge per tenant on every
+    host, joined across hosts by VXLAN over ``underlay`` (this host's address on a network no
+    guest reaches, such as the migration network) to each peer's ``underlay``. ``vnis`` gives
+    each tenant its segment and must be the same on every host. With ``tenants_only`` (the
+    default) no NIC may join a shared bridge. Off when ``vnis`` is empty."""
+
+    model_config = ConfigDict(extra="forbid")
+    vnis: dict[str, int] = Field(default_factory=dict)
+    underlay: str | None = None
+    port: int = Field(4789, ge=1, le=65535)
+    tenants_only: bool = True
+
+    @field_validator("vnis")
+    @classmethod
+    def _vnis(cls, v: dict[str, int]) -> dict[str, int]:
+        for tenant, vni in v.items():
+            if not 1 <= vni <= 999_999:
+                raise ValueError(f"vnis.{tenant}: {vni} is not a VNI in 1..999999")
+        seen: dict[int, str] = {}
+        for tenant, vni in v.items():
+            if vni in seen:
+                raise ValueError(f"vnis: tenants {seen[vni]} and {tenant} share VNI {vni}: "
+                                 "each tenant needs its own segment")  # fmt: skip
+            seen[vni] = tenant
+        return v
+
+    @field_validator("underlay")
+    @classmethod
+    def _underlay(cls, v: str | None) -> str | None:
+        return _ipv4(v, "[tenant_networks] underlay") if v is not None else None
 
 
 class MetricsSettings(BaseModel):
@@ -216,6 +270,7 @@ class HostConfig(BaseModel):
     agent: AgentSettings = Field(default_factory=AgentSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    tenant_networks: TenantNetworkSettings = Field(default_factory=TenantNetworkSettings)
 
     @field_validator("guard", mode="before")
     @classmethod

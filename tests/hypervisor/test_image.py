@@ -121,7 +121,8 @@ def test_built_image_contents(built_image: GuestImage) -> None:
         .stdout.decode()
         .split()
     )
-    for name in ("init", "bin/busybox", "bin/sh", "bin/tm-workload", "dev/console", "dev/null"):
+    for name in ("init", "bin/busybox", "bin/sh", "bin/tm-workload", "dev/console", "dev/null",
+                 "lib/net/virtio_pci.ko", "lib/net/virtio_net.ko"):  # fmt: skip
         assert name in names
     guest = resources.files("trustmig.hypervisor").joinpath("guest")
     assert guest.joinpath("init").read_bytes() in cpio

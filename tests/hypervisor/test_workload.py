@@ -247,3 +247,29 @@ def test_bad_arguments_fail_with_one_clear_line(workload_exe: Path, arg: str, me
     lines = proc.stdout.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("FATAL ") and message in lines[0]
     assert not re.search(r"\bHB\b", proc.stdout.decode())
+
+
+def test_the_service_hands_out_its_secret_and_the_probe_reports_what_came_back(
+    run_workload,
+) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    w = run_workload("mem_mib=1", f"serve={port}")
+    _ready(w)
+    w.stream.wait_line("SERVING", 10)
+    got = _raw(w, f"connect 127.0.0.1 {port}", "NET ")
+    assert got.endswith("ok bytes=1024"), got
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        banner = c.recv(2048)
+    assert banner.startswith(b"TMSERVICE ")
+    closed = _raw(w, f"connect 127.0.0.1 {port + 1 if port < 65535 else 1}", "NET ")
+    assert closed.endswith("refused"), closed
+    assert "ERR connect" in _raw(w, "connect nowhere 80", "ERR")
+
+
+def _raw(w: Running, command: str, prefix: str) -> str:
+    w.stream.send(command)
+    return w.stream.wait_line(prefix, 15)

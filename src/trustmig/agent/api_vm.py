@@ -7,6 +7,7 @@ and changed only by ``vm.transfer``.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from trustmig.agent.control import Operations, Request
@@ -42,6 +43,7 @@ class VmApi:
         ops.add("vm.stop", self.stop)
         ops.add("vm.resume", self.resume)
         ops.add("vm.check", self.check)
+        ops.add("vm.probe", self.probe)
         ops.add("vm.heartbeats", self.heartbeats)
         ops.add("vm.transfer", self.transfer)
         ops.add("vm.define", self.define)
@@ -184,6 +186,31 @@ class VmApi:
                 f"VM {m.name} did not answer its memory check within {timeout:.0f}s", Code.FAILED
             ) from None
         return {"name": m.name, **res.__dict__}
+
+    async def probe(self, req: Request) -> dict[str, Any]:
+        """The lab guest connects, from inside, to ``address:port`` and says what came back
+        (``ok`` with the bytes read, ``refused``, ``timeout``, ``unreachable``): what one
+        guest can reach of another."""
+        m = self.tenancy.vm(req.peer, req.op, VmAction.OPERATE, req.param("name"))
+        address, port = str(req.param("address")), req.params.get("port")
+        try:
+            ipaddress.IPv4Address(address)
+        except ValueError:
+            raise RequestError(
+                f"vm.probe: {address!r} is not an IPv4 address", Code.INVALID
+            ) from None
+        if not isinstance(port, int) or not 1 <= port <= 65535:
+            raise RequestError("vm.probe: port must be 1-65535", Code.INVALID)
+        if m.spec.workload is None:
+            raise RequestError(f"VM {m.name} runs no lab workload to probe from", Code.INVALID)
+        try:
+            line = await m.qemu.console.command(f"connect {address} {port}", "NET ", timeout=15)
+        except TimeoutError:
+            raise RequestError(f"VM {m.name} did not answer the probe", Code.FAILED) from None
+        words = line.split()
+        result = words[2] if len(words) > 2 else "error"
+        got = next((int(w[6:]) for w in words if w.startswith("bytes=")), 0)
+        return {"name": m.name, "address": address, "port": port, "result": result, "bytes": got}
 
     async def heartbeats(self, req: Request) -> dict[str, Any]:
         m = self.tenancy.vm(req.peer, req.op, VmAction.VIEW, req.param("name"))

@@ -141,6 +141,7 @@ class LocalCluster:
         self.hosts: dict[str, HostHandle] = {}
         self.ca: ClusterCA | None = None
         self.users: dict[str, Path] = {}
+        self.tenant_vnis: dict[str, int] = {}
         #: hosts in network namespaces, on separate management, migration and guest networks
         self.netlab: NetLab | None = NetLab.for_cluster(self.root, hosts) if netns else None
 
@@ -156,8 +157,12 @@ class LocalCluster:
         data_advertise: dict[str, str] | None = None,
         extra_config: dict[str, str] | None = None,
         agent_module: dict[str, str] | None = None,
+        tenant_vnis: dict[str, int] | None = None,
     ) -> None:
+        """``tenant_vnis``: tenant-isolated guest networks on every host (VXLAN over the
+        migration network in a namespaced cluster; one namespace's bridges otherwise)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        self.tenant_vnis = dict(tenant_vnis or {})
         ca_dir = self.root / "ca"
         self.ca = ClusterCA.load(ca_dir) if (ca_dir / "ca.pem").exists() else ClusterCA.init(ca_dir)
         if self.netlab is not None:
@@ -185,7 +190,7 @@ class LocalCluster:
         for h, hh in self.hosts.items():
             peers = "\n".join(
                 f'[peers.{p}]\ncontrol = "{o.control}"\nlabels = {_inline(all_labels[p])}\n'
-                f"{self._tunnel_line(p)}"
+                f"{self._tunnel_line(p)}{self._underlay_line(p)}"
                 for p, o in self.hosts.items()
                 if p != h
             )
@@ -208,7 +213,8 @@ class LocalCluster:
                 f'[data]\nlisten = "{hh.data_listen}"\nadvertise = "{hh.data_advertise}"\n\n'
                 f'[qemu]\naccel = "auto"\nforward_address = "{self.forward_address(h)}"\n'
                 f'binary = "{(qemu_binary or {}).get(h, "qemu-system-x86_64")}"\n\n'
-                f"[labels]\n{lab_lines}\n\n{self._network_config()}{peers}"
+                f"[labels]\n{lab_lines}\n\n{self._network_config()}{self._tenant_config(h)}"
+                f"{peers}"
             )
 
         provision_cluster(self.ca, self.root, [hh.config_path for hh in self.hosts.values()])
@@ -220,6 +226,17 @@ class LocalCluster:
         if self.netlab is None:
             return listen
         return f"{self.netlab.migration_ip(host)}:{NETNS_DATA_PORT}"
+
+    def _underlay_line(self, peer: str) -> str:
+        if self.netlab is None or not self.tenant_vnis:
+            return ""
+        return f'underlay = "{self.netlab.migration_ip(peer)}"\n'
+
+    def _tenant_config(self, host: str) -> str:
+        if not self.tenant_vnis:
+            return ""
+        under = f'underlay = "{self.netlab.migration_ip(host)}"\n' if self.netlab else ""
+        return f"[tenant_networks]\nvnis = {_inline(self.tenant_vnis)}\n{under}\n"
 
     def _tunnel_line(self, peer: str) -> str:
         if self.netlab is None:

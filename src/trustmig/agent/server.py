@@ -53,6 +53,7 @@ from trustmig.agent.neighbours import Neighbours
 from trustmig.agent.observability import Observability
 from trustmig.agent.runtime import AdmissionGate, HostServices
 from trustmig.agent.tenancy import Tenancy
+from trustmig.agent.tenant_net import TenantNetworks
 from trustmig.agent.vms import VmManager
 from trustmig.channel.identity import LocalIdentity
 from trustmig.config import ConfigError, HostConfig, parse_hostport
@@ -199,8 +200,12 @@ class Agent:
         self.admission = Admission(AdmissionLimits(**cfg.admission))
         self.quarantine = Quarantine(self.state_dir / "quarantine.json")
         self.accel = choose_accel(cfg.qemu.accel)
+        tn = cfg.tenant_networks
+        self.tenant_nets = TenantNetworks(cfg)
         self.host_net = HostNet(forward_address=cfg.qemu.forward_address,
-                                qemu_binary=cfg.qemu.binary)  # fmt: skip
+                                qemu_binary=cfg.qemu.binary,
+                                tenant_vnis=tuple(sorted(tn.vnis.items())),
+                                tenants_only=bool(tn.vnis) and tn.tenants_only)  # fmt: skip
         if self.accel.warning:
             log.warning("%s", self.accel.warning)
         self._image: GuestImage | None = None
@@ -437,6 +442,7 @@ class Agent:
             self.cfg.data.advertise or f"{self.data.address[0]}:{self.data.address[1]}"
         )
         self._apply_kernel_rules(int(sock[1]), int(self.data.address[1]))
+        self.tenant_nets.apply()  # before any guest: segments and the rules between them
         with _listener("metrics", self.cfg.metrics.listen):
             await self.observability.start()
         # the audit trail must be the one the peers saw before anything else happens

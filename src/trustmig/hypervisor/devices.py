@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trustmig.hypervisor.image import sha256_file
-from trustmig.hypervisor.spec import DiskSpec, KernelBoot, VMSpec
+from trustmig.hypervisor.spec import BridgeNet, DiskSpec, KernelBoot, TenantNet, VMSpec
 
 IDENTITY_XATTR = "user.trustmig.id"
 _QEMU_IMG_TIMEOUT_S = 30.0
@@ -32,12 +32,40 @@ class HostCannotRun(Exception):
     """This host cannot provide what a definition needs; the message is one line."""
 
 
+#: VXLAN network identifiers a tenant segment may use (names must fit the kernel's 15 chars)
+MAX_TENANT_VNI = 999_999
+
+
 @dataclass(frozen=True)
 class HostNet:
-    """The host side of a guest: where forwarded ports bind, and the QEMU it runs."""
+    """The host side of a guest: where forwarded ports bind, the QEMU it runs, and the
+    tenants' network segments (``tenant_vnis``; with ``tenants_only`` no NIC may join a
+    shared bridge)."""
 
     forward_address: str = "127.0.0.1"
     qemu_binary: str = "qemu-system-x86_64"
+    tenant_vnis: tuple[tuple[str, int], ...] = ()
+    tenants_only: bool = False
+
+    def vni_of(self, tenant: str) -> int | None:
+        return dict(self.tenant_vnis).get(tenant)
+
+
+def tenant_bridge(vni: int) -> str:
+    """The bridge of one tenant's segment on every host."""
+    return f"tvb{vni}"
+
+
+def tenant_port_prefix(vni: int) -> str:
+    """Every port of a tenant's bridge (its guests' taps, its VXLAN) starts with this: the
+    kernel rules let frames pass only between ports of one prefix."""
+    return f"tv{vni}_"
+
+
+def tenant_tap(vni: int, run_key: str, nic_id: str) -> str:
+    prefix = tenant_port_prefix(vni)
+    digest = hashlib.sha256(f"{run_key}/{nic_id}".encode()).hexdigest()
+    return prefix + digest[: 15 - len(prefix)]
 
 
 def disk_identity(path: Path, *, create: bool) -> str | None:
@@ -116,7 +144,8 @@ def host_problems(spec: VMSpec, net: HostNet, *, incoming: bool) -> list[str]:
         machine_types(net.qemu_binary).canonical(spec.machine)
     except HostCannotRun as e:
         problems.append(str(e))
-    for check in (_boot_problems(spec), _bridge_problems(spec), _port_problems(spec, net)):
+    for check in (_boot_problems(spec), _bridge_problems(spec), _port_problems(spec, net),
+                  _tenant_problems(spec, net)):  # fmt: skip
         problems.extend(check)
     for d in spec.disks:
         if incoming and not d.shared:
@@ -157,6 +186,21 @@ def _bridge_problems(spec: VMSpec) -> list[str]:
         for br in spec.bridges()
         if not Path(f"/sys/class/net/{br}/bridge").is_dir()
     ]
+
+
+def _tenant_problems(spec: VMSpec, net: HostNet) -> list[str]:
+    problems = []
+    if any(isinstance(n.backend, TenantNet) for n in spec.nics) and net.vni_of(spec.tenant) is None:
+        problems.append(f"tenant {spec.tenant} has no network segment on this host: add it to "
+                        "[tenant_networks] vnis in the host config")  # fmt: skip
+    if net.tenants_only:
+        problems.extend(
+            f"NIC {n.id} joins the shared bridge {n.backend.bridge}, but this host keeps "
+            'tenants apart: use backend = { kind = "tenant" }'
+            for n in spec.nics
+            if isinstance(n.backend, BridgeNet)
+        )
+    return problems
 
 
 def _port_problems(spec: VMSpec, net: HostNet) -> list[str]:
@@ -208,6 +252,8 @@ def create_tap(name: str, bridge: str) -> None:
     delete_tap(name)
     _ip("tuntap", "add", "dev", name, "mode", "tap")
     try:
+        if Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").exists():
+            Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1")
         _ip("link", "set", "dev", name, "master", bridge)
         _ip("link", "set", "dev", name, "up")
     except HostCannotRun:

@@ -37,7 +37,18 @@ from typing import Any
 __all__ = ["GuestImage", "ImageBuildError", "build_image", "default_cache_dir", "sha256_file"]
 
 #: Bump whenever the way an image is assembled changes (layout, compiler flags, initramfs).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+#: the guest's NIC driver and what it needs, loaded by /init when a NIC has an address
+NET_MODULES = (
+    ("virtio_ring", r"kernel/drivers/virtio/virtio_ring\.ko"),
+    ("virtio", r"kernel/drivers/virtio/virtio\.ko"),
+    ("virtio_pci_legacy_dev", r"kernel/drivers/virtio/virtio_pci_legacy_dev\.ko"),
+    ("virtio_pci_modern_dev", r"kernel/drivers/virtio/virtio_pci_modern_dev\.ko"),
+    ("virtio_pci", r"kernel/drivers/virtio/virtio_pci\.ko"),
+    ("failover", r"kernel/net/core/failover\.ko"),
+    ("net_failover", r"kernel/drivers/net/net_failover\.ko"),
+    ("virtio_net", r"kernel/drivers/net/virtio_net\.ko"),
+)
 
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
@@ -360,6 +371,9 @@ def _fetch_deb(debs_dir: Path, package: str, say: Progress) -> _Deb:
 # ---- assembly -------------------------------------------------------------------------------
 
 
+GUEST_DIRS = ("bin", "dev", "proc", "sys", "tmp", "lib", "lib/net")
+
+
 def _assemble(
     cache: Path, key: str, debs: list[_Deb], sources: dict[str, bytes], say: Progress
 ) -> GuestImage:
@@ -368,8 +382,12 @@ def _assemble(
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=_TMP_PREFIX))
     try:
         tmp.chmod(0o755)  # QEMU may run as another user than the builder
-        say(f"extracting kernel from {kernel_deb.name}")
-        _extract_member(kernel_deb, re.compile(r"^\./boot/vmlinuz-[^/]+$"), tmp / KERNEL_FILE)
+        say(f"extracting kernel and NIC modules from {kernel_deb.name}")
+        wanted = {re.compile(r"^\./boot/vmlinuz-[^/]+$"): tmp / KERNEL_FILE}
+        for mod, path in NET_MODULES:
+            wanted[re.compile(rf"^\./lib/modules/[^/]+/{path}$")] = tmp / f"{mod}.ko"
+        _extract_members(kernel_deb, wanted)
+        modules = [(m, (tmp / f"{m}.ko").read_bytes()) for m, _ in NET_MODULES]
         say(f"extracting busybox from {busybox_deb.name}")
         busybox = tmp / "busybox"
         _extract_member(busybox_deb, re.compile(r"^\./bin/busybox$"), busybox)
@@ -379,7 +397,8 @@ def _assemble(
         cpio = _newc_archive(
             [
                 _Entry.directory("."),
-                *(_Entry.directory(d) for d in ("bin", "dev", "proc", "sys", "tmp")),
+                *(_Entry.directory(d) for d in GUEST_DIRS),
+                *(_Entry.file(f"lib/net/{m}.ko", data) for m, data in modules),
                 _Entry.device("dev/console", major=5, minor=1, perm=0o600),
                 _Entry.device("dev/null", major=1, minor=3, perm=0o666),
                 _Entry.file("init", sources["init"]),
@@ -390,6 +409,8 @@ def _assemble(
         )
         (tmp / INITRD_FILE).write_bytes(gzip.compress(cpio, compresslevel=9, mtime=0))
         busybox.unlink()
+        for m, _ in NET_MODULES:
+            (tmp / f"{m}.ko").unlink()
         record = {
             "key": key,
             "recipe": RECIPE_VERSION,
@@ -409,7 +430,12 @@ def _assemble(
 
 
 def _extract_member(deb: Path, name: re.Pattern[str], dest: Path) -> None:
-    """Stream the package's data tar and copy out the single file matching ``name``.
+    """Stream the package's data tar and copy out the single file matching ``name``."""
+    _extract_members(deb, {name: dest})
+
+
+def _extract_members(deb: Path, wanted: dict[re.Pattern[str], Path]) -> None:
+    """Stream the package's data tar and copy out one file per pattern in ``wanted``.
 
     ``dpkg-deb --fsys-tarfile`` instead of ``dpkg-deb -x``: the kernel package also carries about
     100 MB of modules the guest never loads, and streaming stops as soon as the file is found.
@@ -423,16 +449,18 @@ def _extract_member(deb: Path, name: re.Pattern[str], dest: Path) -> None:
     except FileNotFoundError as e:
         raise ImageBuildError("dpkg-deb not found: install dpkg") from e
     assert proc.stdout is not None
-    found = False
+    left = dict(wanted)
     try:
         with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
             for member in tar:
-                if member.isfile() and name.match(member.name):
-                    src = tar.extractfile(member)
-                    assert src is not None
-                    with dest.open("wb") as out:
-                        shutil.copyfileobj(src, out)
-                    found = True
+                hit = next((p for p in left if member.isfile() and p.match(member.name)), None)
+                if hit is None:
+                    continue
+                src = tar.extractfile(member)
+                assert src is not None
+                with left.pop(hit).open("wb") as out:
+                    shutil.copyfileobj(src, out)
+                if not left:
                     break
     except tarfile.TarError as e:
         raise ImageBuildError(f"cannot read {deb.name} ({e}): delete it and build again") from e
@@ -440,14 +468,16 @@ def _extract_member(deb: Path, name: re.Pattern[str], dest: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         _, err = proc.communicate()
-    if not found:
+    if left:
         detail = _last_line(err.decode(errors="replace"))
+        missing = next(iter(left)).pattern.strip("^$")
         raise ImageBuildError(
-            f"{deb.name} holds no {name.pattern.strip('^$')}"
+            f"{deb.name} holds no {missing}"
             + (f" ({detail})" if detail else "")
             + ": delete it and build again with force=True"
         )
-    dest.chmod(0o755)
+    for dest in wanted.values():
+        dest.chmod(0o755)
 
 
 def _compile_workload(source: bytes, workdir: Path) -> bytes:

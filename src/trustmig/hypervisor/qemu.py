@@ -29,7 +29,15 @@ from qemu.qmp.events import EventListener
 
 from trustmig.hypervisor.accel import AccelChoice
 from trustmig.hypervisor.console import Console
-from trustmig.hypervisor.devices import HostCannotRun, HostNet, create_tap, delete_tap, tap_name
+from trustmig.hypervisor.devices import (
+    HostCannotRun,
+    HostNet,
+    create_tap,
+    delete_tap,
+    tap_name,
+    tenant_bridge,
+    tenant_tap,
+)
 from trustmig.hypervisor.diskcrypt import (
     MASTER_ID,
     MasterKey,
@@ -40,7 +48,15 @@ from trustmig.hypervisor.diskcrypt import (
 )
 from trustmig.hypervisor.diskcrypt import qemu_path_opt as _opt
 from trustmig.hypervisor.image import GuestImage
-from trustmig.hypervisor.spec import BridgeNet, DiskBoot, DiskSpec, KernelBoot, UserNet, VMSpec
+from trustmig.hypervisor.spec import (
+    BridgeNet,
+    DiskBoot,
+    DiskSpec,
+    KernelBoot,
+    TenantNet,
+    UserNet,
+    VMSpec,
+)
 from trustmig.proc import ProcessRef
 from trustmig.proc import cpu_seconds as _cpu_seconds
 from trustmig.timeouts import within
@@ -248,14 +264,27 @@ class QemuVM:
         return args
 
     def tap_for(self, nic_id: str) -> str:
+        nic = next((n for n in self.spec.nics if n.id == nic_id), None)
+        vni = self.host_net.vni_of(self.spec.tenant)
+        if nic is not None and isinstance(nic.backend, TenantNet) and vni is not None:
+            return tenant_tap(vni, str(self.run_dir), nic_id)
         return tap_name(str(self.run_dir), nic_id)
 
     def _bridged_taps(self) -> list[tuple[str, str]]:
-        return [
-            (self.tap_for(n.id), n.backend.bridge)
-            for n in self.spec.nics
-            if isinstance(n.backend, BridgeNet)
-        ]
+        """(tap, bridge) of every NIC on a host bridge: a named one, or its tenant's."""
+        out = []
+        for n in self.spec.nics:
+            if isinstance(n.backend, BridgeNet):
+                out.append((self.tap_for(n.id), n.backend.bridge))
+            elif isinstance(n.backend, TenantNet):
+                vni = self.host_net.vni_of(self.spec.tenant)
+                if vni is None:
+                    raise QemuError(
+                        f"VM {self.spec.name}: tenant {self.spec.tenant} has no "
+                        "network segment on this host ([tenant_networks] vnis)"
+                    )
+                out.append((self.tap_for(n.id), tenant_bridge(vni)))
+        return out
 
     def _write_boot_config(self) -> None:
         """The kernel command line as a QEMU config file readable by its owner only."""

@@ -14,6 +14,7 @@ decided where QEMU starts.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from pathlib import Path
@@ -56,15 +57,33 @@ class WorkloadSpec(_Strict):
     hb_ms: int = Field(10, ge=1, le=10000, description="heartbeat period")
     secret: str = Field(DEFAULT_SECRET, min_length=8, max_length=200)
     marker_pages: int = Field(64, ge=1, le=4096)
+    #: a TCP port on which the guest hands out its secret (the lab's victim service)
+    serve_port: int | None = Field(None, ge=1, le=65535)
+    #: static IPv4 addresses of the lab guest's NICs, by NIC id (``"10.77.3.101/24"``)
+    addresses: dict[str, str] = Field(default_factory=dict, max_length=8)
+
+    @field_validator("addresses")
+    @classmethod
+    def _addresses(cls, v: dict[str, str]) -> dict[str, str]:
+        for nic, cidr in v.items():
+            try:
+                ipaddress.IPv4Interface(cidr)
+            except ValueError:
+                raise ValueError(f"addresses.{nic}: {cidr!r} is not an IPv4 address/prefix "
+                                 "such as 10.77.3.101/24") from None  # fmt: skip
+            if "/" not in cidr:
+                raise ValueError(f"addresses.{nic}: give the prefix too, as in {cidr}/24")
+        return v
 
     def kernel_args(self) -> list[str]:
-        return [
+        args = [
             f"tm.mem_mib={self.mem_mib}",
             f"tm.dirty_rate={self.dirty_rate:g}",
             f"tm.hb_ms={self.hb_ms}",
             f"tm.secret_hex={self.secret.encode().hex()}",
             f"tm.marker_pages={self.marker_pages}",
         ]
+        return [*args, f"tm.serve={self.serve_port}"] if self.serve_port else args
 
 
 def _absolute(v: Path, what: str) -> Path:
@@ -191,7 +210,15 @@ class BridgeNet(_Strict):
         return v
 
 
-NetBackend = Annotated[UserNet | BridgeNet, Field(discriminator="kind")]
+class TenantNet(_Strict):
+    """The NIC joins its tenant's own network segment: a bridge per tenant on every host,
+    joined across hosts by VXLAN (``[tenant_networks]`` in the host config), which no guest of
+    another tenant reaches."""
+
+    kind: Literal["tenant"] = "tenant"
+
+
+NetBackend = Annotated[UserNet | BridgeNet | TenantNet, Field(discriminator="kind")]
 
 #: the most guest memory one measured region may span
 MAX_MEASURED_BYTES = 256 * 1024 * 1024
@@ -304,6 +331,10 @@ class VMSpec(_Strict):
                 raise ValueError(
                     f"measure: region {r.name} ends beyond the guest's {self.memory_mib} MiB"
                 )
+        unknown = sorted(set(self.workload.addresses) - {n.id for n in self.nics}
+                         if self.workload else ())  # fmt: skip
+        if unknown:
+            raise ValueError(f"workload.addresses: no NIC with id {unknown[0]}")
         if self.boot.kind == "disk" and not self.disks:
             raise ValueError("boot.kind = 'disk' needs at least one disk")
         if self.boot.kind == "disk" and self.workload is not None:
@@ -322,7 +353,11 @@ class VMSpec(_Strict):
         if isinstance(self.boot, KernelBoot):
             args = self.boot.cmdline.split()
             return " ".join([*args, *(a for a in fixed if a not in args), *workload])
-        return " ".join(["console=ttyS0", "quiet", "loglevel=1", "panic=-1", *fixed, *workload])
+        macs = {n.id: n.mac for n in self.nics}
+        nets = [f"tm.net={macs[i]},{a}" for i, a in (self.workload.addresses.items()
+                                                       if self.workload else ())]  # fmt: skip
+        return " ".join(["console=ttyS0", "quiet", "loglevel=1", "panic=-1", *fixed, *workload,
+                         *nets])  # fmt: skip
 
     @property
     def needs_workload(self) -> WorkloadSpec:
@@ -354,7 +389,7 @@ class VMSpec(_Strict):
             )
 
 
-_UNION_TAGS = frozenset({"lab", "kernel", "disk", "user", "bridge"})
+_UNION_TAGS = frozenset({"lab", "kernel", "disk", "user", "bridge", "tenant"})
 
 
 def _loc(err: ErrorDetails) -> str:

@@ -21,7 +21,12 @@
  * build: gcc -static -O2 -pthread -o tm-workload workload.c
  */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
@@ -55,6 +60,7 @@ struct config {
     long hb_ms;
     long marker_pages;
     const char *secret_hex;
+    long serve_port; /* 0: no service */
 };
 
 /* ---- output ------------------------------------------------------------------------------- */
@@ -128,6 +134,7 @@ static void parse_args(int argc, char **argv, struct config *cfg) {
     cfg->hb_ms = 10;
     cfg->marker_pages = 64;
     cfg->secret_hex = DEFAULT_SECRET_HEX;
+    cfg->serve_port = 0;
     for (int i = 1; i < argc; i++) {
         char *eq = strchr(argv[i], '=');
         if (!eq) fatal("bad argument %s: expected key=value", argv[i]);
@@ -141,7 +148,8 @@ static void parse_args(int argc, char **argv, struct config *cfg) {
             cfg->dirty_rate = parse_rate(v, &ok);
             if (!ok) fatal("bad tm.dirty_rate=%s: expected MiB/s as a number >= 0", v);
         } else if (!strcmp(k, "secret_hex")) cfg->secret_hex = v;
-        else fatal("unknown argument %s: use mem_mib, dirty_rate, hb_ms, secret_hex, marker_pages", k);
+        else if (!strcmp(k, "serve")) cfg->serve_port = parse_long(k, v, 1, 65535);
+        else fatal("unknown argument %s: use mem_mib, dirty_rate, hb_ms, secret_hex, marker_pages, serve", k);
     }
     size_t n = strlen(cfg->secret_hex);
     if (n == 0 || n % 2 || n / 2 > MAX_SECRET)
@@ -344,6 +352,90 @@ static void *marker_checker(void *arg) {
     return NULL;
 }
 
+/* ---- network: a service that gives its secret away, and a probe ---------------------------- */
+
+/* tm.serve=PORT: every connection gets "TMSERVICE <secret hex>" padded to 1 KiB, then EOF. It is
+ * the victim's open port of the inter-VM attack: what a neighbour reads from it is what leaked. */
+static void *service(void *arg) {
+    (void)arg;
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)cfg.serve_port)};
+    if (s < 0 || bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 16)) {
+        say("ERR service on port %ld: %s", cfg.serve_port, strerror(errno));
+        return NULL;
+    }
+    say("SERVING port=%ld", cfg.serve_port);
+    char banner[1024];
+    memset(banner, '.', sizeof banner);
+    int n = snprintf(banner, sizeof banner, "TMSERVICE %s ", cfg.secret_hex);
+    if (n > 0 && (size_t)n < sizeof banner) banner[n] = '.';
+    banner[sizeof banner - 1] = '\n';
+    for (;;) {
+        int c = accept(s, NULL, NULL);
+        if (c < 0) continue;
+        ssize_t w = write(c, banner, sizeof banner);
+        (void)w;
+        close(c);
+    }
+    return NULL;
+}
+
+/* connect A.B.C.D PORT: "NET <addr>:<port> ok bytes=<n>" (what came back within 2 s), or
+ * refused / timeout (no answer within 3 s) / error <reason>. */
+static void cmd_connect(const char *args) {
+    char ip[64];
+    long port = 0;
+    if (sscanf(args, "%63s %ld", ip, &port) != 2 || port < 1 || port > 65535) {
+        say("ERR connect: expected an IPv4 address and a port");
+        return;
+    }
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    if (inet_pton(AF_INET, ip, &a.sin_addr) != 1) {
+        say("ERR connect: %s is not an IPv4 address", ip);
+        return;
+    }
+    int s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    if (s < 0) {
+        say("NET %s:%ld error %s", ip, port, strerror(errno));
+        return;
+    }
+    int r = connect(s, (struct sockaddr *)&a, sizeof a);
+    if (r && errno == EINPROGRESS) {
+        struct pollfd p = {.fd = s, .events = POLLOUT};
+        r = poll(&p, 1, 3000);
+        if (r == 0) {
+            say("NET %s:%ld timeout", ip, port);
+            close(s);
+            return;
+        }
+        int err = 0;
+        socklen_t len = sizeof err;
+        getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &len);
+        r = err ? -1 : 0;
+        errno = err;
+    }
+    if (r) {
+        if (errno == ECONNREFUSED) say("NET %s:%ld refused", ip, port);
+        else if (errno == EHOSTUNREACH || errno == ENETUNREACH) say("NET %s:%ld unreachable", ip, port);
+        else say("NET %s:%ld error %s", ip, port, strerror(errno));
+        close(s);
+        return;
+    }
+    long total = 0;
+    char buf[4096];
+    for (;;) {
+        struct pollfd p = {.fd = s, .events = POLLIN};
+        if (poll(&p, 1, 2000) <= 0) break;
+        ssize_t n = read(s, buf, sizeof buf);
+        if (n <= 0) break;
+        total += n;
+    }
+    close(s);
+    say("NET %s:%ld ok bytes=%ld", ip, port, total);
+}
+
 /* ---- commands ------------------------------------------------------------------------------ */
 
 static void cmd_check(void) {
@@ -397,7 +489,8 @@ static void handle(char *line) {
         }
         set_control(-1, r);
         say("RATE %g", r);
-    } else if (!strcmp(line, "secret")) say("SECRET_AT 0x%lx", (unsigned long)(uintptr_t)markers);
+    } else if (!strncmp(line, "connect ", 8)) cmd_connect(line + 8);
+    else if (!strcmp(line, "secret")) say("SECRET_AT 0x%lx", (unsigned long)(uintptr_t)markers);
     else say("ERR unknown command");
 }
 
@@ -470,6 +563,7 @@ int main(int argc, char **argv) {
     pthread_t t;
     if (pthread_create(&t, NULL, dirtier, NULL) || pthread_create(&t, NULL, marker_checker, NULL))
         fatal("cannot start worker threads");
+    if (cfg.serve_port && pthread_create(&t, NULL, service, NULL)) fatal("cannot start the service");
     say("READY mem_mib=%ld marker_pages=%ld", cfg.mem_mib, cfg.marker_pages);
     command_loop();
     for (;;) pause();
