@@ -53,6 +53,8 @@ def test_every_attack_ran_and_the_summary_counts_them(lab: dict[str, Any]) -> No
         "rogue-destination",
         "false-resources",
         "false-resources-balancer",
+        "co-residency",
+        "inter-vm",
         "flood",
         "malformed-stream",
         "connection-abort",
@@ -61,8 +63,8 @@ def test_every_attack_ran_and_the_summary_counts_them(lab: dict[str, Any]) -> No
         a["name"]: (a["baseline"]["outcome"], a["trustmig"]["outcome"]) for a in lab["attacks"]
     }
     assert lab["summary"] == {
-        "attacks": 13,
-        "baseline_compromised": 13,
+        "attacks": 15,
+        "baseline_compromised": 15,
         "trustmig_compromised": 0,
         "errors": 0,
     }, outcomes
@@ -237,3 +239,25 @@ def test_report_renders_the_measured_results(lab: dict[str, Any], tmp_path: Path
     assert x805.count('data-status="') == 72 and 'id="chart"' in text
     assert all(f'data-attack="{a["name"]}"' in text for a in lab["attacks"])
     assert "connection-abort" in md.read_text()
+
+
+def test_an_attackers_vm_lands_next_to_the_victim_only_in_the_baseline(
+    lab: dict[str, Any],
+) -> None:
+    e = _attack(lab, "co-residency")
+    assert e["baseline"]["evidence"]["attacker_vm_on"] == "host-b"
+    ev = e["trustmig"]["evidence"]
+    assert "co_residency.resident_neighbours" in ev["error"] and not ev["victim_named"]
+    assert ev["victim_still_on"] == "host-b"
+    _protected_guest(e, "host-a")
+
+
+def test_a_neighbour_reads_the_victims_port_only_on_the_shared_bridge(
+    lab: dict[str, Any],
+) -> None:
+    e = _attack(lab, "inter-vm")
+    assert e["baseline"]["evidence"]["bytes_received"] == 1024
+    ev = e["trustmig"]["evidence"]
+    assert e["trustmig_compromised"] is False
+    assert ev["bytes_received"] == 0 and ev["probe"] in ("timeout", "unreachable", "refused")
+    assert ev["same_tenant_bytes"] == 1024  # the service was there to be found

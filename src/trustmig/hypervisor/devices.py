@@ -46,6 +46,8 @@ class HostNet:
     qemu_binary: str = "qemu-system-x86_64"
     tenant_vnis: tuple[tuple[str, int], ...] = ()
     tenants_only: bool = False
+    #: the network namespace QEMU runs in (``launcher`` enters it): its taps are made there
+    netns: str | None = None
 
     def vni_of(self, tenant: str) -> int | None:
         return dict(self.tenant_vnis).get(tenant)
@@ -240,32 +242,38 @@ def tap_name(run_key: str, nic_id: str) -> str:
     return "tm" + hashlib.sha256(f"{run_key}/{nic_id}".encode()).hexdigest()[:11]
 
 
-def _ip(*args: str) -> None:
-    out = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10, check=False)
+def _ip(*args: str, netns: str | None = None) -> None:
+    where = ["-n", netns] if netns else []
+    out = subprocess.run(["ip", *where, *args], capture_output=True, text=True, timeout=10,
+                         check=False)  # fmt: skip
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["unknown error"])[-1]
         raise HostCannotRun(f"ip {' '.join(args)}: {last}")
 
 
-def create_tap(name: str, bridge: str) -> None:
-    """A tap device enslaved to ``bridge`` and up (root only); raises HostCannotRun."""
-    delete_tap(name)
-    _ip("tuntap", "add", "dev", name, "mode", "tap")
+def create_tap(name: str, bridge: str, netns: str | None = None) -> None:
+    """A tap device enslaved to ``bridge`` and up (root only), in ``netns`` if given; raises
+    HostCannotRun."""
+    delete_tap(name, netns)
+    _ip("tuntap", "add", "dev", name, "mode", "tap", netns=netns)
     try:
-        if Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").exists():
-            Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1")
-        _ip("link", "set", "dev", name, "master", bridge)
-        _ip("link", "set", "dev", name, "up")
+        knob = Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6")
+        if netns is None and knob.exists():
+            knob.write_text("1")
+        _ip("link", "set", "dev", name, "master", bridge, netns=netns)
+        _ip("link", "set", "dev", name, "up", netns=netns)
     except HostCannotRun:
-        delete_tap(name)
+        delete_tap(name, netns)
         raise
 
 
-def delete_tap(name: str) -> None:
+def delete_tap(name: str, netns: str | None = None) -> None:
     """Remove a tap if it exists (idempotent)."""
-    if Path(f"/sys/class/net/{name}").exists():
-        subprocess.run(["ip", "link", "del", "dev", name], capture_output=True, timeout=10,
-                       check=False)  # fmt: skip
+    if netns is None and not Path(f"/sys/class/net/{name}").exists():
+        return
+    where = ["-n", netns] if netns else []
+    subprocess.run(["ip", *where, "link", "del", "dev", name], capture_output=True, timeout=10,
+                   check=False)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -344,7 +344,7 @@ class QemuVM:
         self._write_boot_config()
         for tap, bridge in self._bridged_taps():
             try:
-                create_tap(tap, bridge)
+                create_tap(tap, bridge, self.host_net.netns)
             except HostCannotRun as e:
                 raise QemuError(f"VM {self.spec.name}: {e}") from None
         with contextlib.ExitStack() as stack:
@@ -486,7 +486,7 @@ class QemuVM:
                 await asyncio.sleep(0.02)
         await self.detach()
         for tap, _bridge in self._bridged_taps():
-            delete_tap(tap)
+            delete_tap(tap, self.host_net.netns)
         if self.sock_dir != self.run_dir:
             shutil.rmtree(self.sock_dir, ignore_errors=True)
 

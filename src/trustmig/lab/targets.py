@@ -90,9 +90,12 @@ class Baseline:
         return await self.boot_spec(guest_spec(name, self.image))
 
     async def boot_spec(self, spec: VMSpec, host_net: HostNet | None = None) -> QemuVM:
-        """A running guest of any definition, ready once its workload says so."""
+        """A running guest of any definition, ready once its workload says so (in the network
+        namespace of ``host_net``, if it names one)."""
+        ns = host_net.netns if host_net is not None else None
         vm = QemuVM(spec, self.image, self._dir(f"{spec.name}-src"), self.accel,
-                    host_net=host_net, die_with_parent=True)  # fmt: skip
+                    host_net=host_net, die_with_parent=True,
+                    launcher=("ip", "netns", "exec", ns) if ns else ())  # fmt: skip
         self._vms.append(vm)
         await vm.start()
         if spec.waits_for_workload:
@@ -289,6 +292,8 @@ class TrustmigCluster:
             qemu_binary={ROGUE: str(self.rogue_qemu)},
             agent_module={LIAR: "trustmig.lab.liar_agent"},
             extra_config={SOURCE: "admission = {max_per_vm_per_hour = 1000}"},
+            # both tenants are welcome everywhere: what keeps them apart is co-residency
+            accept_tenants={h: [TENANT, "evil"] for h in (SOURCE, *DESTINATIONS)},
         )
         # the rogue host's hypervisor changes after its measurement was approved
         with self.rogue_qemu.open("a") as f:
@@ -308,17 +313,21 @@ class TrustmigCluster:
     async def client(self, host: str, user: str = OWNER) -> ControlClient:
         return await self.cluster.client(host, user)
 
-    async def boot(self, name: str, **policy: Any) -> None:
-        """Boot ``name`` on the source with its owner's signed policy (``policy`` overrides)."""
-        c = await self.client(SOURCE)
+    async def boot(
+        self, name: str, *, host: str = SOURCE, user: str = OWNER, tenant: str = TENANT,
+        **policy: Any,
+    ) -> None:  # fmt: skip
+        """Boot ``name`` on ``host`` with its owner's signed policy (``policy`` overrides)."""
+        c = await self.client(host, user)
+        spec = guest_spec(name).model_dump(mode="json", exclude={"image_key", "owner"})
         try:
             await c.call(
                 "vm.start",
                 {
-                    "spec": guest_spec(name).model_dump(
-                        mode="json", exclude={"image_key", "owner"}
+                    "spec": {**spec, "tenant": tenant},
+                    "policy": self.cluster.signed_policy(
+                        user, name, tenant=tenant, **({"allowed_users": [user]} | policy)
                     ),
-                    "policy": self.cluster.signed_policy(OWNER, name, **policy),
                 },
                 timeout=BOOT_TIMEOUT_S + 60,
             )
@@ -352,14 +361,15 @@ class TrustmigCluster:
         finally:
             self.tap(to, None)
 
-    async def state(self, name: str) -> dict[str, Any]:
-        """Copies of ``name`` running on any host, with the guest's own memory check."""
+    async def state(self, name: str, user: str = OWNER) -> dict[str, Any]:
+        """Copies of ``name`` running on any host, with the guest's own memory check (as
+        ``user``, who must be allowed to see the VM)."""
         running: list[str] = []
         checks: dict[str, Any] = {}
         beating: dict[str, bool] = {}
         incoming_alive = 0
         for host in (SOURCE, *DESTINATIONS):
-            c = await self.client(host)
+            c = await self.client(host, user)
             try:
                 st = await c.call("host.status")
                 incoming_alive += sum(
@@ -390,9 +400,9 @@ class TrustmigCluster:
         out["pending_incoming"] = incoming_alive
         return out
 
-    async def stop_vm(self, name: str) -> None:
+    async def stop_vm(self, name: str, user: str = OWNER) -> None:
         for host in (SOURCE, *DESTINATIONS):
-            c = await self.client(host)
+            c = await self.client(host, user)
             try:
                 with contextlib.suppress(ControlError):
                     await c.call("vm.stop", {"name": name}, timeout=30)
@@ -410,9 +420,9 @@ class TrustmigCluster:
             await c.close()
 
     async def stop_all(self) -> None:
-        """Stop every VM on every host (between attacks)."""
+        """Stop every VM on every host, every tenant's (between attacks)."""
         for host in (SOURCE, *DESTINATIONS):
-            c = await self.client(host)
+            c = await self.client(host, SECADMIN)
             try:
                 for v in (await c.call("vm.list"))["vms"]:
                     with contextlib.suppress(ControlError):

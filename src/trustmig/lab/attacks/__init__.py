@@ -5,12 +5,14 @@ from __future__ import annotations
 from trustmig.lab.attack import Attack
 from trustmig.lab.attacks import (
     balancer,
+    co_residency,
     connection_abort,
     control_plane,
     disk_stream,
     eavesdrop,
     false_resources,
     flood,
+    inter_vm,
     malformed_stream,
     memory_rewrite,
     replay,
@@ -30,6 +32,8 @@ ATTACKS: tuple[Attack, ...] = (
     rogue_destination.ATTACK,
     false_resources.ATTACK,
     balancer.ATTACK,
+    co_residency.ATTACK,
+    inter_vm.ATTACK,
     flood.ATTACK,
     malformed_stream.ATTACK,
     connection_abort.ATTACK,
