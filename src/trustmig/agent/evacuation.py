@@ -22,6 +22,7 @@ from trustmig.agent.control import Operations, Request
 from trustmig.agent.errors import Code, RequestError
 from trustmig.agent.governance import Governance
 from trustmig.agent.host_report import ClusterLoads, HostReporter, ReportJudgement
+from trustmig.agent.neighbours import policy_of
 from trustmig.agent.tenancy import ownership_of
 from trustmig.agent.vms import ManagedVM, VmManager
 from trustmig.config import HostConfig
@@ -52,12 +53,14 @@ def peer_facts(j: ReportJudgement, labels: HostLabels) -> tuple[HostFacts, list[
     guests = [
         VmFacts(
             name=f"{j.host}/{v.name}",
-            tenant="",
+            tenant=v.tenant,
             host=j.host,
             mem_mib=v.mem_mib,
             vcpus=v.vcpus,
             cpu_used=v.cpu_cores,
             movable=False,
+            neighbours=v.neighbours if v.neighbours in ("any", "tenant", "none") else "none",
+            never_with=frozenset(v.never_with),
         )
         for v in j.report.vms
     ]
@@ -185,12 +188,16 @@ class Evacuation:
                 refused.append({"vm": vm.name, "host": self.cfg.name, "code": "no_allowed_host",
                                 "why": why})  # fmt: skip
             measured = use.get(vm.name)
+            rules = policy_of(self.gov.vm_policy_json(vm.name))
+            near = rules.co_residency if rules is not None else None
             cooling = accepting and vm.arrived_by is not None and now - vm.created_at < COOLDOWN_S
             guests.append(VmFacts(
                 name=vm.name, tenant=vm.spec.tenant, host=self.cfg.name,
                 mem_mib=vm.spec.memory_mib, vcpus=vm.spec.vcpus,
                 cpu_used=measured.cpu_cores if measured else 0.0,
                 allowed_hosts=frozenset(allowed), cooling=cooling,
+                neighbours=near.neighbours if near else "any",
+                never_with=frozenset(near.never_with_tenants if near else ()),
                 movable=bool(allowed) and vm.state == "running" and vm.migration is None,
             ))  # fmt: skip
         return guests, refused

@@ -144,6 +144,8 @@ class HostReporter:
         self.key = key
         self.make_evidence = make_evidence
         self.meter = UseMeter()
+        #: a VM's co-residency rules from its verified policy (neighbours, tenants refused)
+        self.co_residency: Callable[[str], tuple[str, tuple[str, ...]]] = lambda vm: ("any", ())
 
     def register(self, ops: Operations) -> None:
         # peers only: a report names every tenant's guests on the host
@@ -155,10 +157,12 @@ class HostReporter:
             if vm.state not in HOLDING:
                 continue
             pid = vm.qemu.pid
+            neighbours, never = self.co_residency(vm.name)
             out.append(VmUse(
                 name=vm.name, mem_mib=vm.spec.memory_mib, vcpus=vm.spec.vcpus,
                 rss_mib=_proc_rss_mib(pid) if pid else 0,
                 cpu_cores=round(self.meter.cores(pid, vm.spec.vcpus + 0.5), 3) if pid else 0.0,
+                tenant=vm.spec.tenant, neighbours=neighbours, never_with=never,
             ))  # fmt: skip
         return out
 

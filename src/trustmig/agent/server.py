@@ -49,7 +49,7 @@ from trustmig.agent.host_key import load_host_key, transient_key_file
 from trustmig.agent.host_report import ClusterLoads, HostReporter
 from trustmig.agent.journal import Journal
 from trustmig.agent.migrations import MigrationRegistry
-from trustmig.agent.neighbours import Neighbours
+from trustmig.agent.neighbours import Neighbours, policy_of
 from trustmig.agent.observability import Observability
 from trustmig.agent.runtime import AdmissionGate, HostServices
 from trustmig.agent.tenancy import Tenancy
@@ -237,6 +237,7 @@ class Agent:
         """Measured load (``host.report``, ``cluster.loads``) and ``host.evacuate``."""
         quote = self.attestation.make_evidence if self.attestation else None
         reporter = HostReporter(self.cfg, self.vms, self._host_key(), quote)
+        reporter.co_residency = self._co_residency_rules
         loads = ClusterLoads(sorted(self.cfg.peers), self.connect_peer,
                              self.attestation.verify_evidence if self.attestation else None,
                              self.quarantine, self.audit_event)  # fmt: skip
@@ -247,6 +248,13 @@ class Agent:
         loads.register(ops)
         Evacuation(self.cfg, self.vms, self.gov, loads, reporter, self.registry.migrate_out,
                    self.audit_event).register(ops)  # fmt: skip
+
+    def _co_residency_rules(self, vm: str) -> tuple[str, tuple[str, ...]]:
+        policy = policy_of(self.gov.vm_policy_json(vm))
+        if policy is None:
+            return "any", ()
+        rules = policy.co_residency
+        return rules.neighbours, tuple(rules.never_with_tenants)
 
     def _store_status(self) -> dict[str, Any] | None:
         """What every caller of host.status may see: reachability, not other tenants' VMs

@@ -32,13 +32,17 @@ MAX_VMS = 4096
 
 @dataclass(frozen=True)
 class VmUse:
-    """One guest as its host measured it: admitted size, resident memory and CPU in cores."""
+    """One guest as its host measured it: admitted size, resident memory and CPU in cores,
+    and (for placement) its tenant and the co-residency rules of its verified policy."""
 
     name: str
     mem_mib: int
     vcpus: int
     rss_mib: int
     cpu_cores: float
+    tenant: str = ""
+    neighbours: str = "any"
+    never_with: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,14 +78,17 @@ class HostReport:
         raw_vms = data["vms"]
         if not isinstance(raw_vms, list | tuple) or len(raw_vms) > MAX_VMS:
             raise ClaimError(f"host report 'vms' must be a list of at most {MAX_VMS} entries")
-        vm_fields = set(VmUse.__dataclass_fields__)
+        required = {"name", "mem_mib", "vcpus", "rss_mib", "cpu_cores"}
+        optional = set(VmUse.__dataclass_fields__) - required
         vms = []
         for v in raw_vms:
-            if not isinstance(v, dict) or set(v) != vm_fields:
-                raise ClaimError(
-                    f"host report VM entry wrong: expected exactly {sorted(vm_fields)}"
-                )
-            vms.append(VmUse(**v))
+            if not isinstance(v, dict) or not required <= set(v) <= required | optional:
+                raise ClaimError(f"host report VM entry wrong: expected {sorted(required)} "
+                                 f"and optionally {sorted(optional)}")  # fmt: skip
+            never = v.get("never_with", ())
+            if not isinstance(never, list | tuple) or not all(isinstance(t, str) for t in never):
+                raise ClaimError("host report VM entry: never_with must be a list of tenants")
+            vms.append(VmUse(**{**v, "never_with": tuple(never)}))
         return cls(**{**data, "vms": tuple(vms)})
 
 
