@@ -8,6 +8,7 @@ Relative paths are resolved against the directory holding the config file.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -161,6 +162,9 @@ def _ipv4(value: str, what: str) -> str:
     return value
 
 
+TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
 class TenantNetworkSettings(BaseModel):
     """Tenant-isolated guest networks (``[tenant_networks]``): one bridge per tenant on every
     host, joined across hosts by VXLAN over ``underlay`` (this host's address on a network no
@@ -178,6 +182,8 @@ class TenantNetworkSettings(BaseModel):
     @classmethod
     def _vnis(cls, v: dict[str, int]) -> dict[str, int]:
         for tenant, vni in v.items():
+            if not TENANT_NAME.match(tenant):
+                raise ValueError(f"vnis: {tenant!r} is not a tenant name (a-z, 0-9, . _ -)")
             if not 1 <= vni <= 999_999:
                 raise ValueError(f"vnis.{tenant}: {vni} is not a VNI in 1..999999")
         seen: dict[int, str] = {}

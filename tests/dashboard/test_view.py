@@ -102,3 +102,24 @@ def test_a_lab_report_is_summarised_and_a_broken_one_shown(tmp_path: Path) -> No
     p.write_text("{")
     broken = load_lab(p)
     assert broken is not None and broken["summary"]["errors"] == 1
+
+
+def test_another_name_for_loopback_gets_nothing(tmp_path: Path) -> None:
+    """DNS rebinding: a page of another origin resolving to 127.0.0.1 is refused."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    d = _dashboard(tmp_path, allow_actions=True)
+    d.origins = frozenset({"127.0.0.1:8470", "localhost:8470"})
+
+    async def go() -> tuple[int, int, int]:
+        async with TestClient(TestServer(d.app())) as c:
+            ok = await c.get("/api/state", headers={"Host": "127.0.0.1:8470"})
+            rebound = await c.get("/api/state", headers={"Host": "evil.example:8470"})
+            forged = await c.post("/actions/clear", data={"csrf": d.csrf, "host": "host-l"},
+                                  headers={"Host": "127.0.0.1:8470",
+                                           "Origin": "http://evil.example:8470"})  # fmt: skip
+            return ok.status, rebound.status, forged.status
+
+    assert asyncio.run(go()) == (200, 421, 403)

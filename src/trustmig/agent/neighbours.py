@@ -55,13 +55,17 @@ class Neighbours:
         #: the policy an arriving VM brought, until this host stores it at the handover
         self._brought: dict[str, VmPolicy | None] = {}
 
-    def _policy(self, vm: str) -> VmPolicy | None:
+    def _policy(self, vm: str, arriving: bool) -> VmPolicy | None:
+        """An arriving VM is judged by the policy it brought (a file left from an earlier stay
+        here may be older); a resident by the one this host stored."""
+        if arriving and vm in self._brought:
+            return self._brought[vm]
         stored = self.stored_policy(vm)
         return policy_of(stored) if stored else self._brought.get(vm)
 
     def residents(self, *, excluding: str) -> list[Neighbour]:
         held = [
-            Neighbour.of(vm.name, vm.spec.tenant, self._policy(vm.name))
+            Neighbour.of(vm.name, vm.spec.tenant, self._policy(vm.name, vm.state == "incoming"))
             for vm in self.vms.vms.values()
             if vm.state in HOLDING and vm.name != excluding
         ]
@@ -74,6 +78,10 @@ class Neighbours:
         """Decide, then hold the newcomer's place until the ``with`` body has registered it:
         two newcomers deciding at once see each other (decide and reserve run without an
         await between them). Raises RequestError(refused) like :meth:`require`."""
+        held = self.vms.vms.get(vm)
+        if vm in self._reserved or (held is not None and held.state in HOLDING):
+            raise RequestError(f"a VM named {vm} is already starting, arriving or running on "
+                               f"{self.host}", Code.BUSY)  # fmt: skip
         self.require(vm, tenant, policy, user=user, migration_id=migration_id)
         self._reserved[vm] = Neighbour.of(vm, tenant, policy)
         self._brought[vm] = policy

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ from trustmig.metrics import AgentMetrics, StateSample
 log = logging.getLogger(__name__)
 #: how long the destination waits for its guest's heartbeats to measure the felt pause
 PAUSE_WAIT_S = 5.0
+CHANNELS = frozenset({"secure", "qemu-tls"})
 
 
 class Observability:
@@ -76,9 +78,11 @@ class Observability:
         a guest without heartbeats is simply not measured)."""
         try:
             src = [(int(s), float(t)) for s, t in source_hbs][-8:]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return
-        if not src:
+        channel = channel if channel in CHANNELS else "other"
+        mode = mode if mode in ("precopy", "postcopy") else "other"
+        if not src or not all(math.isfinite(t) for _, t in src):
             return
         task = asyncio.ensure_future(self._pause(vm, src, channel, mode))
         self._tasks.add(task)
@@ -133,7 +137,8 @@ class Observability:
         return await handler(request)
 
     async def _serve(self, request: web.Request) -> web.Response:
-        body = await asyncio.to_thread(generate_latest, self.metrics.registry)
+        # on the loop: the scrape reads the agent's tables, which only the loop changes
+        body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def stop(self) -> None:

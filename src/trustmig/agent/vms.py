@@ -164,6 +164,9 @@ class VmManager:
         spec = spec.model_copy(update={"image_key": image_key})
         spec, keys = await self.disk_keys.for_start(spec, user)
         spec = await asyncio.to_thread(self._checked_for_start, spec)
+        old = self.vms.get(spec.name)  # again: another start or an arrival may have come meanwhile
+        if old is not None and old.state not in ("crashed", "handed-over", "discarded"):
+            raise RequestError(f"a VM named {spec.name} already exists on {self.host}", Code.BUSY)
         qemu = self.make_qemu(spec, incoming=False, run_name=f"vm-{spec.name}")
         qemu.disk_keys = keys
         vm = ManagedVM(spec=spec, qemu=qemu, state="starting")

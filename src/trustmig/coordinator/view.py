@@ -72,7 +72,9 @@ def _peer_vms(
         if r is None:  # the report shows a guest the host's own answer does not: count it only
             out.append(_pinned(peer, g))
             continue
-        out.append(replace(r, mem_mib=g.mem_mib, vcpus=g.vcpus, cpu_used=g.cpu_used,
+        # only its destination rules come from the host's answer; the rest is what was verified
+        out.append(replace(r, host=peer, tenant=g.tenant, mem_mib=g.mem_mib, vcpus=g.vcpus,
+                           cpu_used=g.cpu_used, neighbours=g.neighbours, never_with=g.never_with,
                            movable=r.movable and bool(r.allowed_hosts)))  # fmt: skip
     for name in sorted(rules):
         why = f"{peer}'s verified report does not show {name}: it is not planned"

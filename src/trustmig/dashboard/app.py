@@ -90,6 +90,9 @@ class Dashboard:
         self.csrf = secrets.token_urlsafe(32)
         self.actions: list[Action] = []
         self.updated = 0.0
+        #: the Host values this dashboard answers to (set once it listens): a page of another
+        #: name that rebinds to 127.0.0.1 gets nothing (DNS rebinding)
+        self.origins: frozenset[str] = frozenset()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
@@ -124,6 +127,9 @@ class Dashboard:
 
     @web.middleware
     async def _headers(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self.origins and request.host not in self.origins:
+            return web.Response(status=421, text="this dashboard answers only to its own "
+                                "loopback address\n")  # fmt: skip
         resp: web.StreamResponse = await handler(request)
         resp.headers["Content-Security-Policy"] = (
             "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
@@ -152,7 +158,7 @@ class Dashboard:
         form = await request.post()
         token = str(form.get("csrf") or "")
         origin = request.headers.get("Origin")
-        same = origin is None or origin == f"{request.scheme}://{request.host}"
+        same = origin is None or origin in {f"http://{o}" for o in self.origins}
         if not same or not hmac.compare_digest(token, self.csrf):
             return web.Response(status=403, text="forbidden: stale page or another origin\n")
         kind = request.match_info["kind"]
@@ -215,6 +221,10 @@ async def serve(dash: Dashboard, host: str, port: int, on_ready: Any = None) -> 
         await site.start()
         server: Any = site._server  # noqa: SLF001 - the bound port when 0 was asked
         bound = server.sockets[0].getsockname()[1] if server is not None else port
+        names = {f"[{host}]"} if ":" in host else {host}
+        if host in ("127.0.0.1", "localhost"):
+            names |= {"127.0.0.1", "localhost"}
+        dash.origins = frozenset(f"{n}:{bound}" for n in names)
         if on_ready is not None:
             on_ready(f"http://{host}:{bound}/")
         await asyncio.Event().wait()

@@ -256,7 +256,10 @@ class QemuVM:
                     f":{f.guest_port}"
                     for f in n.backend.forwards
                 )
-                args += ["-netdev", f"user,id={netdev}{fwd}"]
+                # a host that keeps tenants apart lets no user-mode guest reach its own
+                # networks (the VXLAN underlay among them): forwarded ports only
+                restrict = ",restrict=on" if self.host_net.tenants_only else ""
+                args += ["-netdev", f"user,id={netdev}{fwd}{restrict}"]
             else:
                 args += ["-netdev", f"tap,id={netdev},ifname={self.tap_for(n.id)},"
                          "script=no,downscript=no"]  # fmt: skip

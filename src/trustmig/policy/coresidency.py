@@ -45,23 +45,17 @@ def decide_co_residency(
     """May ``newcomer`` run on ``host`` next to ``residents`` (itself excluded)?"""
     others = [r for r in residents if r.vm != newcomer.vm]
     own = newcomer.rules
+    # cross-tenant reasons stay generic: a refusal must not tell which tenants run where
     if own.neighbours == "none" and others:
-        return _deny("co_residency.neighbours", f"{newcomer.vm} requires a host of its own and "
-                     f"{len(others)} other VM(s) run on {host}")  # fmt: skip
+        why = f"{newcomer.vm} requires a host of its own and {host} is not empty"
+        return _deny("co_residency.neighbours", why)
     for r in others:
-        foreign = r.tenant != newcomer.tenant
-        if own.neighbours == "tenant" and foreign:
-            return _deny(
-                "co_residency.neighbours",
-                f"{newcomer.vm} shares a host only with "
-                f"tenant {newcomer.tenant}, and a VM of another tenant runs on {host}",
-            )
+        if own.neighbours == "tenant" and r.tenant != newcomer.tenant:
+            return _deny("co_residency.neighbours", f"{newcomer.vm} shares a host only with "
+                         f"tenant {newcomer.tenant}, and {host} does not qualify")  # fmt: skip
         if r.tenant in own.never_with_tenants:
-            return _deny(
-                "co_residency.never_with_tenants",
-                f"{newcomer.vm} must never share a "
-                f"host with tenant {r.tenant}, and one of its VMs runs on {host}",
-            )
+            return _deny("co_residency.never_with_tenants",
+                         f"{newcomer.vm}'s excluded tenants rule out {host}")  # fmt: skip
         denial = _resident_forbids(newcomer, r, host)
         if denial is not None:
             return denial
