@@ -30,9 +30,12 @@ class ControlError(Exception):
     ``code`` is the agent's (``refused``, ``not_found``, ``aborted``...) or, when no answer
     came, ``transport`` (unreachable, connection closed) or ``timeout``."""
 
-    def __init__(self, message: str, code: str = "transport") -> None:
+    def __init__(self, message: str, code: str = "transport", *, reset: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        #: the agent's guard dropped the connection before TLS completed (a busy listener):
+        #: worth another try, unlike an agent that is not listening at all
+        self.reset = reset
 
 
 class ControlClient:
@@ -64,7 +67,9 @@ class ControlClient:
                 opening = asyncio.open_connection(host, port, ssl=ctx, server_hostname=None)
             reader, writer = await within(opening, timeout)
         except (OSError, TimeoutError, ssl.SSLError) as e:
-            raise ControlError(f"cannot reach agent at {address}: {e}", "transport") from None
+            reset = isinstance(e, ConnectionResetError | ssl.SSLEOFError)
+            raise ControlError(f"cannot reach agent at {address}: {e}", "transport",
+                               reset=reset) from None  # fmt: skip
         return cls(reader, writer)
 
     @property

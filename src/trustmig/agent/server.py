@@ -17,6 +17,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import signal
 import stat
 import tempfile
@@ -37,7 +38,7 @@ from trustmig.agent.api_pki import PkiApi
 from trustmig.agent.api_vm import VmApi
 from trustmig.agent.attestation import AgentAttestation
 from trustmig.agent.audit_anchor import AuditAnchor
-from trustmig.agent.client import ControlClient
+from trustmig.agent.client import ControlClient, ControlError
 from trustmig.agent.cluster_sync import ClusterSync
 from trustmig.agent.control import ControlServer, Operations
 from trustmig.agent.datapath import ChannelSecurity, DataListener
@@ -76,6 +77,8 @@ from trustmig.timeouts import cancel_and_wait, within
 
 log = logging.getLogger("trustmig.agent")
 #: audit events after which the cluster store's records change: a sync round follows at once
+#: pauses between attempts to reach a peer whose guard dropped the connection (about 3 s)
+PEER_DIAL_BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.2)
 STORE_WAKING_EVENTS = frozenset({"vm.start", "vm.stop", "vm.resume", "migration.phase",
                                  "guard.quarantine"})  # fmt: skip
 rlog = RateLimitedLog(log)
@@ -323,7 +326,7 @@ class Agent:
         if peer is None:
             raise RequestError(f"unknown host {host!r}: add it under [peers] in the host config",
                                Code.INVALID)  # fmt: skip
-        client = await ControlClient.connect(peer.control, self.client_ctx)
+        client = await self._dial_peer(peer.control)
         sslobj = client.ssl_object
         try:
             if sslobj is None:
@@ -334,6 +337,19 @@ class Agent:
             await client.close()
             raise RequestError(f"peer {host} refused: {e}", Code.REFUSED) from None
         return client
+
+    async def _dial_peer(self, address: str) -> ControlClient:
+        """A peer's guard drops connections beyond its per-address budget, and a flood that
+        shares this host's address spends that budget too: try again a few times, briefly.
+        An agent that is not listening fails at once."""
+        for delay in PEER_DIAL_BACKOFF_S:
+            try:
+                return await ControlClient.connect(address, self.client_ctx)
+            except ControlError as e:
+                if not e.reset:
+                    raise
+                await asyncio.sleep(delay * (0.5 + random.random()))
+        return await ControlClient.connect(address, self.client_ctx)
 
     def _revoked(self, peer: PeerIdentity) -> bool:
         """Checked on every request, so a CRL copied in by hand also ends open sessions."""
