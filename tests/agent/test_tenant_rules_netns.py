@@ -68,3 +68,49 @@ def test_the_rules_replace_themselves() -> None:
     assert 'iifname "tv101_*" oifname != "tv101_*"' in text
     assert "udp dport 4789 ip saddr != { 10.77.2.12 }" in text
     assert 'iifname "tvb101" oifname != "tvb101"' in text
+
+
+FABRIC = """
+import json, subprocess
+from trustmig.agent.tenant_net import TenantNetworks
+from trustmig.config import HostConfig
+cfg = HostConfig.model_validate({"name": "h",
+    "tenant_networks": {"vnis": {"acme": 101}, "underlay": "10.99.8.1"},
+    "peers": {"p1": {"control": "127.0.0.1:1", "underlay": "10.99.8.2"},
+              "p2": {"control": "127.0.0.1:2", "underlay": "10.99.8.3"}}})
+t = TenantNetworks(cfg)
+def state():
+    fdb = subprocess.run(["bridge", "fdb", "show", "dev", "tv101_vx"], capture_output=True,
+                         text=True).stdout
+    rules = subprocess.run(["nft", "list", "table", "inet", "trustmig_tenants"],
+                           capture_output=True, text=True).stdout
+    return {"fdb": [p for p in ("10.99.8.2", "10.99.8.3") if "dst " + p in fdb],
+            "rules": [p for p in ("10.99.8.2", "10.99.8.3") if p in rules]}
+t.apply()
+out = {"start": state()}
+out["changed"] = t.sync({"p1"})
+out["quarantined"] = state()
+out["again"] = t.sync({"p1"})
+t.sync(set())
+out["cleared"] = state()
+print(json.dumps(out))
+"""
+
+
+def test_a_quarantined_peer_leaves_the_tenant_fabric_and_rejoins_when_cleared() -> None:
+    import json
+    import sys
+
+    ns = f"tf{os.getpid() % 100000}"
+    sh("ip", "netns", "add", ns)
+    try:
+        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", FABRIC],
+                             capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+        r = json.loads(out.stdout)
+    finally:
+        sh("ip", "netns", "del", ns, check=False)
+    both = ["10.99.8.2", "10.99.8.3"]
+    assert r["start"] == {"fdb": both, "rules": both}
+    assert r["changed"] is True and r["again"] is False
+    assert r["quarantined"] == {"fdb": ["10.99.8.3"], "rules": ["10.99.8.3"]}
+    assert r["cleared"] == {"fdb": both, "rules": both}

@@ -79,6 +79,8 @@ log = logging.getLogger("trustmig.agent")
 #: audit events after which the cluster store's records change: a sync round follows at once
 #: pauses between attempts to reach a peer whose guard dropped the connection (about 3 s)
 PEER_DIAL_BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.2)
+#: how often the tenant fabric follows the quarantine
+FABRIC_SYNC_S = 2.0
 STORE_WAKING_EVENTS = frozenset({"vm.start", "vm.stop", "vm.resume", "migration.phase",
                                  "guard.quarantine"})  # fmt: skip
 rlog = RateLimitedLog(log)
@@ -217,6 +219,7 @@ class Agent:
         self._server: GuardedServer | None = None
         self._anchor_task: asyncio.Future[None] | None = None
         self._sync_task: asyncio.Future[None] | None = None
+        self._fabric_task: asyncio.Future[None] | None = None
         self.cluster_sync: ClusterSync | None = None
         self.data: DataListener | None = None
         self.control_address = ""
@@ -467,6 +470,9 @@ class Agent:
         )
         self._apply_kernel_rules(int(sock[1]), int(self.data.address[1]))
         self.tenant_nets.apply()  # before any guest: segments and the rules between them
+        self.tenant_nets.sync(set(self.quarantine.snapshot()))
+        if self.tenant_nets.enabled:
+            self._fabric_task = asyncio.ensure_future(self._keep_fabric())
         with _listener("metrics", self.cfg.metrics.listen):
             await self.observability.start()
         # the audit trail must be the one the peers saw before anything else happens
@@ -511,6 +517,15 @@ class Agent:
         await self._stop.wait()
         await self.shutdown()
 
+    async def _keep_fabric(self) -> None:
+        """Quarantined peers leave the tenant fabric, and rejoin once cleared."""
+        while True:
+            await asyncio.sleep(FABRIC_SYNC_S)
+            try:
+                await asyncio.to_thread(self.tenant_nets.sync, set(self.quarantine.snapshot()))
+            except Exception:  # noqa: BLE001 - logged; the next round tries again
+                log.exception("tenant fabric sync failed")
+
     def _apply_kernel_rules(self, control_port: int, data_port: int) -> None:
         """The guard's rules in the kernel too (``[guard] apply_nftables``): its own table in
         this host's network namespace, replaced at every start and removed at the stop."""
@@ -526,6 +541,8 @@ class Agent:
         t0 = time.monotonic()
         if self._sync_task is not None:
             await cancel_and_wait(self._sync_task)
+        if self._fabric_task is not None:
+            await cancel_and_wait(self._fabric_task)
         if self._anchor_task is not None:
             await cancel_and_wait(self._anchor_task)
             with contextlib.suppress(Exception):

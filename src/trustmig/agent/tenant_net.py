@@ -19,6 +19,10 @@ guests left running stay apart):
   those pass.)
 - **VXLAN.** Accepted only from the peers' underlay addresses, so no one else can inject frames
   into a segment.
+
+A peer this host quarantines leaves the fabric: its flood entries are removed and its underlay
+address leaves the rules, so it neither receives the tenants' broadcast nor injects frames, until
+the quarantine is lifted (:meth:`TenantNetworks.sync`, every few seconds).
 """
 
 from __future__ import annotations
@@ -72,7 +76,10 @@ class TenantNetworks:
 
     def __init__(self, cfg: HostConfig) -> None:
         self.settings = cfg.tenant_networks
-        self.peers = sorted(p.underlay for p in cfg.peers.values() if p.underlay)
+        #: peer host -> its underlay address
+        self.underlays = {h: p.underlay for h, p in sorted(cfg.peers.items()) if p.underlay}
+        self.peers = sorted(self.underlays.values())
+        self.in_fabric: frozenset[str] = frozenset(self.underlays)
 
     @property
     def enabled(self) -> bool:
@@ -86,8 +93,33 @@ class TenantNetworks:
         for tenant, vni in sorted(self.settings.vnis.items()):
             self._segment(vni)
             log.info("tenant %s: segment %s (VNI %d)", tenant, tenant_bridge(vni), vni)
+        self._rules()
+
+    def _rules(self) -> None:
         vxlan = self.settings.underlay is not None
-        apply_nft(render_tenant_nft(self.settings.vnis, self.peers, self.settings.port, vxlan))
+        trusted = sorted(self.underlays[h] for h in self.in_fabric)
+        apply_nft(render_tenant_nft(self.settings.vnis, trusted, self.settings.port, vxlan))
+
+    def sync(self, quarantined: set[str]) -> bool:
+        """Keep quarantined peers out of the fabric; whether anything changed."""
+        if not self.enabled or self.settings.underlay is None:
+            return False
+        wanted = frozenset(h for h in self.underlays if h not in quarantined)
+        if wanted == self.in_fabric:
+            return False
+        for vni in self.settings.vnis.values():
+            vx = tenant_port_prefix(vni) + "vx"
+            for h in self.in_fabric - wanted:
+                _fdb("del", vx, self.underlays[h])
+            for h in wanted - self.in_fabric:
+                _fdb("append", vx, self.underlays[h])
+        left, back = sorted(self.in_fabric - wanted), sorted(wanted - self.in_fabric)
+        self.in_fabric = wanted
+        self._rules()
+        log.warning("tenant networks: %s", "; ".join(
+            [*(f"{h} left the fabric (quarantined)" for h in left),
+             *(f"{h} rejoined the fabric" for h in back)]))  # fmt: skip
+        return True
 
     def _segment(self, vni: int) -> None:
         br = tenant_bridge(vni)
@@ -103,9 +135,14 @@ class TenantNetworks:
                 self.settings.underlay, "dstport", str(self.settings.port))  # fmt: skip
         _no_ipv6(vx)
         _ip("link", "set", vx, "master", br, "up")
-        for peer in self.peers:  # flooding to every peer; unicast is learnt
-            subprocess.run(["bridge", "fdb", "append", "00:00:00:00:00:00", "dev", vx, "dst",
-                            peer], capture_output=True, timeout=10, check=False)  # fmt: skip
+        for host in sorted(self.in_fabric):  # flooding to every peer; unicast is learnt
+            _fdb("append", vx, self.underlays[host])
+
+
+def _fdb(action: str, vx: str, peer: str) -> None:
+    """Add or remove the all-zero (flood) entry towards ``peer``; "exists" / "missing" are fine."""
+    subprocess.run(["bridge", "fdb", action, "00:00:00:00:00:00", "dev", vx, "dst", peer],
+                   capture_output=True, timeout=10, check=False)  # fmt: skip
 
 
 def _no_ipv6(dev: str) -> None:
