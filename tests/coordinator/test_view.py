@@ -102,3 +102,18 @@ def test_a_saved_plan_that_no_longer_fits_is_caught_by_the_replay() -> None:
     forbidden = saved_plan({"goal": "balance", "moves": [
         {"vm": "b1", "source": "b", "destination": "a"}]}, Goal.BALANCE)  # fmt: skip
     assert [v.code for v in violations(g.view, forbidden)] == ["pinned"]
+
+
+def test_a_saved_balance_plan_refuses_a_vm_that_just_moved() -> None:
+    from trustmig.coordinator import Cluster, replayed_plan
+    from trustmig.placement import PlanLimits
+
+    hot = vm_to_json(VmFacts("a1", "acme", "a", 256, 1, allowed_hosts=frozenset({"b"}),
+                             cooling=True))  # fmt: skip
+    g = combine(_vantage(vms=[hot]), {"b": _answer("b"), "c": _answer("c")})
+    saved = {"goal": "balance", "moves": [{"vm": "a1", "source": "a", "destination": "b"}]}
+    with pytest.raises(PlacementError) as err:
+        replayed_plan(Cluster(g, {}, []), saved, Goal.BALANCE, PlanLimits())
+    assert err.value.code == "stale_plan" and "cooling" in str(err.value)
+    consolidate = {**saved, "goal": "consolidate"}
+    replayed_plan(Cluster(g, {}, []), consolidate, Goal.CONSOLIDATE, PlanLimits())

@@ -31,6 +31,12 @@ def replayed_plan(
     longer fits: the VM moved, a host lost its trust or its room, a policy changed)."""
     p = saved_plan(saved, goal)
     broken = violations(cluster.gathered.view, p, limits)
+    if goal is Goal.BALANCE and not broken:  # balance never moves a VM that just moved
+        vms = {v.name: v for v in cluster.gathered.view.vms}
+        hot = next((m.vm for m in p.moves if m.vm in vms and vms[m.vm].cooling), None)
+        if hot is not None:
+            raise PlacementError("stale_plan", f"the saved plan no longer fits the cluster: "
+                                 f"{hot} moved recently (cooling); make a new plan")  # fmt: skip
     if broken:
         v = broken[0]
         where = f"move {v.index} ({v.vm})" if v.index >= 0 else "the plan"
