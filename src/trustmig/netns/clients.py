@@ -10,6 +10,7 @@ lost (sent but never echoed, or echoed wrong), and the longest silence each one 
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import subprocess
 import threading
@@ -115,17 +116,19 @@ class ClientProbe:
     def _receive(self) -> None:
         assert self._sock is not None
         last = time.monotonic()
-        self._sock.settimeout(0.5)
         while True:
-            try:
-                data = self._sock.recv(65536)
-            except TimeoutError:
+            # a readiness wait, not a socket timeout: the sender shares the socket, and a timeout
+            # set here would also end its ``sendall`` when a pause fills the send buffer
+            ready, _, _ = select.select([self._sock], [], [], 0.5)
+            if not ready:
                 if (
                     self._stop.is_set()
                     and self.report.echo_bytes_received >= self.report.echo_bytes_sent
                 ):
                     return
                 continue
+            try:
+                data = self._sock.recv(65536)
             except OSError as e:
                 self.report.errors.append(f"echo receive: {e}")
                 return
