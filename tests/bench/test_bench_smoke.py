@@ -63,6 +63,12 @@ def test_tiny_benchmark_all_channels(tmp_path: Path, guest_image: object) -> Non
         assert run["heartbeat_continuous"] is True and run["heartbeat_gap_ms"] > 0, run
     secure = report["runs"][1]
     assert secure["handshake_ms"] is not None and secure["time_to_first_byte_ms"] is not None
+    # every process of a side counts, the relays (gone by the end) by their own report
+    for side in ("source", "destination"):
+        relay, agent = secure[f"cpu_s_relay_{side}"], secure[f"cpu_s_agent_{side}"]
+        assert relay > 0 and agent is not None, secure
+        assert secure[f"cpu_s_{side}"] >= relay + agent, secure
+    assert secure["mean_record_bytes"] > 0
     for ch in ("plain", "secure", "qemu-tls"):
         assert report["results"][ch]["completed"] == 1
         assert report["results"][ch]["throughput_mbps"] > 0

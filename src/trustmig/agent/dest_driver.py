@@ -85,6 +85,8 @@ class DestinationContext:
     qemu_process: dict[str, int] | None = None
     #: the source's disk keys were (or were about to be) sealed here: an abort forgets them
     disk_keys_received: bool = False
+    #: CPU seconds this host's relays spent carrying the migration's data (every session)
+    relay_cpu_s_data: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -414,6 +416,7 @@ class DestinationDriver:
             "mode": self.ctx.options.mode,
             "channel": self.ctx.options.channel,
             "pid": self.vm.qemu.pid,
+            "relay_cpu_s_data": self.ctx.relay_cpu_s_data,
             "history": [{"t": round(t - self.t0, 3), "state": s} for t, s in self.core.history],
         }
 
@@ -574,7 +577,18 @@ class DestinationDriver:
     async def close_relay(self) -> None:
         relay, self.relay = self.relay, None
         if relay is not None:
+            await self._note_relay_cpu(relay)
             await asyncio.to_thread(relay.close)
+
+    async def _note_relay_cpu(self, relay: RelayHandle) -> None:
+        """Keep what the relay spent on the data (the benchmark's and the operator's figure)."""
+        try:
+            spent = (await asyncio.to_thread(relay.status)).get("cpu_s_data")
+        except Exception:  # noqa: BLE001 - a relay already gone has nothing left to say
+            return
+        if isinstance(spent, (int, float)):
+            self.ctx.relay_cpu_s_data = round((self.ctx.relay_cpu_s_data or 0.0) + spent, 3)
+            self._persist()
 
     async def new_relay(self) -> None:
         record = await self.svc.spawn_relay("in")

@@ -578,6 +578,7 @@ def _describe(row: MigrationRow) -> dict[str, Any]:
         "owner": row.context.get("owner") or spec.get("owner"),
         "mode": opts.get("mode"),
         "channel": opts.get("channel"),
+        "relay_cpu_s_data": row.context.get("relay_cpu_s_data"),
         "created_at": row.created_at,
         "updated_at": row.updated_at,
     }

@@ -913,6 +913,9 @@ class SourceDriver:
             "destination_claim": info.get("destination_claim"),
             "cpu_s_source": round(cpu_src, 3),
             "cpu_s_relay": relay.get("cpu_s"),
+            "cpu_s_relay_data": relay.get("cpu_s_data"),
+            "relay_records_out": sum(int(st.get("records_out") or 0)
+                                     for st in relay.get("streams") or []),  # fmt: skip
             "destination_pid": info.get("destination_pid"),
             "source_heartbeats": src_hbs,
             "user": self.ctx.user.get("name"),

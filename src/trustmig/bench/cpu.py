@@ -42,6 +42,12 @@ class CpuMeter:
             self.final[pid] = process_cpu_seconds(pid)
         return self.seconds
 
+    def of(self, pid: int | None) -> float | None:
+        """One process's share (None if it was not counted)."""
+        if not pid or pid not in self.baseline:
+            return None
+        return round(max(0.0, self.final.get(pid, self.baseline[pid]) - self.baseline[pid]), 3)
+
     @property
     def seconds(self) -> float:
         used = sum(max(0.0, self.final.get(p, b) - b) for p, b in self.baseline.items())

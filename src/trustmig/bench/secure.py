@@ -16,9 +16,10 @@ from typing import Any
 
 from trustmig.agent.client import ControlClient, ControlError
 from trustmig.agent.local_cluster import LocalCluster
-from trustmig.bench.cpu import CpuMeter, relay_pids
+from trustmig.bench.cpu import CpuMeter
 from trustmig.bench.errors import BenchError
 from trustmig.bench.record import finish_record, heartbeat_record, integrity_record, new_record
+from trustmig.bench.stats import per_gib
 from trustmig.hypervisor.migration import MigrationOptions, MigrationProgress
 from trustmig.hypervisor.spec import VMSpec
 
@@ -64,6 +65,18 @@ async def _incoming_qemu_pid(dst: ControlClient) -> int | None:
     return int(pids[-1]) if pids else None
 
 
+async def _destination_relay_cpu(dst: ControlClient, migration_id: str) -> float | None:
+    """What the destination's relays spent on the migration's data, once it has closed them
+    (just after the commit); None if the destination never says."""
+    for _ in range(50):
+        with contextlib.suppress(ControlError, OSError, TimeoutError):
+            row = await dst.call("migration.show", {"migration_id": migration_id}, timeout=10)
+            if row.get("relay_cpu_s_data") is not None:
+                return float(row["relay_cpu_s_data"])
+        await asyncio.sleep(0.1)
+    return None
+
+
 async def _stop_everywhere(clients: tuple[ControlClient, ...], name: str) -> None:
     for c in clients:
         with contextlib.suppress(ControlError, OSError, TimeoutError):
@@ -85,29 +98,24 @@ async def run_secure(
     dst = await cluster.client(DEST, USER)
     name = spec.name
     try:
-        info = await src.call(
+        await src.call(
             "vm.start",
             {"spec": spec.model_dump(mode="json", exclude={"image_key", "owner"}),
              "policy": vm_policy(cluster, name), "boot_timeout": BOOT_TIMEOUT_S},
             timeout=BOOT_TIMEOUT_S + 60,
         )  # fmt: skip
         before = await src.call("vm.check", {"name": name}, timeout=CHECK_TIMEOUT_S)
-        cpu_src = CpuMeter().start(info.get("pid"), src_agent, *helpers[0])
+        # The source QEMU exits at the end and each side's relay exits with its migration, so
+        # their CPU is what the source agent read of its QEMU and what each relay reported of
+        # its own; the agents and the destination QEMU are read from /proc.
+        cpu_src = CpuMeter().start(src_agent, *helpers[0])
         cpu_dst = CpuMeter().start(dst_agent, *helpers[1])
         dst_pid_task: asyncio.Task[int | None] | None = None
 
-        frozen = False
-
         def on_event(ev: dict[str, Any]) -> None:
             # The destination QEMU exists once the handshake starts (prepare has returned):
-            # take its CPU baseline then, before it receives a byte. At "commit" QEMU has
-            # completed on both sides: read the counters then, before the source QEMU exits
-            # (a reaped process has no counters left to read).
-            nonlocal dst_pid_task, frozen
-            if not frozen and (ev.get("phase") == "handshake" or ev.get("event") == "progress"):
-                # each side's relay encrypts or decrypts: counted from when it exists
-                cpu_src.start(*relay_pids(src_agent))
-                cpu_dst.start(*relay_pids(dst_agent))
+            # take its CPU baseline then, before it receives a byte.
+            nonlocal dst_pid_task
             if ev.get("phase") == "handshake" and dst_pid_task is None:
                 dst_pid_task = asyncio.ensure_future(_incoming_qemu_pid(dst))
                 dst_pid_task.add_done_callback(
@@ -117,10 +125,6 @@ async def run_secure(
                         else None
                     )
                 )
-            elif ev.get("phase") == "commit" and not frozen:
-                frozen = True
-                cpu_src.stop()
-                cpu_dst.stop()
 
         t0, t_wall = time.monotonic(), time.time()
         try:
@@ -136,14 +140,25 @@ async def run_secure(
         if dst_pid_task is not None:
             with contextlib.suppress(Exception):
                 await dst_pid_task
-        if not frozen:
-            # no commit event seen: the source QEMU is gone, use the agent's own reading of it
-            if res.get("destination_pid") and res["destination_pid"] not in cpu_dst.baseline:
-                cpu_dst.baseline[int(res["destination_pid"])] = 0.0
-            cpu_src.stop()
-            cpu_dst.stop()
-            cpu_src.extra += float(res.get("cpu_s_source") or 0.0)
-            rec["cpu_note"] = "source QEMU CPU as reported by the agent"
+        if res.get("destination_pid") and int(res["destination_pid"]) not in cpu_dst.baseline:
+            cpu_dst.baseline[int(res["destination_pid"])] = 0.0  # started for this migration
+        cpu_src.stop()
+        cpu_dst.stop()
+        cpu_src.extra += float(res.get("cpu_s_source") or 0.0)
+        relay_src = res.get("cpu_s_relay_data")
+        relay_dst = await _destination_relay_cpu(dst, str(res.get("migration_id") or ""))
+        if opts.channel != "qemu-tls" and (relay_src is None or relay_dst is None):
+            raise BenchError("a relay did not report its CPU: the run's CPU would be undercounted")
+        cpu_src.extra += float(relay_src or 0.0)
+        cpu_dst.extra += float(relay_dst or 0.0)
+        rec["cpu_s_relay_source"] = relay_src
+        rec["cpu_s_relay_destination"] = relay_dst
+        records = int(res.get("relay_records_out") or 0)
+        rec["mean_record_bytes"] = (
+            round(int(res.get("bytes_transferred") or 0) / records) if records else None
+        )
+        rec["cpu_s_agent_source"] = cpu_src.of(src_agent)
+        rec["cpu_s_agent_destination"] = cpu_dst.of(dst_agent)
         after = await dst.call("vm.check", {"name": name}, timeout=CHECK_TIMEOUT_S)
         rec.update(integrity_record(before, after, spec.needs_workload.dirty_rate))
         beats = await dst.call("vm.heartbeats", {"name": name, "since": t_wall - 2.0})
@@ -157,6 +172,10 @@ async def run_secure(
             cpu_s_destination=cpu_dst.seconds,
             mode_used=str(res.get("mode") or opts.mode),
         )
+        moved = int(rec.get("bytes_transferred") or 0)
+        for part in ("relay_source", "relay_destination", "agent_source", "agent_destination"):
+            spent = rec.get(f"cpu_s_{part}")
+            rec[f"cpu_s_per_gib_{part}"] = None if spent is None else per_gib(spent, moved)
         rec["handshake_ms"] = res.get("handshake_ms")
         rec["time_to_first_byte_ms"] = res.get("time_to_first_byte_ms")
         rec["attestation"] = res.get("attestation")

@@ -25,6 +25,12 @@ METRICS: tuple[str, ...] = (
     "cpu_s_destination",
     "cpu_s_per_gib_source",
     "cpu_s_per_gib_destination",
+    # where trustmig's CPU goes, per side (the rest of a side's figure is its QEMU)
+    "cpu_s_per_gib_relay_source",
+    "cpu_s_per_gib_relay_destination",
+    "cpu_s_per_gib_agent_source",
+    "cpu_s_per_gib_agent_destination",
+    "mean_record_bytes",
     "handshake_ms",
     "time_to_first_byte_ms",
     "rounds",

@@ -44,6 +44,11 @@ log = logging.getLogger("trustmig.relay")
 QEMU_CONNECT_TIMEOUT = 10.0
 
 
+def _own_cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _listen(path: Path, backlog: int) -> socket.socket:
     """A unix socket only its owner may connect to."""
     with contextlib.suppress(FileNotFoundError):
@@ -89,6 +94,9 @@ class Relay:
         self._qemu_listener: socket.socket | None = None
         self._stream0_connected = threading.Event()
         self._moved = (-1, time.monotonic())
+        #: CPU seconds of this process when it was configured: what it spends after that is
+        #: the data path's (a fresh interpreter's start-up is not)
+        self._cpu_at_configure: float | None = None
         with contextlib.suppress(FileNotFoundError):
             control_path.unlink()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -113,7 +121,7 @@ class Relay:
         )
 
     def status(self) -> dict[str, Any]:
-        ru = resource.getrusage(resource.RUSAGE_SELF)
+        cpu_s = _own_cpu_seconds()
         state = "idle"
         if self.configured:
             state = "running"
@@ -128,7 +136,10 @@ class Relay:
             "migration_id": self.migration_id,
             "streams": [self._stream_status(i, p) for i, p in sorted(self.pumps.items())],
             "failure": None if self.failure is None else self.failure.__dict__,
-            "cpu_s": round(ru.ru_utime + ru.ru_stime, 3),
+            "cpu_s": round(cpu_s, 3),
+            "cpu_s_data": (
+                None if self._cpu_at_configure is None else round(cpu_s - self._cpu_at_configure, 3)
+            ),
         }
 
     @staticmethod
@@ -266,6 +277,7 @@ class Relay:
                 threading.Thread(target=self._accept_disk, args=(index, _listen(path, 1)),
                                  name=f"tm-disk-{index}", daemon=True).start()  # fmt: skip
         self.role = role
+        self._cpu_at_configure = _own_cpu_seconds()
         return {"listening": str(self.qemu_path) if role == "source" else None}
 
     def _favour_latency(self, streams: list[int]) -> dict[str, Any]:
