@@ -153,6 +153,7 @@ def test_impossible_downtime_is_set_aside() -> None:
                   mode_used="postcopy")  # fmt: skip
     assert rec["status"] == "completed"
     assert rec["downtime_ms"] is None and rec["downtime_ms_reported"] == 1_157_626
+    assert rec["gap_beyond_downtime_ms"] is None  # no true downtime to subtract
     assert rec["cpu_s_per_gib_source"] == 0.5 and rec["cpu_s_per_gib_destination"] == 1.0
 
 
@@ -229,3 +230,25 @@ def test_relay_bench_reports_a_side_that_dies_instead_of_hanging(
     monkeypatch.setattr(relay, "_carry", lambda *a: os._exit(3))  # in the forked sides
     with pytest.raises(RuntimeError, match=r"died|exited"):
         relay.run_relay_bench(total_mib=16, repeat=1)
+
+
+def test_the_pause_beyond_qemus_downtime_is_the_handovers_own() -> None:
+    from trustmig.bench.record import finish_record
+    from trustmig.hypervisor.migration import MigrationProgress
+
+    def run(ch: str, gap: float, downtime: int) -> dict[str, Any]:
+        prog = MigrationProgress.from_qmp(
+            {"status": "completed", "total-time": 900, "downtime": downtime,
+             "ram": {"transferred": 1024**3, "total": 1024**3, "dirty-sync-count": 2}}
+        )  # fmt: skip
+        rec = {**_run(ch, 0, 1000, "precopy"), "heartbeat_gap_ms": gap, "integrity_ok": True}
+        finish_record(rec, prog, wall_ms=900.0, cpu_s_source=1.0, cpu_s_destination=1.0,
+                      mode_used="precopy")  # fmt: skip
+        return rec
+
+    # QEMU's downtime differs between the runs; the pause beyond it is what the handover adds
+    runs = [run("plain", 220, 200), run("secure", 300, 270), run("secure", 160, 130)]
+    assert [r["gap_beyond_downtime_ms"] for r in runs] == [20, 30, 30]
+    s = summarize(runs, ("plain", "secure"), (0.0,))
+    assert s["ratios"]["heartbeat_gap_ms_secure_minus_plain"] == 10
+    assert s["ratios"]["gap_beyond_downtime_ms_secure_minus_plain"] == 10

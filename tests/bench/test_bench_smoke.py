@@ -78,6 +78,7 @@ def test_tiny_benchmark_all_channels(tmp_path: Path, guest_image: object) -> Non
         "secure/qemu-tls",
         "qemu-tls/plain",
         "heartbeat_gap_ms_secure_minus_plain",
+        "gap_beyond_downtime_ms_secure_minus_plain",
         "trustmig_added_cpu_s_per_gib",
         "cpu_overhead_vs_cipher",
     }

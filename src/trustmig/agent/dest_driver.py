@@ -48,7 +48,7 @@ from trustmig.migration.destination import (
     DestinationCore,
     DestinationState,
 )
-from trustmig.policy import VmOwnership
+from trustmig.policy import SignedPolicy, VmOwnership, VmPolicy
 from trustmig.relay.client import RelayHandle, RelayRecord
 from trustmig.timeouts import cancel_and_wait, within
 
@@ -149,6 +149,8 @@ class DestinationDriver:
         #: monotonic times of the handover's steps here (loaded, commit, running)
         self.marks: dict[str, float] = {}
         self._latency_relay: RelayHandle | None = None
+        #: the arriving VM's signed policy, verified early (see _verify_policy_early)
+        self._verified_policy: tuple[SignedPolicy, VmPolicy] | None = None
         self.done = asyncio.Event()
 
     @property
@@ -162,6 +164,20 @@ class DestinationDriver:
     # ------------------------------------------------------------------ running
     def start(self, first: ev.Event | None = None) -> None:
         self._main = asyncio.ensure_future(self._run(first))
+        self._spawn(self._verify_policy_early())
+
+    async def _verify_policy_early(self) -> None:
+        """Verify the arriving VM's signed policy while its memory is on the way, so that the
+        commit only writes it (the guest waits for the commit, not for a signature check).
+        A failure here is not kept: the commit then verifies again and reports it."""
+        await asyncio.sleep(0)
+        if not self.ctx.policy_json or self.ctx.installed:
+            return
+        spec = self.vm.spec
+        with contextlib.suppress(Exception):
+            self._verified_policy = self.svc.gov.verify_policy(
+                self.ctx.policy_json, VmOwnership(spec.name, spec.tenant, spec.owner)
+            )
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -213,9 +229,14 @@ class DestinationDriver:
                     fut.set_exception(DriverGone(self.migration_id))
 
     def _apply(self, actions: list[A.Action]) -> None:
+        persisted = False
         for a in actions:
             if isinstance(a, A.Persist):
-                self._persist()
+                # the journal record is the core's state now, the last of the batch: a second
+                # write of it (loaded, then committed in one step) would only cost the guest
+                if not persisted:
+                    self._persist()
+                persisted = True
             elif isinstance(a, A.Audit):
                 self.svc.safe_audit(a.kind, vm=self.core.vm, migration_id=self.migration_id,
                                     user=self.ctx.user.get("name"), outcome=a.outcome,
@@ -261,7 +282,10 @@ class DestinationDriver:
             try:
                 spec = self.vm.spec
                 ownership = VmOwnership(spec.name, spec.tenant, spec.owner)
-                self.svc.gov.set_vm_policy(self.ctx.policy_json, ownership, same_serial_ok=True)
+                verified = self._verified_policy or self.svc.gov.verify_policy(
+                    self.ctx.policy_json, ownership
+                )
+                self.svc.gov.install_verified_policy(*verified, ownership, same_serial_ok=True)
             except Exception as e:  # noqa: BLE001 - the guest is ours anyway; say why
                 log.error("incoming %s: VM policy not installed: %s", self.migration_id, e)
 
@@ -465,7 +489,10 @@ class DestinationDriver:
         if not qemu.alive():
             self.post(ev.GuestResumed(False, "incoming QEMU is gone", rid))
             return
-        state = await qemu.status()
+        # QEMU loaded the stream in this process's sight and has not run yet: it is paused
+        # (started with -S), so no round trip is spent asking
+        fresh = "loaded" in self.marks and "running" not in self.marks
+        state = "paused" if fresh else await qemu.status()
         if state != "running":
             refusal = await self._release_disks() or await self._verify_measurement()
             if refusal is not None:

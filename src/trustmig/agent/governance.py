@@ -160,8 +160,20 @@ class Governance:
         ``same_serial_ok`` is for a VM arriving with the very policy this host once held.
         Raises ``PolicyError`` (a ``PolicySignatureError`` for who signed it).
         """
-        vm = ownership.vm
         sp, pol = self.verify_policy(signed_json, ownership)
+        return self.install_verified_policy(sp, pol, ownership, same_serial_ok=same_serial_ok)
+
+    def install_verified_policy(
+        self, sp: SignedPolicy, pol: VmPolicy, ownership: VmOwnership, *,
+        same_serial_ok: bool = False,
+    ) -> VmPolicy:  # fmt: skip
+        """Install a policy :meth:`verify_policy` accepted: newer than every one this host
+        accepted, or the same serial with ``same_serial_ok``. Raises ``PolicyStaleError``.
+
+        An arriving VM's policy is verified while its memory is still on the way, so that
+        taking ownership at the commit only writes it.
+        """
+        vm = ownership.vm
         held = self.serials.policy_serial(vm)
         if pol.serial < held or (pol.serial == held and not same_serial_ok):
             raise PolicyStaleError(

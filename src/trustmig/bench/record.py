@@ -113,6 +113,12 @@ def finish_record(
         # such a figure cannot be true, so it is kept aside rather than poisoning the medians.
         rec["downtime_ms"] = None
         rec["downtime_ms_reported"] = prog.downtime_ms
+    gap, down = rec.get("heartbeat_gap_ms"), rec.get("downtime_ms")
+    # the pause the guest felt beyond what QEMU itself counts: the handover's own cost, without
+    # the run-to-run spread of QEMU's downtime (its convergence, not the handover)
+    rec["gap_beyond_downtime_ms"] = (
+        round(float(gap) - float(down), 1) if gap is not None and down is not None else None
+    )
     if rec["integrity_ok"]:
         rec["status"] = "completed"
     else:

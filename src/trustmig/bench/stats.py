@@ -19,6 +19,7 @@ METRICS: tuple[str, ...] = (
     "total_ms",
     "downtime_ms",
     "heartbeat_gap_ms",
+    "gap_beyond_downtime_ms",
     "wall_ms",
     "bytes_transferred",
     "cpu_s_source",
@@ -125,6 +126,8 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
             out[f"{num}/{den}"] = round(float(a) / float(b), 3)
     secure, plain = results.get("secure") or {}, results.get("plain") or {}
     _difference(out, "heartbeat_gap_ms_secure_minus_plain", secure, plain, "heartbeat_gap_ms")
+    _difference(out, "gap_beyond_downtime_ms_secure_minus_plain", secure, plain,
+                "gap_beyond_downtime_ms")  # fmt: skip
     pc_secure, pc_plain = secure.get("postcopy") or {}, plain.get("postcopy") or {}
     _difference(out, "postcopy_heartbeat_gap_ms_secure_minus_plain", pc_secure, pc_plain,
                 "heartbeat_gap_ms")  # fmt: skip
