@@ -40,17 +40,6 @@ def test_network_allow_list_accepts_inside_refuses_outside() -> None:
     assert g.counters()["network"] == 2
 
 
-def test_silent_connections_are_counted_but_spend_no_budget_and_no_slot() -> None:
-    g, _ = make(max_conn_rate_per_peer=1.0, max_half_open_per_peer=1)
-    for _ in range(50):
-        v = g.on_silent("control", "127.0.0.1")
-        assert not v.accept and v.rule == "silent" and "127.0.0.1" in v.reason
-    assert g.table_size == 0
-    v, cid = g.on_connect("control", "127.0.0.1", 4000)  # the peer's budget is whole
-    assert v.accept and cid is not None
-    assert g.counters() == {"silent": 50, "accept": 1}
-
-
 def test_bad_rules_are_refused_with_a_clear_message() -> None:
     with pytest.raises(InvalidRulesError, match=r"host bits set; did you mean 10.0.0.0/8"):
         GuardRules(allowed_networks=["10.0.0.1/8"])

@@ -231,8 +231,7 @@ def test_flood_during_a_migration_does_not_stop_it_and_memory_stays_bounded(make
     assert check["bad_pages"] == 0 and check["marker_ok"] == check["marker_total"]
     assert flood.total_attempted > 1000  # the flood really ran during the migration
     hits = guard["guard"]["counters"]
-    refused = ("rate", "half_open", "half_open_per_peer", "silent")
-    assert sum(hits.get(rule, 0) for rule in refused) > 100, hits
+    assert hits.get("rate", 0) + hits.get("half_open", 0) + hits.get("half_open_per_peer", 0) > 100
     # the agent holds no per-attempt state beyond its bounded tables
     assert rss.max_kib - rss.first_kib < 64 * 1024, rss
 
@@ -275,11 +274,10 @@ def test_a_flood_from_the_peers_own_address_does_not_shut_the_peer_out(make_clus
     assert res["status"] == "completed", res
     assert flood.total_attempted > 500
     hits = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-    # the flood was refused by what its first bytes failed to prove, or, silent, was held by
-    # the kernel and refused untracked when it gave up
-    refused = ("first_message", "proof_deadline", "evicted", "silent")
-    assert sum(hits.get(rule, 0) for rule in refused) > 100, hits
-    assert hits.get("silent", 0) > 0, hits  # the half-open part never reached the room
+    # the flood was refused by what its first bytes failed to prove, or waited out
+    assert (
+        hits.get("first_message", 0) + hits.get("proof_deadline", 0) + hits.get("evicted", 0) > 100
+    ), hits
     assert hits.get("proven", 0) >= 1, hits  # the source's stream 0
     # and no budget by address refused anyone: the source agent shares 127.0.0.1
     assert hits.get("rate", 0) == hits.get("half_open_per_peer", 0) == 0, hits

@@ -197,7 +197,7 @@ def test_flood_stops_only_the_baseline_migration(lab: dict[str, Any]) -> None:
     e = _attack(lab, "flood")
     assert e["baseline"]["evidence"]["flooded_mbps"] is None  # the migration did not complete
     tv = e["trustmig"]["evidence"]
-    assert tv["flood"]["attempted"] > 500 and tv["flooded_mbps"]
+    assert tv["flood"]["attempted"] > 500 and tv["flooded_mbps"], e["trustmig"]
     rss = tv["agent_rss_kib"]
     assert rss["max"] - rss["first"] < 64 * 1024
     _protected_guest(e, "host-b")

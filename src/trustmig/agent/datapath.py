@@ -35,7 +35,6 @@ from trustmig.channel.relay import recv_exact, tune_tcp
 from trustmig.channel.session import SessionKeys
 from trustmig.channel.wire import FRAME_HEADER, MAX_FRAME_BODY
 from trustmig.config import parse_hostport
-from trustmig.guard.aio import defer_accept, sent_nothing
 from trustmig.guard.ratelog import RateLimitedLog
 from trustmig.relay.client import RelayError, RelayHandle
 
@@ -65,7 +64,6 @@ class DataGuard(Protocol):
 
     def proven(self, conn_id: int, proof: str) -> bool: ...
     def proof_failed(self, conn_id: int, rule: str, reason: str) -> None: ...
-    def silent(self, listener: str, ip: str) -> None: ...
     def expire_unproven(self) -> list[int]: ...
     def progress(self, conn_id: int, step: str) -> None: ...
     def authenticated(self, conn_id: int, identity: str) -> None: ...
@@ -345,7 +343,6 @@ class DataListener:
         self.sessions = sessions
         self.sock = socket.create_server((host, port), backlog=1024, reuse_port=False)
         self.sock.setblocking(False)
-        self._deferred = defer_accept(self.sock)
         self.address = self.sock.getsockname()[:2]
         self._inbound: dict[bytes, _InboundSession] = {}
         self._admits = AdmitCheck()
@@ -412,11 +409,6 @@ class DataListener:
                 if not self._stop:
                     log.warning("data listener: accept failed", exc_info=True)
                 return
-            if self._deferred and sent_nothing(conn):
-                self.guard.silent("data", str(peer[0]))
-                with contextlib.suppress(OSError):
-                    conn.close()
-                continue
             conn_id, evicted = self.guard.gate_connect("data", peer[0], peer[1])
             for old in evicted:
                 self._drop(sel, old)

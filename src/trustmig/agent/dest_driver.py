@@ -491,7 +491,7 @@ class DestinationDriver:
             return
         # QEMU loaded the stream in this process's sight and has not run yet: it is paused
         # (started with -S), so no round trip is spent asking
-        fresh = "loaded" in self.marks and "running" not in self.marks
+        fresh = "loaded" in self.marks and "running" not in self.marks and not self.core.switched
         state = "paused" if fresh else await qemu.status()
         if state != "running":
             refusal = await self._release_disks() or await self._verify_measurement()
@@ -601,10 +601,13 @@ class DestinationDriver:
         await self.close_relay()
         self.forget_session(self.migration_id)
 
-    async def close_relay(self) -> None:
+    async def close_relay(self, *, note_cpu: bool = True) -> None:
+        """Stop the relay; ``note_cpu`` keeps what it spent first (one status call), which a
+        post-copy recovery skips: the guest there waits for pages, not for bookkeeping."""
         relay, self.relay = self.relay, None
         if relay is not None:
-            await self._note_relay_cpu(relay)
+            if note_cpu:
+                await self._note_relay_cpu(relay)
             await asyncio.to_thread(relay.close)
 
     async def _note_relay_cpu(self, relay: RelayHandle) -> None:
@@ -629,7 +632,7 @@ class DestinationDriver:
         """QEMU listens again (``migrate-recover``, out-of-band: the main loop may be blocked
         on a missing page) and a fresh relay waits for the new, re-attested session."""
         try:
-            await self.close_relay()
+            await self.close_relay(note_cpu=False)
             self.forget_session(self.migration_id)
             await self.new_relay()
             self.ctx.recoveries += 1

@@ -117,11 +117,6 @@ class GuardHooks:
         with contextlib.suppress(GuardError):
             self.guard.on_proof_failed(conn_id, rule, reason)
 
-    def silent(self, listener: str, ip: str) -> None:
-        verdict = self.guard.on_silent(listener, ip)
-        rlog.log(logging.INFO, f"refused:{listener}:{verdict.rule}", "guard refused %s on %s: %s",
-                 ip, listener, verdict.reason)  # fmt: skip
-
     def expire_unproven(self) -> list[int]:
         return self.guard.expire_unproven()
 

@@ -61,9 +61,7 @@ class FloodBenchConfig:
     rate_per_s: float = 1000.0
     kinds: tuple[str, ...] = ALL_KINDS
     sources: int = 8
-    #: sockets the generator keeps at once: enough that half-open connections the kernel holds
-    #: for its accept deferral (about 3 s) do not slow the flood below ``rate_per_s``
-    max_open: int = 2048
+    max_open: int = 256
     max_attempts_per_run: int = 200_000
     max_flood_s: float = 300.0
     #: Flood the data port only, from 127.0.0.1: the address the source agent itself uses, as

@@ -257,7 +257,6 @@ class GuardedServer:
         self._loop = asyncio.get_running_loop()
         self._serving = True
         self._adopting: set[asyncio.Task[None]] = set()
-        self._deferred = defer_accept(sock)
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
     def is_serving(self) -> bool:
@@ -275,10 +274,7 @@ class GuardedServer:
                 self._loop.remove_reader(self._sock.fileno())
                 self._loop.call_later(ACCEPT_BACKOFF_S, self._resume)
                 return
-            if self._deferred and sent_nothing(conn):
-                verdict, conn_id = guard.on_silent(self._listener, str(peer[0])), None
-            else:
-                verdict, conn_id = guard.on_connect(self._listener, str(peer[0]), int(peer[1]))
+            verdict, conn_id = guard.on_connect(self._listener, str(peer[0]), int(peer[1]))
             if not verdict.accept or conn_id is None:
                 with contextlib.suppress(OSError):
                     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
@@ -323,38 +319,6 @@ class GuardedServer:
 
 #: Pause of the accept loop after an accept error (e.g. out of file descriptors).
 ACCEPT_BACKOFF_S = 1.0
-#: Seconds the kernel keeps a new connection that has sent nothing away from ``accept``
-#: (Linux rounds it up to its SYN-ACK retransmissions: about 3 s). Every legitimate client
-#: of trustmig's listeners speaks first (a TLS ClientHello, a data stream's Admit or Join).
-DEFER_ACCEPT_S = 3
-
-
-def defer_accept(sock: socket.socket, seconds: int = DEFER_ACCEPT_S) -> bool:
-    """Have the kernel hold connections until their first byte, so that half-open floods never
-    reach the agent; False where the option is missing (then nothing is deferred)."""
-    option = getattr(socket, "TCP_DEFER_ACCEPT", None)
-    if option is None:
-        return False
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, option, seconds)
-    except OSError:
-        return False
-    return True
-
-
-def sent_nothing(conn: socket.socket) -> bool:
-    """True if an accepted connection has neither a byte nor an end of stream waiting: behind
-    a deferred listener, one that waited the deferral out. A reset or a close is not silent
-    (the caller's ordinary path reports those)."""
-    try:
-        conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except (BlockingIOError, InterruptedError):
-        return True
-    except OSError:
-        return False
-    return False
-
-
 #: SO_LINGER on, timeout 0: close() sends a reset instead of a FIN handshake.
 _RESET = struct.pack("ii", 1, 0)
 

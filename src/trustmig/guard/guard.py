@@ -44,7 +44,6 @@ RULE_STALL = "stall"
 RULE_PROVEN = "proven"
 RULE_EVICTED = "evicted"
 RULE_PROOF_DEADLINE = "proof_deadline"
-RULE_SILENT = "silent"
 
 
 @dataclass(frozen=True)
@@ -127,18 +126,6 @@ class Guard:
         )
 
     # ------------------------------------------------------------------ events
-    @_locked
-    def on_silent(self, listener: str, peer_ip: str) -> Verdict:
-        """Refuse a connection that reached ``accept`` without having sent a byte although the
-        kernel held it back until it did (``TCP_DEFER_ACCEPT``): it waited out the deferral.
-
-        It is counted under ``silent`` and never tracked, so a half-open flood, even from an
-        address that cluster peers share, spends no per-address budget and takes no place in
-        any waiting room.
-        """
-        return self._hit(RULE_SILENT, f"{peer_ip} sent nothing on {listener} before the "
-                                      "kernel's accept deferral ran out")  # fmt: skip
-
     @_locked
     def on_connect(self, listener: str, peer_ip: str, peer_port: int) -> tuple[Verdict, int | None]:
         """Decide on a fresh TCP connection before any bytes are read from it.
