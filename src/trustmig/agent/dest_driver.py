@@ -170,7 +170,6 @@ class DestinationDriver:
         """Verify the arriving VM's signed policy while its memory is on the way, so that the
         commit only writes it (the guest waits for the commit, not for a signature check).
         A failure here is not kept: the commit then verifies again and reports it."""
-        await asyncio.sleep(0)
         if not self.ctx.policy_json or self.ctx.installed:
             return
         spec = self.vm.spec

@@ -1019,6 +1019,11 @@ def _failure_line(f: dict[str, Any]) -> str:
     return f"stream {f.get('stream')}{rec} ({f.get('direction')}): {f.get('reason')}"
 
 
+def _records_out(relay_status: dict[str, Any]) -> int:
+    """Records the relay sealed over all its streams (the benchmark's mean record size)."""
+    return sum(int(st.get("records_out") or 0) for st in relay_status.get("streams") or [])
+
+
 def stream_digest(relay_status: dict[str, Any]) -> str:
     """Commit to every stream's authenticated record chain (the channel's running tag digest)."""
     import hashlib
@@ -1045,8 +1050,3 @@ __all__ = [
     "stream_digest",
     "vm_state_for",
 ]
-
-
-def _records_out(relay_status: dict[str, Any]) -> int:
-    """Records the relay sealed over all its streams (the benchmark's mean record size)."""
-    return sum(int(st.get("records_out") or 0) for st in relay_status.get("streams") or [])

@@ -3,13 +3,13 @@
 A channel that encrypts in a separate process (the agent) would look free if only QEMU were
 counted, so each side sums all its processes: QEMU alone for QEMU's own channels, QEMU plus the
 agent and its migration relay for trustmig's secure channel, plus the IPsec daemon wherever the
-traffic goes through the tunnel. Counters come from /proc and include every thread.
+traffic goes through the tunnel. Counters come from /proc and include every thread; a process
+gone before the reading (the relays, the source QEMU) is added as ``extra`` from its own report.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from trustmig.hypervisor.qemu import process_cpu_seconds
 
@@ -42,33 +42,17 @@ class CpuMeter:
             self.final[pid] = process_cpu_seconds(pid)
         return self.seconds
 
+    def _used(self, pid: int) -> float:
+        base = self.baseline[pid]
+        return max(0.0, self.final.get(pid, base) - base)
+
     def of(self, pid: int | None) -> float | None:
         """One process's share (None if it was not counted)."""
         if not pid or pid not in self.baseline:
             return None
-        return round(max(0.0, self.final.get(pid, self.baseline[pid]) - self.baseline[pid]), 3)
+        return round(self._used(pid), 3)
 
     @property
     def seconds(self) -> float:
-        used = sum(max(0.0, self.final.get(p, b) - b) for p, b in self.baseline.items())
+        used = sum(self._used(p) for p in self.baseline)
         return round(used + self.extra, 3)
-
-
-def relay_pids(agent_pid: int | None) -> list[int]:
-    """The migration relays an agent runs (its children running ``trustmig.relay``): they do the
-    channel's encryption, so their CPU counts for the agent's side."""
-    if not agent_pid:
-        return []
-    out = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if ppid != agent_pid:
-                continue
-            if b"trustmig.relay" in (proc / "cmdline").read_bytes():
-                out.append(int(proc.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return out

@@ -145,10 +145,14 @@ async def run_secure(
         cpu_src.stop()
         cpu_dst.stop()
         cpu_src.extra += float(res.get("cpu_s_source") or 0.0)
-        relay_src = res.get("cpu_s_relay_data")
-        relay_dst = await _destination_relay_cpu(dst, str(res.get("migration_id") or ""))
-        if opts.channel != "qemu-tls" and (relay_src is None or relay_dst is None):
-            raise BenchError("a relay did not report its CPU: the run's CPU would be undercounted")
+        relay_src, relay_dst = None, None
+        if opts.channel != "qemu-tls":  # QEMU's own TLS runs without relays
+            relay_src = res.get("cpu_s_relay_data")
+            relay_dst = await _destination_relay_cpu(dst, str(res.get("migration_id") or ""))
+            if relay_src is None or relay_dst is None:
+                raise BenchError(
+                    "a relay did not report its CPU: the run's CPU would be undercounted"
+                )
         cpu_src.extra += float(relay_src or 0.0)
         cpu_dst.extra += float(relay_dst or 0.0)
         rec["cpu_s_relay_source"] = relay_src
